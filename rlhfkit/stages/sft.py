@@ -1,0 +1,256 @@
+"""SFT / domain pre-training: causal-LM loss on (prompt, response) pairs or raw text.
+
+Skeleton shared by every stage: config dataclass → load data → load model → Trainer(collate,
+count, loss, evaluate, save_final).fit() → summary. Packed mode puts samples into fixed blocks
+with no pad tokens and no attention across samples; unpacked mode pads per batch and defaults to a
+completion-only loss. Perplexity = exp(token-weighted mean eval loss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.modeling import causal_lm_nll_sum
+from rlhfkit.models import DEFAULT_HUB_ID, LoraConfig, ModelConfig, load_model
+from rlhfkit.packing import Sample, collate_packed, collate_padded, count_targets, pack
+from rlhfkit.tables import load_table
+from rlhfkit.templates import PromptFormat, TemplateConfig
+from rlhfkit.training import StageConfig, TrainConfig, Trainer
+
+BUILTIN_CORPUS = "builtin:qa"
+PROMPT_FIELDS = ("prompt", "question")
+RESPONSE_FIELDS = ("response", "response_j", "chosen", "answer")
+
+
+@dataclass
+class SFTDataConfig:
+    path: str = BUILTIN_CORPUS
+    """Training data: JSONL/Parquet/CSV file, a datasets folder (e.g. `rlhfkit data` output), a hub
+    id, or 'builtin:qa' (a small Q/A corpus shipped with rlhfkit)."""
+    split: str | None = None
+    """Split to read from a multi-split source (e.g. 'sft' from `rlhfkit data`)."""
+    eval_path: str | None = None
+    """Held-out data (same formats); None carves eval_fraction out of the training rows."""
+    eval_split: str | None = None
+    """Split of eval_path to read."""
+    eval_fraction: float = 0.1
+    """Fraction of rows held out for eval loss/perplexity when eval_path is None."""
+    text_field: str | None = None
+    """Train on this raw-text column (domain pre-training) instead of prompt/response pairs."""
+    prompt_field: str | None = None
+    """Prompt column; None picks the first of prompt, question."""
+    response_field: str | None = None
+    """Response column; None picks the first of response, response_j, chosen, answer."""
+    max_samples: int = -1
+    """Use at most this many training rows (-1: all)."""
+    seq_len: int = 512
+    """Block length (packed) or maximum row length (unpacked), in tokens."""
+    packing: bool = True
+    """Pack samples into seq_len blocks (no pads, no cross-sample attention)."""
+    completion_only: bool | None = None
+    """Loss only on response tokens; None: off when packing (as StackLLaMA), on when unpacked."""
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    out_dir: str = "runs/sft"
+    """Output directory of this stage (config.yaml, metrics.jsonl, checkpoints/, final/)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Base model."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapter (or full fine-tuning with lora.enabled=false)."""
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    """How (prompt, response) pairs become text."""
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    """Training and eval data."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4))
+    """Optimisation, checkpointing and logging."""
+
+
+CONFIG = SFTConfig
+
+
+# --------------------------------------------------------------------------- data
+def builtin_path(name: str) -> Path:
+    path = Path(__file__).resolve().parent.parent / "resources" / f"{name}.jsonl"
+    if not path.exists():
+        raise RlhfkitError(f"no builtin dataset '{name}'")
+    return path
+
+
+def load_rows(path: str, split: str | None, max_rows: int = -1) -> list[dict]:
+    if path.startswith("builtin:"):
+        with open(builtin_path(path.split(":", 1)[1]), encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    else:
+        rows = list(load_table(path, split))
+    if not rows:
+        raise RlhfkitError(f"{path}: no rows")
+    return rows[:max_rows] if max_rows > 0 else rows
+
+
+def _pick(columns, explicit: str | None, candidates: tuple[str, ...], what: str) -> str:
+    if explicit:
+        if explicit not in columns:
+            raise RlhfkitError(f"data has no {what} column '{explicit}' (columns: {sorted(columns)})")
+        return explicit
+    for c in candidates:
+        if c in columns:
+            return c
+    raise RlhfkitError(f"data has no {what} column (looked for {', '.join(candidates)}; columns: {sorted(columns)})")
+
+
+def encode_rows(rows: list[dict], fmt: PromptFormat, dc: SFTDataConfig, completion_only: bool) -> list[Sample]:
+    """Rows → token Samples; rows with an empty prompt/response/text are skipped and counted."""
+    cols = rows[0].keys()
+    samples, skipped = [], 0
+    if dc.text_field:
+        field_ = _pick(cols, dc.text_field, (), "text")
+        for r in rows:
+            text = r.get(field_)
+            if not isinstance(text, str) or not text.strip():
+                skipped += 1
+                continue
+            ids = fmt.encode_text(text)
+            samples.append(Sample(ids, [1] * len(ids)))
+    else:
+        pf = _pick(cols, dc.prompt_field, PROMPT_FIELDS, "prompt")
+        rf = _pick(cols, dc.response_field, RESPONSE_FIELDS, "response")
+        for r in rows:
+            p, resp = r.get(pf), r.get(rf)
+            if not isinstance(p, str) or not isinstance(resp, str) or not resp.strip():
+                skipped += 1
+                continue
+            ids, rmask = fmt.encode(p, resp)
+            samples.append(Sample(ids, rmask if completion_only else [1] * len(ids)))
+    if skipped:
+        print(f"[sft] skipped {skipped} rows with an empty or non-text field")
+    if not samples:
+        raise RlhfkitError("no usable rows after skipping empty ones")
+    return samples
+
+
+def check_packing(model) -> None:
+    """Refuse packing where the model would attend across samples (its mask ignores position_ids)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    a, b = torch.randint(0, vocab, (1, 6), generator=g), torch.randint(0, vocab, (1, 5), generator=g)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([a, b], 1).to(dev),
+                       position_ids=torch.cat([torch.arange(6), torch.arange(5)])[None].to(dev), use_cache=False).logits
+        alone = model(input_ids=b.to(dev), use_cache=False).logits
+    model.train(was_training)
+    err = (packed[0, 6:] - alone[0]).abs().max().item()
+    if err > 1e-3:
+        raise RlhfkitError(f"packing would leak attention across samples for {type(model).__name__} "
+                           f"(max logit diff {err:.2e}); set data.packing=false")
+
+
+# --------------------------------------------------------------------------- stage
+def save_model(model, tokenizer, out: Path, base_name: str) -> None:
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    adapter_cfg = out / "adapter_config.json"
+    if adapter_cfg.exists():  # record a portable base name, not this machine's cache path
+        cfg = json.loads(adapter_cfg.read_text())
+        from rlhfkit.models import _is_default
+
+        cfg["base_model_name_or_path"] = DEFAULT_HUB_ID if _is_default(base_name) else cfg["base_model_name_or_path"]
+        adapter_cfg.write_text(json.dumps(cfg, indent=2))
+
+
+def run(cfg: SFTConfig) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    dc = cfg.data
+    completion_only = (not dc.packing) if dc.completion_only is None else dc.completion_only
+    model, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
+    fmt = PromptFormat(cfg.template, tok)
+
+    rows = load_rows(dc.path, dc.split)
+    if dc.eval_path:
+        eval_rows = load_rows(dc.eval_path, dc.eval_split)
+    else:
+        order = list(range(len(rows)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(round(len(rows) * dc.eval_fraction))) if dc.eval_fraction > 0 else 0
+        if n_eval >= len(rows):
+            raise RlhfkitError(f"only {len(rows)} rows: too few to hold out {dc.eval_fraction:.0%} for eval")
+        eval_rows = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in order[n_eval:]]
+    if dc.max_samples > 0:
+        rows = rows[: dc.max_samples]
+    train_samples = encode_rows(rows, fmt, dc, completion_only)
+    eval_samples = encode_rows(eval_rows, fmt, dc, completion_only) if eval_rows else []
+
+    if dc.packing:
+        check_packing(model)
+        items = pack(train_samples, dc.seq_len)
+        eval_items = pack(eval_samples, dc.seq_len)
+        collate_items = collate_packed
+        print(f"[sft] packed {len(train_samples)} samples ({sum(len(s.input_ids) for s in train_samples):,} tokens) "
+              f"into {len(items)} blocks of {dc.seq_len}")
+    else:
+        items, eval_items = train_samples, eval_samples
+        n_trunc = sum(len(s.input_ids) > dc.seq_len for s in items)
+        if n_trunc:
+            print(f"[sft] {n_trunc} of {len(items)} samples longer than seq_len={dc.seq_len} are truncated")
+
+        def collate_items(batch):
+            return collate_padded(batch, tok.pad_token_id, dc.seq_len)
+
+    def loss(model_, micro):
+        total = torch.zeros((), device=next(model_.parameters()).device)
+        for sub in micro:
+            s, _ = causal_lm_nll_sum(model_, {k: v.to(total.device) for k, v in sub.items()})
+            total = total + s
+        return total, {}
+
+    def evaluate(model_) -> dict:
+        return eval_perplexity(model_, eval_items, collate_items, cfg.train.batch_size, trainer.accelerator)
+
+    trainer = Trainer(cfg, "sft", model, len(items), collate=lambda ix: collate_items([items[i] for i in ix]),
+                      count=count_targets, loss=loss, evaluate=evaluate if eval_items else None,
+                      save_final=lambda m, out: save_model(m, tok, out, cfg.model.name))
+    before = None
+    if eval_items and not (cfg.resume and trainer._checkpoints()):
+        before = evaluate(trainer.model)
+        trainer.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+        print(f"[sft] before training: eval loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
+    summary = trainer.fit()
+    if before:
+        summary["eval_perplexity_before"] = before["perplexity"]
+    if "eval_perplexity" in summary:
+        print(f"[sft] after training: eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_perplexity']:.2f}")
+    summary["out_dir"] = str(Path(cfg.out_dir) / "final")
+    return summary
+
+
+@torch.no_grad()
+def eval_perplexity(model, items, collate_items, batch_size: int, accelerator=None) -> dict:
+    """Token-weighted mean NLL over `items` (sharded over ranks) and its exp."""
+    was_training = model.training
+    model.eval()
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    dev = next(model.parameters()).device
+    nll, n = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    mine = items[rank::world]
+    for i in range(0, len(mine), batch_size):
+        for sub in collate_items(mine[i : i + batch_size]):
+            s, k = causal_lm_nll_sum(model, {key: v.to(dev) for key, v in sub.items()})
+            nll, n = nll + s, n + k
+    if world > 1:
+        nll, n = accelerator.reduce(nll, "sum"), accelerator.reduce(n, "sum")
+    model.train(was_training)
+    mean = (nll / n.clamp(min=1)).item()
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": int(n.item())}

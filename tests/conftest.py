@@ -1,0 +1,93 @@
+"""Shared fixtures: a tokenizer trained in-process and a 2-layer Llama built from a config.
+
+Nothing here touches the network. The tiny model mirrors SmolLM2's awkward detail on purpose:
+pad == eos, tied embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+WORDS = ("the a coffee tea beer bread grind water brew bean roast hot cold good bad slow fast yes no "
+         "question answer why how what when make use add cup pot milk sugar salt flour yeast dough oven "
+         "minutes degrees fresh stale bitter sweet sour strong weak light dark").split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_corpus(n: int, seed: int = 0) -> list[dict]:
+    """Q/A rows whose answer repeats the question's key word: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        w = rng.choice(WORDS)
+        rows.append({"prompt": f"how {w} {rng.choice(WORDS)}?", "response": f"{w} {w} is {rng.choice(['good', 'bad'])}."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = [f"Question: {r['prompt']}\n\nAnswer: {r['response']}" for r in make_corpus(400)] + [" ".join(WORDS)] * 5
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("tiny_tok")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 64) saved like any HF model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(240, seed=1)))
+    return path
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with the reason."""
+    path = SHARED.joinpath("data", *parts)
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path} (the ../shared folder beside the repo is absent)")
+    return path

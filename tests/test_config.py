@@ -1,0 +1,61 @@
+"""Config system: strict keys and types, dotted overrides, YAML round-trip, CLI exit codes, --help."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlhfkit.cli import main
+from rlhfkit.config import config_help, field_docs, load_config, parse_overrides, save_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.stages.sft import SFTConfig
+
+
+def test_dotted_overrides_and_types(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 1e-4\n  batch_size: 4\nlora:\n  target_modules: [q_proj]\n")
+    cfg = load_config(SFTConfig, f, ["train.batch_size=2", "--data.seq_len", "128", "--lora.enabled=false",
+                                     "--overwrite", "lora.target_modules=q_proj,v_proj"])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 2 and cfg.data.seq_len == 128
+    assert cfg.lora.enabled is False and cfg.overwrite is True
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert parse_overrides(["a.b=1", "--c", "x"]) == {"a": {"b": 1}, "c": "x"}
+
+
+def test_unknown_key_names_it_and_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*train.lr"):
+        load_config(SFTConfig, overrides=["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected an int, got 'big'"):
+        load_config(SFTConfig, overrides=["train.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"train.lr_scheduler: expected one of .*cosin"):
+        load_config(SFTConfig, overrides=["train.lr_scheduler=cosin"])
+    with pytest.raises(ConfigError, match="template"):
+        load_config(SFTConfig, overrides=["template.template=no placeholders"])
+
+
+def test_cli_exit_code_2_for_config_errors(capsys):
+    assert main(["sft", "train.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.lrr'" in err and "train.lr" in err
+    assert main(["sft", "--config", "/nonexistent.yaml"]) == 2
+    assert main(["nosuchstage"]) == 2
+
+
+def test_config_yaml_round_trips(tmp_path):
+    cfg = load_config(SFTConfig, overrides=["train.lr=3e-4", "data.path=x.jsonl", "lora.target_modules=[q_proj]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(SFTConfig, tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 3e-4
+
+
+def test_help_lists_every_field_with_doc(capsys):
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("--train.lr", "--data.packing", "--lora.r", "--model.name", "--out_dir", "--template.chat_template"):
+        assert key in out, key
+    assert "Peak learning rate" in out and "default: 'SmolLM2-135M-Instruct'" in out
+    docs = field_docs(SFTConfig)
+    assert set(docs) >= {"model", "lora", "data", "train", "out_dir", "overwrite", "resume"}
+    assert config_help(SFTConfig).count("--") > 40
