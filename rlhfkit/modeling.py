@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhfkit.losses import sequence_logps
+from rlhfkit.rl import last_token_index  # noqa: F401  (re-exported: one definition)
+
 IGNORE_INDEX = -100
 
 
@@ -63,15 +66,37 @@ def causal_lm_nll_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return -logp.sum(), n_tokens
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token per row, for left or right padding.
+def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, return_logits: bool = False,
+                     return_hidden: bool = False) -> dict:
+    """Log-prob of each next token of a (left- or right-) padded batch.
 
-    attention_mask (B, T) -> (B,). Decided by the mask, never by the pad id: with pad == eos
-    (SmolLM2, LLaMA setups) an id-based search would stop before a real final EOS.
+    input_ids, attention_mask (B, T) -> {"logprobs": (B, T-1)} where logprobs[:, t] = log p(input_ids[:, t+1]
+    | input_ids[:, :t+1]); padded targets get 0. Optional "logits" (B, T-1, V) and "hidden" (B, T-1, H):
+    the last-layer state at the position that *predicts* token t+1 (what a value head reads).
     """
-    T = attention_mask.shape[1]
-    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return torch.where(attention_mask.bool(), positions, -1).max(dim=1).values
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        output_hidden_states=return_hidden,
+    )
+    logits = out.logits[:, :-1]
+    labels = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
+    result = {"logprobs": token_logprobs(logits, labels)}
+    if return_logits:
+        result["logits"] = logits
+    if return_hidden:
+        result["hidden"] = out.hidden_states[-1][:, :-1]
+    return result
+
+
+def sequence_logprobs(model, batch: dict, average: bool = False) -> torch.Tensor:
+    """Summed (or mean) log-prob of the response tokens: batch input_ids, attention_mask,
+    response_mask (B, T) -> (B,). Used by DPO and eval."""
+    logprobs = forward_logprobs(model, batch["input_ids"], batch["attention_mask"])["logprobs"]
+    mask = batch["response_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+    return sequence_logps(logprobs, mask, average=average)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Preference pairs shared by the reward-model and DPO stages: loading, splitting, encoding, collating.
+
+Rows carry `prompt`, `chosen`, `rejected` (aliases: question / response_j / response_k, as in
+lvwerra/stack-exchange-paired). Held-out pairs are split by prompt, so no prompt is in both splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.tables import load_table
+
+PROMPT_FIELDS = ("prompt", "question")
+CHOSEN_FIELDS = ("chosen", "response_j")
+REJECTED_FIELDS = ("rejected", "response_k")
+
+
+@dataclass
+class PairDataConfig:
+    path: str = ""
+    """Pairs: an `rlhfkit data` output folder, a datasets folder, JSONL/Parquet/CSV or a hub id."""
+    split: str | None = "rm_train"
+    """Training split (used when the source has splits)."""
+    eval_path: str | None = None
+    """Held-out pairs; None uses eval_split of `path`, or carves eval_fraction by prompt."""
+    eval_split: str | None = "rm_eval"
+    """Held-out split name within eval_path (or path)."""
+    eval_fraction: float = 0.1
+    """Held-out fraction when the source has no eval split (assigned by a hash of the prompt)."""
+    max_length: int = 512
+    """Pairs whose chosen or rejected text is longer than this many tokens are dropped (counted)."""
+    max_samples: int = -1
+    """Use at most this many training pairs (-1: all)."""
+    max_eval_samples: int = -1
+    """Use at most this many held-out pairs (-1: all)."""
+
+
+def _col(cols, candidates, what) -> str:
+    for c in candidates:
+        if c in cols:
+            return c
+    raise RlhfkitError(f"pair data has no {what} column (looked for {', '.join(candidates)}; columns: {sorted(cols)})")
+
+
+def _normalise(table) -> list[dict]:
+    cols = table.column_names if hasattr(table, "column_names") else list(table[0].keys())
+    p, c, r = _col(cols, PROMPT_FIELDS, "prompt"), _col(cols, CHOSEN_FIELDS, "chosen"), _col(cols, REJECTED_FIELDS, "rejected")
+    return [{"prompt": row[p], "chosen": row[c], "rejected": row[r]} for row in table]
+
+
+def _has_split(path: str, split: str | None) -> bool:
+    if split is None:
+        return False
+    try:
+        load_table(path, split)
+        return True
+    except RlhfkitError:
+        return False
+
+
+def prompt_bucket(prompt: str) -> float:
+    """Stable uniform number in [0, 1) from the prompt text (split assignment)."""
+    return int(hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12], 16) / 16**12
+
+
+def load_pairs(dc: PairDataConfig) -> tuple[list[dict], list[dict]]:
+    if not dc.path:
+        raise RlhfkitError("data.path is required: a folder or file of preference pairs")
+    if dc.eval_path:
+        train = _normalise(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
+        held = _normalise(load_table(dc.eval_path, dc.eval_split if _has_split(dc.eval_path, dc.eval_split) else None))
+    elif _has_split(dc.path, dc.split) and _has_split(dc.path, dc.eval_split):
+        train, held = _normalise(load_table(dc.path, dc.split)), _normalise(load_table(dc.path, dc.eval_split))
+    else:
+        rows = _normalise(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
+        held = [r for r in rows if prompt_bucket(r["prompt"]) < dc.eval_fraction]
+        train = [r for r in rows if prompt_bucket(r["prompt"]) >= dc.eval_fraction]
+    if dc.max_samples > 0:
+        train = train[: dc.max_samples]
+    if dc.max_eval_samples > 0:
+        held = held[: dc.max_eval_samples]
+    if not train:
+        raise RlhfkitError(f"{dc.path}: no training pairs")
+    return train, held
+
+
+def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs") -> list[dict]:
+    """Token ids + response masks of chosen and rejected; over-long or empty pairs are dropped."""
+    out, too_long, bad = [], 0, 0
+    for r in rows:
+        if not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected")) or not r["chosen"] or not r["rejected"]:
+            bad += 1
+            continue
+        c_ids, c_mask = fmt.encode(r["prompt"], r["chosen"])
+        r_ids, r_mask = fmt.encode(r["prompt"], r["rejected"])
+        if max(len(c_ids), len(r_ids)) > max_length:
+            too_long += 1
+            continue
+        out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask})
+    if too_long or bad:
+        print(f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens and {bad} malformed pairs "
+              f"(kept {len(out)} of {len(rows)})")
+    return out
+
+
+def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
+    """Chosen rows then rejected rows, right-padded: input_ids, attention_mask, response_mask (2B, T)."""
+    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [(p["rejected_ids"], p["rejected_mask"]) for p in pairs]
+    T = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    response_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (ids, mask) in enumerate(seqs):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        response_mask[i, : len(ids)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
