@@ -53,7 +53,9 @@ def _normalise(table) -> list[dict]:
 
 
 def _has_split(path: str, split: str | None) -> bool:
-    if split is None:
+    from pathlib import Path
+
+    if split is None or Path(path).is_file():  # a single file has no named splits
         return False
     try:
         load_table(path, split)

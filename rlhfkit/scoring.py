@@ -1,0 +1,125 @@
+"""One scoring API for PPO, eval and the report: (prompts, responses) -> list of floats.
+
+Behind it: a trained reward-model folder (full, adapter or merged; scored with the template it was
+trained with), an HF text-classification pipeline with a chosen label (its probability), or any
+Python callable. `load_scorer(spec)` picks the right one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import yaml
+
+from rlhfkit.errors import RlhfkitError
+
+
+class Scorer:
+    """Scores (prompt, response) pairs; higher is better."""
+
+    name = "scorer"
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class RewardModelScorer(Scorer):
+    """A reward-model folder written by `rlhfkit rm` (its final/ dir, or a merged copy)."""
+
+    def __init__(self, path: str, batch_size: int = 16, device: str | torch.device | None = None, template=None):
+        from rlhfkit.models import LoraConfig, ModelConfig, load_model
+        from rlhfkit.templates import PromptFormat, TemplateConfig
+
+        self.name = f"rm:{path}"
+        self.model, self.tok = load_model(ModelConfig(name=str(path)), LoraConfig(enabled=False), kind="seq_cls",
+                                          trainable=False, verbose=False)
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        if template is None:  # score with the template the RM was trained on
+            saved = Path(path) / "config.yaml"
+            tcfg = yaml.safe_load(saved.read_text()).get("template", {}) if saved.exists() else {}
+            template = TemplateConfig(**tcfg)
+        self.fmt = PromptFormat(template, self.tok)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses) -> list[float]:
+        from rlhfkit.modeling import sequence_scores
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        out: list[float] = []
+        pad = self.tok.pad_token_id
+        for i in range(0, len(prompts), self.batch_size):
+            seqs = [self.fmt.encode(p, r)[0] for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
+            T = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), T), dtype=torch.long)
+            for j, s in enumerate(seqs):
+                ids[j, : len(s)] = torch.tensor(s)
+                mask[j, : len(s)] = 1
+            out += sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
+        return out
+
+
+class PipelineScorer(Scorer):
+    """An HF text-classification pipeline; the score is the probability of `label` for the response
+    (or prompt + response with `include_prompt`) — seed 003's positive-sentiment reward."""
+
+    def __init__(self, model: str, label: str, include_prompt: bool = True, batch_size: int = 16, device=None):
+        from transformers import pipeline
+
+        self.name = f"pipeline:{model}:{label}"
+        self.pipe = pipeline("text-classification", model=model, top_k=None, device=device, truncation=True)
+        labels = set(self.pipe.model.config.id2label.values())
+        if label not in labels:
+            raise RlhfkitError(f"label {label!r} not among the classifier's labels {sorted(labels)}")
+        self.label, self.include_prompt, self.batch_size = label, include_prompt, batch_size
+
+    def __call__(self, prompts, responses) -> list[float]:
+        texts = [p + r if self.include_prompt else r for p, r in zip(prompts, responses)]
+        results = self.pipe(list(texts), batch_size=self.batch_size)
+        return [next(d["score"] for d in res if d["label"] == self.label) for res in results]
+
+
+class CallableScorer(Scorer):
+    """Any Python function fn(prompts, responses) -> sequence of numbers."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.name = fn, getattr(fn, "__name__", "callable")
+
+    def __call__(self, prompts, responses) -> list[float]:
+        scores = self.fn(list(prompts), list(responses))
+        scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
+        if len(scores) != len(prompts):
+            raise RlhfkitError(f"reward function {self.name} returned {len(scores)} scores for {len(prompts)} samples")
+        return [float(s) for s in scores]
+
+
+def load_scorer(spec, **kwargs) -> Scorer:
+    """A Scorer from a callable, a Scorer, 'pipeline:<model>:<label>', 'module:function', or an RM folder."""
+    if isinstance(spec, Scorer):
+        return spec
+    if callable(spec):
+        return CallableScorer(spec)
+    if not isinstance(spec, str) or not spec:
+        raise RlhfkitError(f"cannot make a scorer from {spec!r}")
+    if spec.startswith("pipeline:"):
+        parts = spec.split(":")
+        if len(parts) != 3:
+            raise RlhfkitError("pipeline scorer spec is 'pipeline:<model>:<label>'")
+        return PipelineScorer(parts[1], parts[2], **kwargs)
+    if Path(spec).exists():
+        return RewardModelScorer(spec, **kwargs)
+    if ":" in spec:  # importable function, e.g. rlhfkit.raters:vader_positive
+        import importlib
+
+        module, _, attr = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise RlhfkitError(f"cannot import reward function {spec!r}: {exc}") from exc
+        return CallableScorer(fn)
+    raise RlhfkitError(f"reward source {spec!r} is not an RM folder, 'pipeline:<model>:<label>' or 'module:function'")

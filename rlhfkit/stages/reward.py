@@ -1,0 +1,119 @@
+"""Reward model: a 1-label sequence classifier trained on preference pairs.
+
+Skeleton as every stage: config → pairs → model (seq-cls, full or LoRA; head always trained) →
+Trainer(collate, count, loss, evaluate, save_final).fit(). Loss −log σ(r_chosen − r_rejected [− m])
+(+ reward centering); the score is read at the last real token by attention mask
+(modeling.sequence_scores). Eval: accuracy with ties counted wrong, margin, reward mean/std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhfkit.losses import pairwise_reward_loss
+from rlhfkit.modeling import sequence_scores
+from rlhfkit.models import LoraConfig, ModelConfig, load_model
+from rlhfkit.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
+from rlhfkit.templates import PromptFormat, TemplateConfig
+from rlhfkit.training import StageConfig, TrainConfig, Trainer
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    out_dir: str = "runs/rm"
+    """Output directory of this stage (config.yaml, metrics.jsonl, checkpoints/, final/)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Backbone: a base model, an SFT output (adapter folders are merged first) or a merged model."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=8, alpha=32, dropout=0.1))
+    """LoRA on the backbone (the score head is always fully trained and saved with it)."""
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    """How (prompt, response) becomes text — keep it the same as SFT and PPO."""
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    """Preference pairs."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
+    """Optimisation, checkpointing and logging."""
+    margin: float = 0.0
+    """Constant margin m in −log σ(r_c − r_r − m) (Llama 2 uses a rating-dependent one)."""
+    center_coef: float = 0.0
+    """Reward-centering weight: adds coef·mean((r_c + r_r)²), keeping scores near 0 (Eisenstein et al. 2023)."""
+    eval_batch_size: int = 16
+    """Pairs per batch at evaluation."""
+
+
+CONFIG = RewardConfig
+
+
+def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) scores (B,) each for a collate_pairs batch."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
+    B = scores.shape[0] // 2
+    return scores[:B], scores[B:]
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None) -> dict:
+    """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over ranks."""
+    was_training = model.training
+    model.eval()
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    dev = next(model.parameters()).device
+    mine = pairs[rank::world]
+    chosen, rejected = [], []
+    for i in range(0, len(mine), batch_size):
+        batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
+        c, r = pair_scores(model, batch)
+        chosen.append(c.float())
+        rejected.append(r.float())
+    c = torch.cat(chosen) if chosen else torch.zeros(0, device=dev)
+    r = torch.cat(rejected) if rejected else torch.zeros(0, device=dev)
+    if world > 1:
+        c, r = accelerator.gather_for_metrics(c), accelerator.gather_for_metrics(r)
+    model.train(was_training)
+    if len(c) == 0:
+        return {}
+    loss, stats = pairwise_reward_loss(c, r)
+    both = torch.cat([c, r])
+    return {
+        "loss": loss.item(), "accuracy": float(stats["accuracy"]), "ties": float(stats["ties"]),
+        "margin": (c - r).mean().item(), "reward_mean": both.mean().item(), "reward_std": both.std().item(),
+        "pairs": len(c),
+    }
+
+
+def run(cfg: RewardConfig) -> dict:
+    from rlhfkit.stages.sft import save_model
+
+    torch.manual_seed(cfg.train.seed)
+    model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls")
+    fmt = PromptFormat(cfg.template, tok)
+    train_rows, eval_rows = load_pairs(cfg.data)
+    pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "rm")
+    eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "rm") if eval_rows else []
+    print(f"[rm] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs")
+
+    def loss(model_, batch):
+        dev = next(model_.parameters()).device
+        c, r = pair_scores(model_, {k: v.to(dev) for k, v in batch.items()})
+        margin = torch.full_like(c, cfg.margin) if cfg.margin else None
+        mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
+        n = c.shape[0]  # the Trainer wants sums; it divides by the step's pair count
+        return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
+
+    trainer = Trainer(
+        cfg, "rm", model, len(pairs), unit="pairs",
+        collate=lambda ix: collate_pairs([pairs[i] for i in ix], tok.pad_token_id),
+        count=lambda batch: batch["input_ids"].shape[0] // 2,
+        loss=loss,
+        evaluate=(lambda m: evaluate_pairs(m, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator))
+        if eval_pairs else None,
+        save_final=lambda m, out: save_model(m, tok, out, cfg.model.name),
+    )
+    summary = trainer.fit()
+    summary["out_dir"] = str(trainer.out / "final")
+    if "eval_accuracy" in summary:
+        print(f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
+              f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}")
+    return summary
