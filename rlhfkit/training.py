@@ -10,6 +10,7 @@ the step number alone decides which items come next.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -24,7 +25,7 @@ import torch
 
 from rlhfkit.config import save_config, to_dict
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import append_jsonl, atomic_write_json, prepare_out_dir, read_jsonl
+from rlhfkit.io import append_jsonl, atomic_write_json, atomic_write_text, prepare_out_dir, read_jsonl
 
 CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -103,8 +104,98 @@ class StepPlan:
 
 
 # --------------------------------------------------------------------------- the loop
-class Trainer:
-    """Runs optimizer steps for one stage. The stage supplies:
+class StageRun:
+    """What every stage's run shares: accelerator, out_dir rules, config.yaml, metrics.jsonl,
+    trackers, and step checkpoints that hold only trainable weights plus the stage's own state."""
+
+    def __init__(self, cfg, stage: str, report_to: list[str], seed: int, keep_checkpoints: int = 2):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg, self.stage, self.report_to, self.keep = cfg, stage, report_to, keep_checkpoints
+        self.out = Path(cfg.out_dir)
+        self.accelerator = Accelerator(log_with=report_to or None, project_dir=str(self.out / "trackers"))
+        set_seed(seed)
+        if self.accelerator.is_main_process:
+            prepare_out_dir(self.out, overwrite=cfg.overwrite, resume=cfg.resume)
+            save_config(cfg, self.out / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.register_save_state_pre_hook(_save_trainable_hook)
+        self.accelerator.register_load_state_pre_hook(_load_trainable_hook)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.step = 0
+        if report_to:
+            self.accelerator.init_trackers(stage, config=_flat(to_dict(cfg)))
+
+    def _checkpoints(self) -> list[Path]:
+        d = self.out / CKPT_DIR
+        found = [p for p in d.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)] if d.exists() else []
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def save_checkpoint(self, extra: dict | None = None) -> Path:
+        """accelerate state (trainable weights, optimizer, scheduler, RNG) + trainer_state.json."""
+        acc = self.accelerator
+        final = self.out / CKPT_DIR / f"step-{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "stage": self.stage, **(extra or {})})
+            os.replace(tmp, final)
+            for old in self._checkpoints()[: -max(1, self.keep)]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> dict | None:
+        """Load the newest checkpoint when cfg.resume; returns its trainer_state (None if fresh)."""
+        if not self.cfg.resume:
+            return None
+        ckpts = self._checkpoints()
+        if not ckpts:
+            if self.accelerator.is_main_process:
+                print(f"[{self.stage}] --resume: no checkpoint in {self.out / CKPT_DIR}; starting from step 0")
+            return None
+        self.accelerator.load_state(str(ckpts[-1]))
+        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        self.step = int(state["step"])
+        if self.accelerator.is_main_process:
+            # Records past the checkpoint came from the interrupted run: they will be redone.
+            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            print(f"[{self.stage}] resumed from {ckpts[-1]} (step {self.step})")
+        return state
+
+    def log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            append_jsonl(self.metrics_path, record)
+        if self.report_to:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                                 step=record["step"])
+
+    def maybe_fault(self) -> None:
+        """Fault injection for resume tests: SIGKILL right after the checkpoint of step N."""
+        if int(os.environ.get("RLHFKIT_FAULT_KILL_AFTER_STEP", "0")) == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_final(self, save_fn: Callable) -> Path:
+        from rlhfkit.io import atomic_dir
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out / FINAL_DIR
+        if acc.is_main_process:
+            with atomic_dir(final, overwrite=True) as tmp:
+                save_fn(tmp)
+                save_config(self.cfg, tmp / "config.yaml")
+        acc.wait_for_everyone()
+        return final
+
+
+class Trainer(StageRun):
+    """Runs optimizer steps for one supervised stage. The stage supplies:
 
     collate(indices) -> micro (anything), count(micro) -> units in it (tokens or pairs),
     loss(model, micro) -> (loss_sum tensor, stat_sums dict), evaluate(model) -> dict,
@@ -113,18 +204,9 @@ class Trainer:
 
     def __init__(self, cfg, stage: str, model, n_items: int, collate: Callable, count: Callable, loss: Callable,
                  evaluate: Callable | None = None, save_final: Callable | None = None, unit: str = "tokens"):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        self.cfg, self.tc, self.stage, self.unit = cfg, cfg.train, stage, unit
-        self.out = Path(cfg.out_dir)
-        self.accelerator = Accelerator(log_with=self.tc.report_to or None, project_dir=str(self.out / "trackers"))
+        super().__init__(cfg, stage, cfg.train.report_to, cfg.train.seed, cfg.train.keep_checkpoints)
+        self.tc, self.unit = cfg.train, unit
         acc = self.accelerator
-        set_seed(self.tc.seed)
-        if acc.is_main_process:
-            prepare_out_dir(self.out, overwrite=cfg.overwrite, resume=cfg.resume)
-            save_config(cfg, self.out / "config.yaml")
-        acc.wait_for_everyone()
         self.plan = StepPlan(n_items, self.tc.batch_size, self.tc.grad_accum, acc.num_processes, acc.process_index, self.tc.seed)
         self.total_steps = self.tc.max_steps if self.tc.max_steps > 0 else max(1, math.ceil(self.tc.epochs * self.plan.steps_per_epoch))
         params = [p for p in model.parameters() if p.requires_grad]
@@ -137,57 +219,10 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
-        acc.register_save_state_pre_hook(_save_trainable_hook)
-        acc.register_load_state_pre_hook(_load_trainable_hook)
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.step = 0
         if acc.is_main_process:
             print(f"[{stage}] global batch = {self.tc.batch_size} per process × {acc.num_processes} processes × "
                   f"{self.tc.grad_accum} grad_accum = {self.plan.global_batch}; {self.total_steps} steps "
                   f"({self.plan.steps_per_epoch} per epoch of {n_items} items)")
-        if self.tc.report_to:
-            acc.init_trackers(stage, config=_flat(to_dict(cfg)))
-
-    # ---------------------------------------------------------------- checkpoints
-    def _checkpoints(self) -> list[Path]:
-        d = self.out / CKPT_DIR
-        found = [p for p in d.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)] if d.exists() else []
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-    def save_checkpoint(self) -> Path:
-        acc = self.accelerator
-        final = self.out / CKPT_DIR / f"step-{self.step:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        if acc.is_main_process:
-            atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "stage": self.stage})
-            os.replace(tmp, final)
-            for old in self._checkpoints()[: -max(1, self.tc.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def maybe_resume(self) -> None:
-        if not self.cfg.resume:
-            return
-        ckpts = self._checkpoints()
-        if not ckpts:
-            if self.accelerator.is_main_process:
-                print(f"[{self.stage}] --resume: no checkpoint in {self.out / CKPT_DIR}; starting from step 0")
-            return
-        self.accelerator.load_state(str(ckpts[-1]))
-        self.step = int(ckpts[-1].name.split("-")[1])
-        if self.accelerator.is_main_process:
-            # Records past the checkpoint came from the interrupted run: they will be redone.
-            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
-            from rlhfkit.io import atomic_write_text
-            import json
-
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-            print(f"[{self.stage}] resumed from {ckpts[-1]} (step {self.step})")
 
     # ---------------------------------------------------------------- steps
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,12 +261,6 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         return record
 
-    def log(self, record: dict) -> None:
-        if self.accelerator.is_main_process:
-            append_jsonl(self.metrics_path, record)
-        if self.tc.report_to:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
     def fit(self) -> dict:
         from tqdm.auto import tqdm
 
@@ -239,7 +268,6 @@ class Trainer:
         acc = self.accelerator
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not acc.is_local_main_process, dynamic_ncols=True)
         last: dict[str, Any] = {}
-        kill_at = int(os.environ.get("RLHFKIT_FAULT_KILL_AFTER_STEP", "0"))  # fault injection for resume tests
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             record = self.train_step()
@@ -255,36 +283,18 @@ class Trainer:
                 self.log({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate_fn(self.model).items()}})
             if self.tc.save_every and self.step % self.tc.save_every == 0:
                 self.save_checkpoint()
-                if kill_at and self.step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                self.maybe_fault()
         bar.close()
         summary = {"stage": self.stage, "steps": self.step, "train_loss": last.get("loss")}
         if self.evaluate_fn:
             ev = self.evaluate_fn(self.model)
             self.log({"step": self.step, **{f"eval/{k}": v for k, v in ev.items()}})
             summary.update({f"eval_{k}": v for k, v in ev.items()})
-        self.save_final()
+        model = self.accelerator.unwrap_model(self.model)
+        self.save_final(lambda out: self.save_final_fn(model, out) if self.save_final_fn else model.save_pretrained(out))
         if self.tc.report_to:
             acc.end_training()
         return summary
-
-    def save_final(self) -> Path:
-        from rlhfkit.io import atomic_dir
-
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        final = self.out / FINAL_DIR
-        if acc.is_main_process:
-            with atomic_dir(final, overwrite=True) as tmp:
-                model = acc.unwrap_model(self.model)
-                if self.save_final_fn:
-                    self.save_final_fn(model, tmp)
-                else:
-                    model.save_pretrained(tmp)
-                save_config(self.cfg, tmp / "config.yaml")
-        acc.wait_for_everyone()
-        return final
-
 
 # --------------------------------------------------------------------------- helpers
 def trainable_state(model) -> dict[str, torch.Tensor]:
