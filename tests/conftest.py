@@ -91,3 +91,18 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not available: {path} (the ../shared folder beside the repo is absent)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model after a short full SFT on make_corpus: answers end in 'is good.' / 'is bad.'."""
+    from rlhfkit.config import load_config
+    from rlhfkit.stages import sft
+
+    base = tmp_path_factory.mktemp("tiny_sft")
+    corpus = base / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(240, seed=1)))
+    sft.run(load_config(sft.SFTConfig, overrides={
+        "out_dir": str(base / "run"), "model": {"name": str(tiny_model_dir)}, "lora": {"enabled": False},
+        "data": {"path": str(corpus), "seq_len": 64}, "train": {"max_steps": 60, "lr": 1e-2, "batch_size": 8}}))
+    return base / "run" / "final"

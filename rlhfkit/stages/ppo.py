@@ -1,0 +1,555 @@
+"""PPO-RLHF: policy (+LoRA) with a value head, per-token KL penalty to a frozen reference.
+
+The update reads as a numbered story (as vwxyzjn's summarize_from_feedback_details):
+  1 rollout   2 score   3 KL-penalised reward   4 whiten/normalise scores   5 GAE + whitened advantages
+  6 minibatch epochs (clipped policy + value losses)   7 log.
+Reference = the same weights with the adapter disabled (fresh LoRA) or a frozen copy of the starting
+adapter (continued LoRA), so KL at step 0 is exactly 0 and no second copy of the base exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rlhfkit import rl
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.io import append_jsonl, atomic_write_text
+from rlhfkit.modeling import ScalarHead, forward_logprobs
+from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.prompts import PromptDataConfig, load_prompts
+from rlhfkit.scoring import load_scorer
+from rlhfkit.templates import PromptFormat, TemplateConfig
+from rlhfkit.training import StageConfig, StageRun
+
+REF_ADAPTER = "reference"
+GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
+
+
+@dataclass
+class GenerationConfig:
+    response_min: int = 32
+    """Length sampler: each rollout's max new tokens is drawn uniformly from [response_min, response_max]."""
+    response_max: int = 64
+    """Upper end of the length sampler."""
+    top_k: int = 0
+    """0 = no top-k truncation (unbiased KL)."""
+    top_p: float = 1.0
+    """1.0 = no nucleus truncation (unbiased KL)."""
+    temperature: float = 1.0
+    """1.0 samples from the policy itself (unbiased KL)."""
+    min_new_tokens: int = 0
+    """Forced minimum length (suppresses EOS): biases the KL estimate, refused unless accept_kl_bias."""
+    accept_kl_bias: bool = False
+    """Allow settings above that make samples come from a distribution other than the policy."""
+    batch_size: int = 0
+    """Rollouts generated at once (0 = all of a step's rollouts)."""
+
+
+@dataclass
+class PPOHyperConfig:
+    init_kl_coef: float = 0.2
+    """β: weight of the per-token KL penalty (initial value when adaptive)."""
+    adaptive_kl: bool = True
+    """Adapt β towards target_kl (Ziegler et al. 2019); false keeps β fixed."""
+    target_kl: float = 6.0
+    """KL (nats per sequence) the adaptive controller aims for."""
+    horizon: int = 10000
+    """Adaptive controller horizon (in rollouts)."""
+    kl_estimator: Literal["kl", "abs", "mse", "full"] = "kl"
+    """Per-token KL estimator for the penalty: k1 'kl', 'abs', 'mse' (k2), or exact 'full' over the vocab."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    cliprange: float = 0.2
+    """Policy ratio clip ε."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout values."""
+    vf_coef: float = 0.1
+    """Value-loss weight."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    mini_batch_size: int = 4
+    """Rollouts per gradient step (per process)."""
+    grad_accum: int = 1
+    """Mini-batches accumulated per optimizer step."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (across processes)."""
+    reward_baseline: float = 0.0
+    """Subtracted from every score (StackLLaMA used the RM's mean)."""
+    score_norm: Literal["none", "scale", "normalize"] = "none"
+    """Running score statistics: 'scale' divides by the running std, 'normalize' also subtracts the mean."""
+    score_clip: float = 0.0
+    """Clip scores to ±score_clip after scaling (0 = off)."""
+    ratio_threshold: float = 10.0
+    """Skip a mini-batch whose mean probability ratio exceeds this (a stability guard from TRL-classic)."""
+    early_stop_kl: float = 0.0
+    """Stop the epoch loop early once approx KL of a mini-batch exceeds this (0 = off)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    out_dir: str = "runs/ppo"
+    """Output directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy start: a base/merged model, or an SFT adapter folder (merged, or continued with lora.continue_adapter)."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))
+    """Policy LoRA (dropout 0 by default: dropout makes the first ratio ≠ 1; Huang et al. 2024)."""
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    """Prompt template (keep it the same as SFT and the RM)."""
+    prompts: PromptDataConfig = field(default_factory=PromptDataConfig)
+    """Training and eval prompts."""
+    reward: str = ""
+    """Reward: an RM folder, 'pipeline:<model>:<label>', or 'module:function' taking (prompts, responses)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Rollout sampling."""
+    ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
+    """PPO and KL hyper-parameters."""
+    steps: int = 100
+    """PPO iterations (each: batch_size rollouts per process)."""
+    batch_size: int = 8
+    """Rollouts per step per process."""
+    lr: float = 1.41e-5
+    """Adam learning rate (policy adapter and value head)."""
+    seed: int = 0
+    """Seed for prompts order, sampling and minibatch shuffles."""
+    eval_every: int = 0
+    """Score eval prompts every N steps (0: only before and after training)."""
+    save_every: int = 0
+    """Checkpoint every N steps for --resume."""
+    keep_checkpoints: int = 2
+    """Step checkpoints to keep."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra trackers through accelerate: tensorboard, wandb."""
+
+
+CONFIG = PPOConfig
+
+
+# --------------------------------------------------------------------------- model pieces
+class PolicyWithValue(nn.Module):
+    """Policy LM + value head on its last hidden state, as one module for accelerate/DDP/checkpoints."""
+
+    def __init__(self, policy, reference: Literal["disable_adapter", "adapter"]):
+        super().__init__()
+        self.policy = policy
+        self.v_head = ScalarHead(policy.config.get_text_config().hidden_size)
+        self.reference = reference
+
+    def forward(self, input_ids, attention_mask, return_logits=False):
+        """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)]."""
+        out = forward_logprobs(self.policy, input_ids, attention_mask, return_hidden=True, return_logits=return_logits)
+        out["values"] = self.v_head(out.pop("hidden"))
+        return out
+
+    @contextlib.contextmanager
+    def as_reference(self):
+        """The frozen reference: adapter off, or the frozen copy of the starting adapter."""
+        if self.reference == "disable_adapter":
+            with self.policy.disable_adapter():
+                yield self.policy
+        else:
+            self.policy.set_adapter(REF_ADAPTER)
+            try:
+                yield self.policy
+            finally:
+                self.policy.set_adapter("default")
+                for n, p in self.policy.named_parameters():  # set_adapter may re-enable grads
+                    if f".{REF_ADAPTER}." in n:
+                        p.requires_grad_(False)
+
+
+def check_generation(g: GenerationConfig) -> None:
+    """Refuse sampling settings that make the KL estimate (and penalty) biased, unless accepted."""
+    problems = []
+    if g.min_new_tokens > 0:
+        problems.append(f"min_new_tokens={g.min_new_tokens} suppresses EOS, so samples are not from the policy")
+    if g.top_k > 0:
+        problems.append(f"top_k={g.top_k} truncates the distribution")
+    if g.top_p < 1.0:
+        problems.append(f"top_p={g.top_p} truncates the distribution")
+    if g.temperature != 1.0:
+        problems.append(f"temperature={g.temperature} samples from a reshaped distribution")
+    if g.response_min < 1 or g.response_max < g.response_min:
+        raise ConfigError("generation.response_min must be ≥ 1 and ≤ generation.response_max")
+    if problems and not g.accept_kl_bias:
+        raise ConfigError(
+            "generation settings bias the KL penalty: " + "; ".join(problems) + ". The KL term is estimated from "
+            "log π(y)/π_ref(y) on samples y, which is only unbiased when y is drawn from π itself — with these "
+            "settings the estimate can go negative and PPO can exploit it (see trl#1340 discussions). "
+            "Set generation.accept_kl_bias=true to run anyway."
+        )
+
+
+def build_policy(cfg: PPOConfig):
+    """Policy + value head and how to reach the reference (never a second copy of base weights)."""
+    path = resolve_model_path(cfg.model.name)
+    continuing = is_adapter_dir(path) and cfg.lora.continue_adapter
+    if not continuing and not cfg.lora.enabled:
+        raise ConfigError("PPO with lora.enabled=false would need a second full copy as reference; use LoRA")
+    policy, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
+    if continuing:  # reference = frozen copy of the starting adapter (fixes trl#1340: KL(step 0) = 0)
+        policy.load_adapter(path, adapter_name=REF_ADAPTER, is_trainable=False)
+        policy.set_adapter("default")
+        for n, p in policy.named_parameters():
+            if f".{REF_ADAPTER}." in n:
+                p.requires_grad_(False)
+    model = PolicyWithValue(policy, "adapter" if continuing else "disable_adapter")
+    tok.padding_side = "left"
+    return model, tok
+
+
+# --------------------------------------------------------------------------- rollouts
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model: PolicyWithValue, tok, queries: list[list[int]], lengths: list[int], g: GenerationConfig, device):
+    """Sample responses; returns response ids (B, R) right-padded and their mask (B, R).
+
+    One generate call per chunk with max_new_tokens = the chunk's largest sampled length; each row
+    is then cut to its own length (the first L sampled tokens are distributed as sampling with max L).
+    The mask keeps tokens up to and including the first EOS; everything after is masked out.
+    """
+    policy = model.policy
+    was_training = policy.training
+    policy.eval()
+    chunk = g.batch_size or len(queries)
+    responses = []
+    for i in range(0, len(queries), chunk):
+        q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
+        out = policy.generate(
+            input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
+            max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
+            top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+        )
+        for row, L in zip(out[:, q_ids.shape[1]:].tolist(), lengths[i : i + chunk]):
+            row = row[:L]
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            responses.append(row)
+    policy.train(was_training)
+    R = max(1, max(len(r) for r in responses))
+    resp = torch.full((len(responses), R), tok.pad_token_id, dtype=torch.long)
+    rmask = torch.zeros((len(responses), R), dtype=torch.long)
+    for i, r in enumerate(responses):
+        if r:
+            resp[i, : len(r)] = torch.tensor(r)
+            rmask[i, : len(r)] = 1
+    return resp, rmask
+
+
+def response_slice(x: torch.Tensor, q_len: int, r_len: int) -> torch.Tensor:
+    """From (B, T-1[, V]) next-token outputs, the positions that predict the response tokens."""
+    return x[:, q_len - 1 : q_len - 1 + r_len]
+
+
+# --------------------------------------------------------------------------- trainer
+class PPOTrainer(StageRun):
+    def __init__(self, cfg: PPOConfig, reward_fn=None, prompts=None, eval_prompts=None):
+        check_generation(cfg.generation)
+        super().__init__(cfg, "ppo", cfg.report_to, cfg.seed, cfg.keep_checkpoints)
+        acc, p = self.accelerator, cfg.ppo
+        if reward_fn is None and not cfg.reward:
+            raise ConfigError("reward: give an RM folder, 'pipeline:<model>:<label>' or 'module:function'")
+        self.scorer = load_scorer(reward_fn if reward_fn is not None else cfg.reward)
+        model, self.tok = build_policy(cfg)
+        self.fmt = PromptFormat(cfg.template, self.tok)
+        if prompts is None:
+            self.prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.seed)
+        else:
+            self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
+        if not self.prompts:
+            raise RlhfkitError("no training prompts")
+        self.queries = [self.fmt.encode_prompt(q) for q in self.prompts]
+        from rlhfkit.training import StepPlan
+
+        self.plan = StepPlan(len(self.prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
+        params = [q for q in model.parameters() if q.requires_grad]
+        self.model, self.optimizer = acc.prepare(model, torch.optim.Adam(params, lr=cfg.lr))
+        self.kl_ctl = (rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon) if p.adaptive_kl
+                       else rl.FixedKLController(p.init_kl_coef))
+        self.score_stats = rl.RunningMoments()
+        self.length_sampler = rl.LengthSampler(cfg.generation.response_min, cfg.generation.response_max)
+        self.samples_path = self.out / "samples.jsonl"
+        if acc.is_main_process:
+            print(f"[ppo] {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
+                  f"{cfg.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}")
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
+
+    def _generator(self, step: int, salt: int) -> torch.Generator:
+        acc = self.accelerator
+        return torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + step) * 97 + salt) * 64 + acc.process_index)
+
+    def _decode(self, resp: torch.Tensor, rmask: torch.Tensor) -> list[str]:
+        return [self.tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
+
+    # ------------------------------------------------------------------ one PPO iteration
+    def ppo_step(self, prompts: list[str], queries: list[list[int]], gen: torch.Generator) -> dict:
+        cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
+        model, dev = acc.unwrap_model(self.model), acc.device
+        full_kl = p.kl_estimator == "full"
+        t = {}
+
+        # 1. Rollout: sample responses from the current policy (left-padded queries, KV cache).
+        t0 = time.perf_counter()
+        lengths = self.length_sampler.sample(len(queries), generator=gen).tolist()
+        resp, rmask = generate(model, self.tok, queries, lengths, cfg.generation, dev)
+        q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
+        input_ids = torch.cat([q_ids, resp], 1).to(dev)
+        attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
+        rmask = rmask.to(dev)
+        Q, R = q_ids.shape[1], resp.shape[1]
+        t["time/generate"] = time.perf_counter() - t0
+
+        # 2. Score: the reward source sees the decoded text; baseline, running scaling, clipping.
+        t0 = time.perf_counter()
+        responses = self._decode(resp, rmask.cpu())
+        raw_scores = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32, device=dev)
+        scores = raw_scores - p.reward_baseline
+        if p.score_norm != "none":
+            mean, std = self.score_stats.update(scores, all_reduce=self._sum if acc.num_processes > 1 else None)
+            scores = (scores - self.score_stats.mean) if p.score_norm == "normalize" else scores
+            scores = scores / (self.score_stats.std + 1e-8)
+        if p.score_clip > 0:
+            scores = scores.clamp(-p.score_clip, p.score_clip)
+        t["time/score"] = time.perf_counter() - t0
+
+        # 3. KL-penalised reward: old log-probs and values, reference log-probs, −β·KL_t per token.
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            old = model(input_ids, attention_mask, return_logits=full_kl)
+            with model.as_reference() as ref_model:
+                ref = forward_logprobs(ref_model, input_ids, attention_mask, return_logits=full_kl)
+        logprobs = response_slice(old["logprobs"], Q, R)
+        values = response_slice(old["values"], Q, R)
+        ref_logprobs = response_slice(ref["logprobs"], Q, R)
+        logits = response_slice(old["logits"], Q, R) if full_kl else None
+        ref_logits = response_slice(ref["logits"], Q, R) if full_kl else None
+        del old, ref
+        rewards, non_score_reward, kl = rl.penalized_rewards(
+            scores, logprobs, ref_logprobs, rmask, self.kl_ctl.value, p.kl_estimator, logits, ref_logits)
+        t["time/forward"] = time.perf_counter() - t0
+
+        # 4 + 5. GAE on the per-token rewards, then advantages whitened across all processes.
+        t0 = time.perf_counter()
+        advantages, returns = rl.compute_gae(values, rewards, rmask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = rl.masked_whiten(advantages, rmask, all_reduce=self._sum if acc.num_processes > 1 else None)
+
+        # 6. Minibatch epochs: clipped surrogate + clipped value loss, guards on ratio and approx KL.
+        B, mb = len(queries), p.mini_batch_size
+        stats: dict[str, list[float]] = {}
+        skipped, stop = 0, False
+        self.model.train()
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(B, generator=gen).tolist()
+            groups = [order[i : i + mb] for i in range(0, B, mb)]
+            for g0 in range(0, len(groups), p.grad_accum):
+                accum = groups[g0 : g0 + p.grad_accum]
+                for k, idx in enumerate(accum):
+                    ctx = contextlib.nullcontext() if k == len(accum) - 1 else acc.no_sync(self.model)
+                    with ctx:
+                        out = self.model(input_ids[idx], attention_mask[idx], return_logits=True)
+                        new_logprobs = response_slice(out["logprobs"], Q, R)
+                        new_values = response_slice(out["values"], Q, R)
+                        m = rmask[idx]
+                        pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, p.cliprange)
+                        vf_loss, vf_stats = rl.value_loss(new_values, values[idx], returns[idx], m, p.cliprange_value)
+                        loss = pg_loss + p.vf_coef * vf_loss
+                        if float(pg_stats["ratio"]) > p.ratio_threshold:  # a blown-up ratio: skip, don't step on it
+                            skipped += 1
+                            loss = loss * 0.0
+                        acc.backward(loss / len(accum))
+                    with torch.no_grad():
+                        ent = rl.masked_mean(rl.entropy_from_logits(response_slice(out["logits"], Q, R)), m)
+                    for name, v in {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, **pg_stats, **vf_stats}.items():
+                        stats.setdefault(name, []).append(float(v.detach() if torch.is_tensor(v) else v))
+                    del out
+                if p.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        t["time/update"] = time.perf_counter() - t0
+
+        # 7. Log: global means (across processes) of what the PPO literature logs; adapt β.
+        n = torch.tensor(float(B), device=dev)
+        seq_kl = rl.masked_sum(kl, rmask, dim=1)
+        glob = lambda x: (self._sum(x.sum().detach()) / self._sum(n)).item()  # noqa: E731
+        mean_kl = glob(seq_kl)
+        record = {
+            "score": glob(raw_scores), "score_std": math.sqrt(max(glob(raw_scores ** 2) - glob(raw_scores) ** 2, 0.0)),
+            "reward": glob(scores), "non_score_reward": glob(rl.masked_sum(non_score_reward, rmask, dim=1)),
+            "kl": mean_kl, "kl_coef": self.kl_ctl.value,
+            "response_length": glob(rmask.sum(1).float()),
+            "explained_variance": float(rl.explained_variance(values, returns, rmask)),
+            "skipped_minibatches": skipped,
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            **t,
+        }
+        tokens = self._sum(attention_mask.sum().float()).item()
+        record["tokens_per_s"] = tokens / max(sum(t.values()), 1e-9)
+        self.kl_ctl.update(mean_kl, int(self._sum(n).item()))
+        return record
+
+    # ------------------------------------------------------------------ eval / loop
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict:
+        """Sample eval prompts with a fixed seed (training RNG untouched), score, KL to reference."""
+        if not self.eval_prompts:
+            return {}
+        acc, model = self.accelerator, self.accelerator.unwrap_model(self.model)
+        prompts = self.eval_prompts[acc.process_index :: acc.num_processes]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 7919)
+            queries = [self.fmt.encode_prompt(q) for q in prompts]
+            lengths = [self.cfg.generation.response_max] * len(queries)
+            resp, rmask = generate(model, self.tok, queries, lengths, self.cfg.generation, acc.device)
+        responses = self._decode(resp, rmask)
+        rewards = self.scorer(prompts, responses)
+        q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
+        ids = torch.cat([q_ids, resp], 1).to(acc.device)
+        mask = torch.cat([q_mask, rmask], 1).to(acc.device)
+        Q, R = q_ids.shape[1], resp.shape[1]
+        logp = response_slice(model(ids, mask)["logprobs"], Q, R)
+        with model.as_reference() as ref_model:
+            ref_logp = response_slice(forward_logprobs(ref_model, ids, mask)["logprobs"], Q, R)
+        seq_kl = rl.masked_sum(logp - ref_logp, rmask.to(acc.device), dim=1)
+        n = torch.tensor(float(len(prompts)), device=acc.device)
+        result = {
+            "reward": (self._sum(torch.tensor(sum(rewards), device=acc.device)) / self._sum(n)).item(),
+            "kl": (self._sum(seq_kl.sum()) / self._sum(n)).item(),
+            "response_length": (self._sum(rmask.sum().float().to(acc.device)) / self._sum(n)).item(),
+        }
+        if acc.is_main_process:
+            for q, r, s in zip(prompts, responses, rewards):
+                append_jsonl(self.samples_path, {"step": self.step, "tag": tag, "prompt": q, "response": r, "reward": s})
+        return result
+
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        state = self.maybe_resume()
+        if state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.score_stats.load_state_dict(state["score_stats"])
+            if acc.is_main_process:
+                kept = [r for r in _read(self.samples_path) if r["step"] <= self.step]
+                atomic_write_text(self.samples_path, "".join(_dump(r) for r in kept))
+        else:
+            before = self.evaluate("before")
+            if before:
+                self.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not acc.is_local_main_process, dynamic_ncols=True)
+        record: dict = {}
+        while self.step < cfg.steps:
+            idx = self.plan.step_items(self.step)[acc.process_index :: acc.num_processes]
+            record = self.ppo_step([self.prompts[i] for i in idx], [self.queries[i] for i in idx],
+                                   self._generator(self.step, 0))
+            bad = [k for k in GUARDED_STATS if not math.isfinite(record.get(k, 0.0))]
+            if bad:  # stop before a NaN reaches the weights or a checkpoint
+                raise RlhfkitError(f"PPO step {self.step + 1}: non-finite {bad} ({record}); lower lr or raise β")
+            self.step += 1
+            record = {"step": self.step, **record}
+            self.log(record)
+            bar.update(1)
+            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", beta=f"{record['kl_coef']:.3f}")
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.log({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate("during").items()}})
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint({"kl_ctl": self.kl_ctl.state_dict(), "score_stats": self.score_stats.state_dict()})
+                self.maybe_fault()
+        bar.close()
+        after = self.evaluate("after")
+        if after:
+            self.log({"step": self.step, **{f"eval/{k}": v for k, v in after.items()}})
+        self.save_final(self._save_policy)
+        summary = {"stage": "ppo", "steps": self.step, "last_score": record.get("score"), "last_kl": record.get("kl"),
+                   "out_dir": str(self.out / "final")}
+        if acc.is_main_process and after:
+            summary.update(self._before_after())
+        if cfg.report_to:
+            acc.end_training()
+        return summary
+
+    def _save_policy(self, out: Path) -> None:
+        from safetensors.torch import save_file
+
+        model = self.accelerator.unwrap_model(self.model)
+        model.policy.save_pretrained(out, selected_adapters=["default"])
+        save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors"))
+        self.tok.save_pretrained(out)
+
+    def _before_after(self) -> dict:
+        """Seed-003-style table: the same eval prompts before and after PPO, with rewards."""
+        rows = _read(self.samples_path)
+        before = {r["prompt"]: r for r in rows if r["tag"] == "before"}
+        after = {r["prompt"]: r for r in rows if r["tag"] == "after" and r["prompt"] in before}
+        if not after:
+            return {}
+        lines = ["| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
+        for q, a in after.items():
+            b = before[q]
+            lines.append(f"| {cell(q)} | {cell(b['response'])} | {b['reward']:.3f} | {cell(a['response'])} | {a['reward']:.3f} |")
+        mb = sum(before[q]["reward"] for q in after) / len(after)
+        ma = sum(a["reward"] for a in after.values()) / len(after)
+        lines += ["", f"mean reward: before {mb:.4f} → after {ma:.4f} on {len(after)} held-out prompts"]
+        atomic_write_text(self.out / "before_after.md", "\n".join(lines) + "\n")
+        return {"eval_reward_before": mb, "eval_reward_after": ma}
+
+
+def _read(path: Path) -> list[dict]:
+    from rlhfkit.io import read_jsonl
+
+    return read_jsonl(path)
+
+
+def _dump(r: dict) -> str:
+    import json
+
+    return json.dumps(r) + "\n"
+
+
+def run(cfg: PPOConfig) -> dict:
+    return PPOTrainer(cfg).fit()
+
+
+def train(reward_fn=None, prompts=None, eval_prompts=None, config=None, **overrides) -> dict:
+    """trlX-style API: `rlhfkit.train(reward_fn=f, prompts=[...], eval_prompts=[...], config={...})`.
+
+    reward_fn(prompts, responses) -> scores; config is a PPOConfig, a nested dict or dotted overrides.
+    """
+    from rlhfkit.config import load_config
+
+    if isinstance(config, PPOConfig):
+        cfg = config
+    else:
+        cfg = load_config(PPOConfig, overrides={**(config or {}), **overrides})
+    return PPOTrainer(cfg, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts).fit()

@@ -1,0 +1,178 @@
+"""PPO stage: KL at step 0, reference == base, learning a toy reward, resume, generation guard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.io import read_jsonl
+from rlhfkit.modeling import forward_logprobs
+from rlhfkit.stages import ppo
+from tests.conftest import WORDS
+
+PROMPTS = [f"how {w} {x}?" for w in WORDS for x in WORDS[:3]]
+
+
+def good_count(prompts, responses):
+    """Toy reward: how often the response says 'good'."""
+    return [float(r.count("good")) for r in responses]
+
+
+def ppo_cfg(model_dir, out, **over):
+    base = {
+        "out_dir": str(out), "model": {"name": str(model_dir)},
+        "lora": {"r": 16, "alpha": 32, "target_modules": ["all-linear"]},
+        "steps": 16, "batch_size": 16, "lr": 1e-2, "seed": 0,
+        "generation": {"response_min": 6, "response_max": 10},
+        "ppo": {"mini_batch_size": 8, "ppo_epochs": 4, "init_kl_coef": 0.05, "adaptive_kl": False},
+    }
+    for k, v in over.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return load_config(ppo.PPOConfig, overrides=base)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tiny_sft_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    summary = ppo.train(reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:],
+                        config=ppo_cfg(tiny_sft_dir, out))
+    return out, summary
+
+
+def test_ppo_learns_toy_reward(toy_run):
+    out, summary = toy_run
+    recs = [r for r in read_jsonl(out / "metrics.jsonl") if "score" in r]
+    assert len(recs) == 16
+    first, last = [r["score"] for r in recs[:5]], [r["score"] for r in recs[-5:]]
+    assert sum(last) / 5 >= 2 * sum(first) / 5, [r["score"] for r in recs]
+    for r in recs:
+        for k in ("kl", "pg_loss", "vf_loss", "approxkl", "clipfrac", "entropy", "non_score_reward"):
+            assert torch.isfinite(torch.tensor(r[k])), (k, r)
+    expected = {"score", "non_score_reward", "kl", "kl_coef", "entropy", "approxkl", "clipfrac", "pg_loss", "vf_loss",
+                "explained_variance", "response_length", "time/generate", "time/score", "time/forward", "time/update",
+                "tokens_per_s"}
+    assert expected <= set(recs[0])
+    assert summary["eval_reward_after"] > summary["eval_reward_before"]
+    table = (out / "before_after.md").read_text()
+    assert table.count("\n| ") >= 16 and "mean reward: before" in table
+    tags = {r["tag"] for r in read_jsonl(out / "samples.jsonl")}
+    assert tags == {"before", "after"}
+    assert (out / "final" / "value_head.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
+
+
+def _first_step_kl(cfg):
+    trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
+    idx = trainer.plan.step_items(0)
+    rec = trainer.ppo_step([trainer.prompts[i] for i in idx], [trainer.queries[i] for i in idx], trainer._generator(0, 0))
+    return rec, trainer
+
+
+def test_kl_is_exactly_zero_at_step_0_fresh_adapter(tiny_sft_dir, tmp_path):
+    rec, _ = _first_step_kl(ppo_cfg(tiny_sft_dir, tmp_path / "a", steps=1))
+    assert rec["kl"] == 0.0 and rec["non_score_reward"] == 0.0
+
+
+def test_kl_is_exactly_zero_at_step_0_existing_adapter(tiny_model_dir, tiny_corpus, tmp_path):
+    """Continuing an SFT adapter: the reference is a frozen copy of it, not the bare base (trl#1340)."""
+    from rlhfkit.stages import sft
+
+    sft.run(load_config(sft.SFTConfig, overrides={
+        "out_dir": str(tmp_path / "sft"), "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(tiny_corpus), "seq_len": 64}, "lora": {"r": 8, "dropout": 0.0},
+        "train": {"max_steps": 8, "lr": 3e-2, "batch_size": 8}}))
+    adapter = tmp_path / "sft" / "final"
+    rec, trainer = _first_step_kl(ppo_cfg(adapter, tmp_path / "p", steps=1, lora={"continue_adapter": True, "r": 8}))
+    assert rec["kl"] == 0.0
+    # ...and that reference really includes the adapter (differs from the base model)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ids = torch.tensor([trainer.queries[0] + trainer.queries[1]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), model.as_reference() as ref:
+        ref_lp = forward_logprobs(ref, ids, mask)["logprobs"]
+        with model.policy.disable_adapter():
+            base_lp = forward_logprobs(model.policy, ids, mask)["logprobs"]
+    assert (ref_lp - base_lp).abs().max() > 1e-3
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
+
+
+def test_reference_with_adapter_disabled_equals_base_model(tiny_sft_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = ppo_cfg(tiny_sft_dir, tmp_path / "r", steps=1)
+    model, tok = ppo.build_policy(cfg)
+    with torch.no_grad():  # make the adapter non-trivial, as after some PPO steps
+        for n, p in model.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    ids, mask = ppo.pad_left([tok("how tea hot?")["input_ids"], tok("why bread?")["input_ids"]], tok.pad_token_id)
+    base = AutoModelForCausalLM.from_pretrained(tiny_sft_dir).eval()
+    with torch.no_grad():
+        with model.as_reference() as ref:
+            ref_lp = forward_logprobs(ref, ids, mask)["logprobs"]
+        pol_lp = model(ids, mask)["logprobs"]
+        base_lp = forward_logprobs(base, ids, mask)["logprobs"]
+    assert (ref_lp - base_lp).abs().max().item() <= 1e-5
+    assert (pol_lp - base_lp).abs().max().item() > 1e-2  # the adapter was really on for the policy
+
+
+def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
+    model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "g", steps=1))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    q = [tok("how tea?")["input_ids"]] * 2
+    fake = torch.tensor([[7, eos, 9, 9], [5, 6, 7, 8]])
+
+    def fake_generate(input_ids, **kw):
+        assert kw["max_new_tokens"] == 4 and kw["top_k"] == 0 and kw["top_p"] == 1.0
+        return torch.cat([input_ids, fake], 1)
+
+    model.policy.generate = fake_generate
+    resp, rmask = ppo.generate(model, tok, q, [4, 3], ppo.GenerationConfig(), "cpu")
+    assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]  # up to and including EOS; row 2 cut to its length 3
+    assert resp.tolist() == [[7, eos, pad], [5, 6, 7]]
+
+
+def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, capsys):
+    for bad in ({"top_k": 50}, {"top_p": 0.9}, {"temperature": 0.7}, {"min_new_tokens": 8}):
+        with pytest.raises(ConfigError, match="bias the KL penalty.*accept_kl_bias"):
+            ppo.check_generation(ppo.GenerationConfig(**bad))
+    ppo.check_generation(ppo.GenerationConfig(top_k=50, accept_kl_bias=True))  # explicit opt-in is allowed
+    from rlhfkit.cli import main
+
+    assert main(["ppo", f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count",
+                 f"out_dir={tmp_path / 'x'}", "generation.top_k=50", "prompts.path=builtin:review_openers"]) == 2
+    assert "unbiased when y is drawn from" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_resume_is_bitwise(tiny_sft_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"prompts.path={prompts}",
+            "prompts.n_eval=4", "steps=6", "save_every=3", "batch_size=8", "lr=1e-2", "lora.target_modules=[all-linear]",
+            "generation.response_min=4", "generation.response_max=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
+            "ppo.score_norm=normalize"]
+    straight = tmp_path / "straight"
+    run = lambda out, extra=(), env=None: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "rlhfkit.cli", "ppo", *args, f"out_dir={out}", *extra],
+        capture_output=True, text=True, env={**os.environ, **(env or {})})
+    p = run(straight)
+    assert p.returncode == 0, p.stderr[-3000:]
+    killed = tmp_path / "killed"
+    assert run(killed, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "3"}).returncode == -9
+    p = run(killed, ["--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    for f in ("adapter_model.safetensors", "value_head.safetensors"):
+        a, b = load_file(straight / "final" / f), load_file(killed / "final" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss")
+    ra = [[r[k] for k in keys] for r in read_jsonl(straight / "metrics.jsonl") if "score" in r]
+    rb = [[r[k] for k in keys] for r in read_jsonl(killed / "metrics.jsonl") if "score" in r]
+    assert ra == rb and len(ra) == 6
