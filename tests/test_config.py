@@ -59,3 +59,12 @@ def test_help_lists_every_field_with_doc(capsys):
     docs = field_docs(SFTConfig)
     assert set(docs) >= {"model", "lora", "data", "train", "out_dir", "overwrite", "resume"}
     assert config_help(SFTConfig).count("--") > 40
+
+
+def test_nested_override_keeps_the_stage_specific_defaults():
+    from rlhfkit.stages.reward import RewardConfig
+
+    cfg = load_config(SFTConfig, overrides=["train.max_steps=5"])
+    assert cfg.train.lr == 2e-4 and cfg.train.max_steps == 5  # SFT's default lr, not TrainConfig's 1e-4
+    rm = load_config(RewardConfig, overrides=["lora.r=4"])
+    assert rm.lora.r == 4 and rm.lora.dropout == 0.1  # RM's own LoRA default survives

@@ -13,6 +13,7 @@ from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError
 from rlhfkit.io import read_jsonl
 from rlhfkit.modeling import forward_logprobs
+from rlhfkit.generation import pad_left
 from rlhfkit.stages import ppo
 from tests.conftest import WORDS
 
@@ -110,7 +111,7 @@ def test_reference_with_adapter_disabled_equals_base_model(tiny_sft_dir, tmp_pat
         for n, p in model.policy.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.5)
-    ids, mask = ppo.pad_left([tok("how tea hot?")["input_ids"], tok("why bread?")["input_ids"]], tok.pad_token_id)
+    ids, mask = pad_left([tok("how tea hot?")["input_ids"], tok("why bread?")["input_ids"]], tok.pad_token_id)
     base = AutoModelForCausalLM.from_pretrained(tiny_sft_dir).eval()
     with torch.no_grad():
         with model.as_reference() as ref:
@@ -132,7 +133,8 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
         return torch.cat([input_ids, fake], 1)
 
     model.policy.generate = fake_generate
-    resp, rmask = ppo.generate(model, tok, q, [4, 3], ppo.GenerationConfig(), "cpu")
+    from rlhfkit.generation import generate
+    resp, rmask = generate(model.policy, tok, q, [4, 3], ppo.GenerationConfig(), "cpu")
     assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]  # up to and including EOS; row 2 cut to its length 3
     assert resp.tolist() == [[7, eos, pad], [5, 6, 7]]
 

@@ -56,6 +56,9 @@ def test_rm_learns_preference_rule_to_95_percent_held_out(trained_rm):
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in r]
     assert evals[-1]["eval/accuracy"] == summary["eval_accuracy"]
     assert summary["eval_margin"] > 0
+    margins = json.loads((out / "eval_margins.json").read_text())
+    assert len(margins) == summary["eval_pairs"]
+    assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(summary["eval_accuracy"])
 
 
 def test_held_out_prompts_never_trained_on(pair_file):

@@ -21,6 +21,7 @@ from torch import nn
 
 from rlhfkit import rl
 from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.generation import generate, pad_left, response_logprobs, response_slice
 from rlhfkit.io import append_jsonl, atomic_write_text
 from rlhfkit.modeling import ScalarHead, forward_logprobs
 from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
@@ -209,59 +210,6 @@ def build_policy(cfg: PPOConfig):
     return model, tok
 
 
-# --------------------------------------------------------------------------- rollouts
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def generate(model: PolicyWithValue, tok, queries: list[list[int]], lengths: list[int], g: GenerationConfig, device):
-    """Sample responses; returns response ids (B, R) right-padded and their mask (B, R).
-
-    One generate call per chunk with max_new_tokens = the chunk's largest sampled length; each row
-    is then cut to its own length (the first L sampled tokens are distributed as sampling with max L).
-    The mask keeps tokens up to and including the first EOS; everything after is masked out.
-    """
-    policy = model.policy
-    was_training = policy.training
-    policy.eval()
-    chunk = g.batch_size or len(queries)
-    responses = []
-    for i in range(0, len(queries), chunk):
-        q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
-        out = policy.generate(
-            input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
-            max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
-            top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
-        )
-        for row, L in zip(out[:, q_ids.shape[1]:].tolist(), lengths[i : i + chunk]):
-            row = row[:L]
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
-            responses.append(row)
-    policy.train(was_training)
-    R = max(1, max(len(r) for r in responses))
-    resp = torch.full((len(responses), R), tok.pad_token_id, dtype=torch.long)
-    rmask = torch.zeros((len(responses), R), dtype=torch.long)
-    for i, r in enumerate(responses):
-        if r:
-            resp[i, : len(r)] = torch.tensor(r)
-            rmask[i, : len(r)] = 1
-    return resp, rmask
-
-
-def response_slice(x: torch.Tensor, q_len: int, r_len: int) -> torch.Tensor:
-    """From (B, T-1[, V]) next-token outputs, the positions that predict the response tokens."""
-    return x[:, q_len - 1 : q_len - 1 + r_len]
-
-
 # --------------------------------------------------------------------------- trainer
 class PPOTrainer(StageRun):
     def __init__(self, cfg: PPOConfig, reward_fn=None, prompts=None, eval_prompts=None):
@@ -314,7 +262,7 @@ class PPOTrainer(StageRun):
         # 1. Rollout: sample responses from the current policy (left-padded queries, KV cache).
         t0 = time.perf_counter()
         lengths = self.length_sampler.sample(len(queries), generator=gen).tolist()
-        resp, rmask = generate(model, self.tok, queries, lengths, cfg.generation, dev)
+        resp, rmask = generate(model.policy, self.tok, queries, lengths, cfg.generation, dev)
         q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
         input_ids = torch.cat([q_ids, resp], 1).to(dev)
         attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
@@ -429,17 +377,13 @@ class PPOTrainer(StageRun):
             torch.manual_seed(self.cfg.seed + 7919)
             queries = [self.fmt.encode_prompt(q) for q in prompts]
             lengths = [self.cfg.generation.response_max] * len(queries)
-            resp, rmask = generate(model, self.tok, queries, lengths, self.cfg.generation, acc.device)
+            resp, rmask = generate(model.policy, self.tok, queries, lengths, self.cfg.generation, acc.device)
         responses = self._decode(resp, rmask)
         rewards = self.scorer(prompts, responses)
-        q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
-        ids = torch.cat([q_ids, resp], 1).to(acc.device)
-        mask = torch.cat([q_mask, rmask], 1).to(acc.device)
-        Q, R = q_ids.shape[1], resp.shape[1]
-        logp = response_slice(model(ids, mask)["logprobs"], Q, R)
+        logp = response_logprobs(model.policy, queries, resp, rmask, self.tok.pad_token_id)
         with model.as_reference() as ref_model:
-            ref_logp = response_slice(forward_logprobs(ref_model, ids, mask)["logprobs"], Q, R)
-        seq_kl = rl.masked_sum(logp - ref_logp, rmask.to(acc.device), dim=1)
+            ref_logp = response_logprobs(ref_model, queries, resp, rmask, self.tok.pad_token_id)
+        seq_kl = (logp - ref_logp).sum(1)
         n = torch.tensor(float(len(prompts)), device=acc.device)
         result = {
             "reward": (self._sum(torch.tensor(sum(rewards), device=acc.device)) / self._sum(n)).item(),

@@ -83,6 +83,17 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
     }
 
 
+@torch.no_grad()
+def pair_margins(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[float]:
+    model.eval()
+    dev = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_scores(model, {k: v.to(dev) for k, v in collate_pairs(pairs[i : i + batch_size], pad_id).items()})
+        out += (c - r).float().cpu().tolist()
+    return out
+
+
 def run(cfg: RewardConfig) -> dict:
     from rlhfkit.stages.sft import save_model
 
@@ -113,6 +124,11 @@ def run(cfg: RewardConfig) -> dict:
     )
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")
+    if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins for the report's histogram
+        from rlhfkit.io import atomic_write_json
+
+        margins = pair_margins(trainer.accelerator.unwrap_model(trainer.model), eval_pairs, tok.pad_token_id, cfg.eval_batch_size)
+        atomic_write_json(trainer.out / "eval_margins.json", margins)
     if "eval_accuracy" in summary:
         print(f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
               f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}")

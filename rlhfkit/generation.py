@@ -1,0 +1,71 @@
+"""Sampling responses from a causal LM (PPO rollouts, eval, feedback collection) and aligning
+next-token outputs with them."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.modeling import forward_logprobs
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, device):
+    """Sample responses; returns response ids (B, R) right-padded and their mask (B, R).
+
+    One generate call per chunk with max_new_tokens = the chunk's largest sampled length; each row
+    is then cut to its own length (the first L sampled tokens are distributed as sampling with max L).
+    The mask keeps tokens up to and including the first EOS; everything after is masked out.
+    `g` carries top_k, top_p, temperature, min_new_tokens, batch_size (ppo.GenerationConfig).
+    """
+    was_training = policy.training
+    policy.eval()
+    chunk = g.batch_size or len(queries)
+    responses = []
+    for i in range(0, len(queries), chunk):
+        q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
+        out = policy.generate(
+            input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
+            max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
+            top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+        )
+        for row, L in zip(out[:, q_ids.shape[1]:].tolist(), lengths[i : i + chunk]):
+            row = row[:L]
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id) + 1]
+            responses.append(row)
+    policy.train(was_training)
+    R = max(1, max(len(r) for r in responses))
+    resp = torch.full((len(responses), R), tok.pad_token_id, dtype=torch.long)
+    rmask = torch.zeros((len(responses), R), dtype=torch.long)
+    for i, r in enumerate(responses):
+        if r:
+            resp[i, : len(r)] = torch.tensor(r)
+            rmask[i, : len(r)] = 1
+    return resp, rmask
+
+
+def response_slice(x: torch.Tensor, q_len: int, r_len: int) -> torch.Tensor:
+    """From (B, T-1[, V]) next-token outputs, the positions that predict the response tokens."""
+    return x[:, q_len - 1 : q_len - 1 + r_len]
+
+
+@torch.no_grad()
+def response_logprobs(model, queries: list[list[int]], resp: torch.Tensor, rmask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Per-token log-probs (B, R) of sampled responses under `model` (0 on masked positions)."""
+    dev = next(model.parameters()).device
+    q_ids, q_mask = pad_left(queries, pad_id)
+    ids = torch.cat([q_ids, resp], 1).to(dev)
+    mask = torch.cat([q_mask, rmask], 1).to(dev)
+    logp = response_slice(forward_logprobs(model, ids, mask)["logprobs"], q_ids.shape[1], resp.shape[1])
+    return logp * rmask.to(dev)
