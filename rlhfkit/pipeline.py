@@ -1,0 +1,178 @@
+"""`rlhfkit run RECIPE.yaml`: the stages of a recipe in one run directory.
+
+    run_dir: runs/x
+    vars: {model: SmolLM2-135M-Instruct}        # "{model}", "{run_dir}" are substituted in strings
+    stages: [data, sft, rm, ppo, eval, report]
+    sft: {model: {name: "{model}"}, ...}         # each section is that stage's config (validated by it)
+
+Each stage writes <run_dir>/<stage>/ and a marker <run_dir>/.stages/<stage>.json. A stage whose marker says done with
+the same fingerprint (its resolved config + every earlier stage's fingerprint) is skipped; an
+interrupted one resumes; a changed one — or one after a changed one — re-runs from scratch, and the
+log says why. Overrides: `rlhfkit run RECIPE sft.train.lr=1e-4 vars.model=path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhfkit.config import _merge, load_config, parse_overrides, to_dict
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.io import atomic_write_json, atomic_write_text
+
+STAGE_MODULES = {
+    "data": "rlhfkit.stages.data", "feedback": "rlhfkit.stages.feedback", "sft": "rlhfkit.stages.sft",
+    "rm": "rlhfkit.stages.reward", "ppo": "rlhfkit.stages.ppo", "dpo": "rlhfkit.stages.dpo",
+    "eval": "rlhfkit.stages.evaluate", "report": "rlhfkit.report",
+}
+RESUMABLE = {"sft", "rm", "ppo", "dpo"}
+MARKERS = ".stages"  # <run_dir>/.stages/<stage>.json: outside the stage dirs, which stages may wipe
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "resources" / "default_recipe.yaml"
+TOP_KEYS = {"run_dir", "vars", "stages", "description"}
+
+
+def _fill(text: str, values: dict) -> str:
+    """Replace only {name} for names in `values`; other braces (templates) stay as they are."""
+    for k, v in values.items():
+        text = text.replace("{" + k + "}", str(v))
+    return text
+
+
+def _subst(node, values: dict):
+    if isinstance(node, str):
+        return _fill(node, values)
+    if isinstance(node, list):
+        return [_subst(x, values) for x in node]
+    if isinstance(node, dict):
+        return {k: _subst(v, values) for k, v in node.items()}
+    return node
+
+
+def load_recipe(path: str | Path | None, overrides: list[str]) -> dict:
+    path = Path(path) if path else DEFAULT_RECIPE
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = _merge(recipe, parse_overrides(overrides))
+    stages = recipe.get("stages")
+    if not stages or not isinstance(stages, list):
+        raise ConfigError(f"{path}: 'stages' must list the stages to run ({', '.join(STAGE_MODULES)})")
+    for key in recipe:
+        if key not in TOP_KEYS and key not in STAGE_MODULES:
+            raise ConfigError(f"{path}: unknown recipe key '{key}' (stages: {', '.join(STAGE_MODULES)}; also {sorted(TOP_KEYS)})")
+    for s in stages:
+        if s not in STAGE_MODULES:
+            raise ConfigError(f"{path}: unknown stage '{s}' (known: {', '.join(STAGE_MODULES)})")
+    run_dir = recipe.get("run_dir") or "runs/" + path.stem
+    values = {**{k: str(v) for k, v in (recipe.get("vars") or {}).items()}, "run_dir": run_dir}
+    values = {k: _fill(v, values) for k, v in values.items()}
+    recipe = _subst(recipe, values)
+    recipe["run_dir"] = run_dir
+    recipe["_path"] = str(path)
+    return recipe
+
+
+def _stage_config(name: str, section: dict, out: Path):
+    module = importlib.import_module(STAGE_MODULES[name])
+    if not hasattr(module, "CONFIG"):
+        return module, None
+    section = {**section, "out_dir": str(out)}
+    try:
+        return module, load_config(module.CONFIG, overrides=section)
+    except ConfigError as exc:
+        raise ConfigError(f"[{name}] {exc}") from exc
+
+
+def _fingerprint(cfg, upstream: str) -> str:
+    data = to_dict(cfg) if cfg is not None else {}
+    for k in ("out_dir", "overwrite", "resume"):
+        data.pop(k, None)
+    return hashlib.sha256((upstream + json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
+
+
+def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
+    run_dir = Path(recipe["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump({k: v for k, v in recipe.items() if k != "_path"}, sort_keys=False))
+    upstream, summaries, rerun_rest = "", {}, overwrite
+    for name in recipe["stages"]:
+        out = run_dir / name
+        module, cfg = _stage_config(name, recipe.get(name) or {}, out)
+        fp = _fingerprint(cfg, upstream)
+        marker = _read_marker(run_dir, name)
+        if marker and marker.get("fingerprint") == fp and marker.get("status") == "done" and not rerun_rest:
+            print(f"[run] {name}: done earlier with the same config — skipped")
+            summaries[name] = marker.get("summary")
+            upstream = fp
+            continue
+        resume = False
+        if marker and not rerun_rest:
+            if marker.get("fingerprint") != fp:
+                why = "its config" if marker.get("upstream") == upstream else "an earlier stage"
+                print(f"[run] {name}: {why} changed since it ran — re-running {name} and every stage after it")
+                rerun_rest = True
+            elif marker.get("status") == "running":
+                resume = name in RESUMABLE
+                print(f"[run] {name}: interrupted earlier — " + ("resuming" if resume else "starting again"))
+        elif out.exists() and any(out.iterdir()) and not rerun_rest:
+            raise RlhfkitError(f"{out} exists but was not written by `rlhfkit run`: pass --overwrite")
+        if cfg is not None:
+            if hasattr(cfg, "resume"):
+                cfg.resume = resume
+            cfg.overwrite = not resume
+        _write_marker(run_dir, name, {"status": "running", "fingerprint": fp, "upstream": upstream, "started": time.time()})
+        print(f"[run] {name}: running → {out}")
+        t0 = time.time()
+        summary = module.run(cfg) if cfg is not None else _run_main(module, name, run_dir)
+        _write_marker(run_dir, name, {"status": "done", "fingerprint": fp, "upstream": upstream,
+                            "seconds": time.time() - t0, "summary": summary})
+        summaries[name] = summary
+        upstream = fp
+        rerun_rest = True  # a stage that ran invalidates the ones after it
+    return summaries
+
+
+def _run_main(module, name: str, run_dir: Path):
+    code = module.main([str(run_dir)])
+    if code:
+        raise RlhfkitError(f"stage {name} failed with exit code {code}")
+    return {"status": "ok"}
+
+
+def _read_marker(run_dir: Path, name: str) -> dict | None:
+    try:
+        return json.loads((run_dir / MARKERS / f"{name}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_marker(run_dir: Path, name: str, data: dict) -> None:
+    atomic_write_json(run_dir / MARKERS / f"{name}.json", data)
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print(f"With no RECIPE, runs the embedded default: {DEFAULT_RECIPE.name} (offline, ≈ 20 min on 2 CPU cores).")
+        return 0
+    recipe_path = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
+    rest = argv[1:] if recipe_path else argv
+    overwrite = "--overwrite" in rest
+    rest = [a for a in rest if a != "--overwrite"]
+    try:
+        recipe = load_recipe(recipe_path, rest)
+        summaries = run_recipe(recipe, overwrite=overwrite)
+    except RlhfkitError as exc:
+        print(f"rlhfkit run: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("rlhfkit run: interrupted — run the same command again to resume", file=sys.stderr)
+        return 130
+    print(json.dumps({"run_dir": recipe["run_dir"], "stages": summaries}, indent=2, default=str))
+    return 0
