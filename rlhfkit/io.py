@@ -12,6 +12,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 from typing import Any, Iterator
 
 from rlhfkit.errors import RlhfkitError
@@ -26,6 +29,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; use normal permissions
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -91,6 +95,7 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
         raise RlhfkitError(f"{path} already exists: pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700
     try:
         yield tmp
     except BaseException:

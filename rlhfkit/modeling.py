@@ -142,19 +142,20 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """Scalar score per sequence from a 1-label sequence-classification model.
 
     input_ids, attention_mask (B, T) -> (B,). Decoder models: the head's per-token output read at
-    the last real token by attention mask (HF's own pooling searches for the pad id). Encoder
-    models with a pooled [CLS] classifier (BERT family): their own pooled logit.
+    the last real token by attention mask (HF's own pooling searches for the pad id, which is wrong
+    when pad == eos). The per-token output is captured by a hook during the model's own forward, so
+    DDP/peft wrappers run as usual (bypassing DDP's forward would skip the gradient all-reduce).
+    Encoder models with a pooled [CLS] classifier (BERT family): their own pooled logit.
     """
     hf = unwrap(model)
-    name, _ = _score_module(hf)
+    name, head = _score_module(hf)
     if name == "classifier":  # encoder: position-independent pooling, padding-safe
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    trunk = getattr(hf, hf.base_model_prefix)
-    hidden = trunk(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    per_token = hf.score(hidden)[..., 0]  # (B, T); goes through peft's modules_to_save wrapper
-    return gather_last(per_token, attention_mask)
+    captured = {}
+    handle = head.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    return gather_last(captured["scores"][..., 0], attention_mask)  # (B, T) -> (B,)

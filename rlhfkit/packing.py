@@ -1,6 +1,6 @@
 """Packing tokenized samples into fixed-length blocks, and collating packed or padded batches.
 
-Packed blocks hold no pad tokens. Each sample ends in EOS and restarts `position_ids` at 0; the
+Packed blocks hold no pad tokens (only the epoch's one short last block is topped up in its batch). Each sample ends in EOS and restarts `position_ids` at 0; the
 model is then called with `attention_mask=None`, so transformers builds a block-diagonal causal
 mask (no attention across samples, as the padding-free collators of TRL/HF do). A sample longer
 than the room left is continued in the next block as a new segment (group_texts style): every
@@ -50,23 +50,24 @@ def pack(samples: list[Sample], seq_len: int) -> list[dict]:
     return blocks
 
 
-def collate_packed(blocks: list[dict]) -> list[dict]:
-    """Stack packed blocks into tensors; blocks of different length go into separate sub-batches.
+def collate_packed(blocks: list[dict], pad_id: int = 0) -> list[dict]:
+    """Stack packed blocks into one batch: input_ids, position_ids, labels (B, T), no attention_mask.
 
-    Returns a list of dicts with input_ids, position_ids, labels (B, T) and no attention_mask.
-    Targets: next token, only where it is in the same segment (its position id is not 0).
+    Targets: next token, only where it is in the same segment (its position id is not 0). A block
+    shorter than the others (the epoch's last) is topped up with a separate pad segment — its own
+    position ids, no targets — so real tokens see exactly what they would alone, and the batch is
+    one forward (under DDP every rank must run the same number of forwards).
     """
-    by_len: dict[int, list[dict]] = {}
+    T = max(len(b["input_ids"]) for b in blocks)
+    rows = []
     for b in blocks:
-        by_len.setdefault(len(b["input_ids"]), []).append(b)
-    out = []
-    for _, group in sorted(by_len.items(), reverse=True):
-        input_ids = torch.tensor([b["input_ids"] for b in group], dtype=torch.long)
-        position_ids = torch.tensor([b["position_ids"] for b in group], dtype=torch.long)
-        loss_mask = torch.tensor([b["loss_mask"] for b in group], dtype=torch.long)
-        target = loss_mask.bool() & (position_ids != 0)
-        out.append({"input_ids": input_ids, "position_ids": position_ids, "labels": shift_labels(input_ids, target)})
-    return out
+        extra = T - len(b["input_ids"])
+        rows.append((b["input_ids"] + [pad_id] * extra, b["position_ids"] + list(range(extra)), b["loss_mask"] + [0] * extra))
+    input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    position_ids = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    loss_mask = torch.tensor([r[2] for r in rows], dtype=torch.long)
+    target = loss_mask.bool() & (position_ids != 0)
+    return [{"input_ids": input_ids, "position_ids": position_ids, "labels": shift_labels(input_ids, target)}]
 
 
 def collate_padded(samples: list[Sample], pad_id: int, seq_len: int) -> list[dict]:

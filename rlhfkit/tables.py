@@ -38,7 +38,10 @@ def load_table(source: str | Path, split: str | None = None):
             raise RlhfkitError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
         if path.stat().st_size == 0:
             raise RlhfkitError(f"{path}: file is empty")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except (ValueError, OSError) as exc:  # e.g. a 0-row Parquet file, a corrupt file
+            raise RlhfkitError(f"{path}: cannot read as {builder}: {exc}") from exc
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = datasets.load_from_disk(str(path))

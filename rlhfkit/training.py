@@ -98,9 +98,12 @@ class StepPlan:
         return self._order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
 
     def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's micro-batches for `step` (the short last step of an epoch may hold fewer)."""
-        mine = self.step_items(step)[self.rank :: self.world]
-        return [mine[i : i + self.b] for i in range(0, len(mine), self.b)]
+        """This rank's micro-batches for `step`. Every rank gets the same number of them (DDP must
+        all-reduce equally often); on the short last step of an epoch a rank may get empty ones."""
+        items = self.step_items(step)
+        mine = items[self.rank :: self.world]
+        n_micro = math.ceil(math.ceil(len(items) / self.world) / self.b)
+        return [mine[i * self.b : (i + 1) * self.b] for i in range(n_micro)]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -114,8 +117,16 @@ class StageRun:
 
         self.cfg, self.stage, self.report_to, self.keep = cfg, stage, report_to, keep_checkpoints
         self.out = Path(cfg.out_dir)
-        self.accelerator = Accelerator(log_with=report_to or None, project_dir=str(self.out / "trackers"))
-        set_seed(seed)
+        # cpu=True on a machine without CUDA: only then does accelerate run torchrun ranks as
+        # MULTI_CPU over gloo instead of as unrelated single processes.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # broadcast_buffers=False: buffers here are constants (RoPE inv_freq), and a broadcast in
+        # every forward deadlocks when ranks run different numbers of forwards (packed sub-batches).
+        self.accelerator = Accelerator(log_with=report_to or None, project_dir=str(self.out / "trackers"),
+                                       cpu=not torch.cuda.is_available(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        set_seed(seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
         if self.accelerator.is_main_process:
             prepare_out_dir(self.out, overwrite=cfg.overwrite, resume=cfg.resume)
             save_config(cfg, self.out / "config.yaml")
@@ -215,8 +226,10 @@ class Trainer(StageRun):
         optimizer = torch.optim.AdamW(params, lr=self.tc.lr, weight_decay=self.tc.weight_decay)
         from transformers import get_scheduler
 
-        scheduler = get_scheduler(self.tc.lr_scheduler, optimizer, self.tc.warmup_steps, self.total_steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        # Not passed to prepare(): accelerate would step it once per process per optimizer step.
+        self.scheduler = get_scheduler(self.tc.lr_scheduler, optimizer, self.tc.warmup_steps, self.total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
         if acc.is_main_process:
@@ -225,28 +238,39 @@ class Trainer(StageRun):
                   f"({self.plan.steps_per_epoch} per epoch of {n_items} items)")
 
     # ---------------------------------------------------------------- steps
+    @property
+    def eval_model(self):
+        """The model without its DDP wrapper: eval shards differ in size across ranks, and every
+        DDP forward is a collective (buffer broadcast) that would then deadlock."""
+        return self.accelerator.unwrap_model(self.model)
+
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
 
     def train_step(self) -> dict:
         acc, model = self.accelerator, self.model
-        micros = [self.collate(ix) for ix in self.plan.micro_batches(self.step)]
-        units = torch.tensor(float(sum(self.count(m) for m in micros)), device=acc.device)
+        plan = self.plan.micro_batches(self.step)
+        filler = next(ix for ix in plan if ix) if any(plan) else self.plan.step_items(self.step)[:1]
+        # An empty micro-batch still runs forward/backward (weight 0) so every rank syncs the same.
+        micros = [(self.collate(ix), 1.0) if ix else (self.collate(filler), 0.0) for ix in plan]
+        units = torch.tensor(float(sum(self.count(m) * w for m, w in micros)), device=acc.device)
         total_units = self._reduce(units.clone())
         if total_units.item() == 0:
             raise RlhfkitError(f"step {self.step}: the batch holds no training {self.unit} (all masked?)")
         loss_sum = torch.zeros((), device=acc.device)
         stat_sums: dict[str, torch.Tensor] = {}
         model.train()
-        for i, micro in enumerate(micros):
+        for i, (micro, weight) in enumerate(micros):
             sync = i == len(micros) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model):
                 loss, stats = self.loss_fn(model, micro)
+                loss = loss * weight
                 # DDP averages gradients over ranks; scale back so the step loss is sum / global units.
                 acc.backward(loss * acc.num_processes / total_units)
             loss_sum += loss.detach()
             for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, torch.zeros((), device=acc.device)) + torch.as_tensor(v, device=acc.device, dtype=torch.float32)
+                v = torch.as_tensor(v, device=acc.device, dtype=torch.float32) * weight
+                stat_sums[k] = stat_sums.get(k, torch.zeros((), device=acc.device)) + v
         grad_norm = acc.clip_grad_norm_(model.parameters(), self.tc.max_grad_norm) if self.tc.max_grad_norm > 0 else None
         self.optimizer.step()
         self.scheduler.step()
@@ -280,14 +304,14 @@ class Trainer(StageRun):
             if self.step % self.tc.log_every == 0 or self.step == self.total_steps:
                 self.log(record)
             if self.evaluate_fn and self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.step < self.total_steps:
-                self.log({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate_fn(self.model).items()}})
+                self.log({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate_fn(self.eval_model).items()}})
             if self.tc.save_every and self.step % self.tc.save_every == 0:
                 self.save_checkpoint()
                 self.maybe_fault()
         bar.close()
         summary = {"stage": self.stage, "steps": self.step, "train_loss": last.get("loss")}
         if self.evaluate_fn:
-            ev = self.evaluate_fn(self.model)
+            ev = self.evaluate_fn(self.eval_model)
             self.log({"step": self.step, **{f"eval/{k}": v for k, v in ev.items()}})
             summary.update({f"eval_{k}": v for k, v in ev.items()})
         model = self.accelerator.unwrap_model(self.model)
@@ -303,10 +327,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _save_trainable_hook(models, weights, output_dir):
+    from accelerate import PartialState
     from safetensors.torch import save_file
 
-    for i, model in enumerate(models):
-        save_file(trainable_state(model), os.path.join(output_dir, f"trainable_{i}.safetensors"))
+    if PartialState().is_main_process:  # DDP replicas are identical: one writer
+        for i, model in enumerate(models):
+            save_file(trainable_state(model), os.path.join(output_dir, f"trainable_{i}.safetensors"))
     weights.clear()  # accelerate would otherwise write every frozen base weight too
 
 

@@ -69,7 +69,7 @@ def test_ppo_learns_toy_reward(toy_run):
 
 def _first_step_kl(cfg):
     trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
-    idx = trainer.plan.step_items(0)
+    idx = trainer.step_prompts(0)
     rec = trainer.ppo_step([trainer.prompts[i] for i in idx], [trainer.queries[i] for i in idx], trainer._generator(0, 0))
     return rec, trainer
 

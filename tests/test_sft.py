@@ -202,3 +202,17 @@ def test_unpacked_completion_only_masks_prompt(tiny_model_dir):
     targets = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist()
     assert targets == [i for i, m in zip(ids, rmask) if m]  # exactly the response tokens
     assert (batch["labels"][1] == IGNORE_INDEX).all()  # prompt-only row: no targets, pads ignored
+
+
+def test_topping_up_a_short_block_changes_no_real_token_loss(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    blocks = pack(_random_samples(9, seed=4, lo=5, hi=20), seq_len=40)
+    assert len(blocks[-1]["input_ids"]) < 40
+    with torch.no_grad():
+        together = [causal_lm_nll_sum(model, b) for b in collate_packed([blocks[0], blocks[-1]], pad_id=2)]
+        alone = [causal_lm_nll_sum(model, b) for b in collate_packed([blocks[0]]) + collate_packed([blocks[-1]])]
+    (s_t, n_t), = together
+    assert int(n_t) == sum(int(n) for _, n in alone)
+    assert abs(s_t.item() - sum(s.item() for s, _ in alone)) < 1e-4

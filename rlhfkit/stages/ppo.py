@@ -242,6 +242,16 @@ class PPOTrainer(StageRun):
             print(f"[ppo] {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
                   f"{cfg.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}")
 
+    def step_prompts(self, step: int) -> list[int]:
+        """This rank's prompt indices: a continuous stream over seeded epoch permutations, so every
+        step has exactly batch_size × processes rollouts (DDP needs equal work on every rank)."""
+        G, acc = self.cfg.batch_size * self.accelerator.num_processes, self.accelerator
+        n, out = len(self.prompts), []
+        for i in range(step * G, (step + 1) * G):
+            epoch, k = divmod(i, n)
+            out.append(self.plan._order(epoch)[k])
+        return out[acc.process_index :: acc.num_processes]
+
     def _sum(self, x: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
 
@@ -324,15 +334,28 @@ class PPOTrainer(StageRun):
                         m = rmask[idx]
                         pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, p.cliprange)
                         vf_loss, vf_stats = rl.value_loss(new_values, values[idx], returns[idx], m, p.cliprange_value)
-                        loss = pg_loss + p.vf_coef * vf_loss
+                        # Token means over the *global* mini-batch (DDP averages the rank gradients),
+                        # and guard decisions taken on global numbers so every rank takes the same one.
+                        n_tok = m.sum().float()
+                        glob_tok = self._sum(n_tok.clone()).clamp(min=1)
+                        share = n_tok * acc.num_processes / glob_tok
+                        pg_stats["ratio"] = self._sum(pg_stats["ratio"].detach() * n_tok) / glob_tok
+                        pg_stats["approxkl"] = self._sum(pg_stats["approxkl"].detach() * n_tok) / glob_tok
+                        loss = (pg_loss + p.vf_coef * vf_loss) * share
                         if float(pg_stats["ratio"]) > p.ratio_threshold:  # a blown-up ratio: skip, don't step on it
                             skipped += 1
                             loss = loss * 0.0
                         acc.backward(loss / len(accum))
                     with torch.no_grad():
                         ent = rl.masked_mean(rl.entropy_from_logits(response_slice(out["logits"], Q, R)), m)
-                    for name, v in {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, **pg_stats, **vf_stats}.items():
-                        stats.setdefault(name, []).append(float(v.detach() if torch.is_tensor(v) else v))
+                        local = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, "clipfrac": pg_stats["clipfrac"],
+                                 "vf_clipfrac": vf_stats["vf_clipfrac"]}
+                        names = list(local)
+                        glob = self._sum(torch.stack([torch.as_tensor(local[k]).detach().float() for k in names]) * n_tok) / glob_tok
+                        logged = {**dict(zip(names, glob.tolist())), "approxkl": float(pg_stats["approxkl"]),
+                                  "ratio": float(pg_stats["ratio"])}
+                    for name, v in logged.items():
+                        stats.setdefault(name, []).append(v)
                     del out
                 if p.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
@@ -413,7 +436,7 @@ class PPOTrainer(StageRun):
         bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not acc.is_local_main_process, dynamic_ncols=True)
         record: dict = {}
         while self.step < cfg.steps:
-            idx = self.plan.step_items(self.step)[acc.process_index :: acc.num_processes]
+            idx = self.step_prompts(self.step)
             record = self.ppo_step([self.prompts[i] for i in idx], [self.queries[i] for i in idx],
                                    self._generator(self.step, 0))
             bad = [k for k in GUARDED_STATS if not math.isfinite(record.get(k, 0.0))]

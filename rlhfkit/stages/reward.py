@@ -54,33 +54,35 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None) -> dict:
-    """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over ranks."""
+    """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over
+    ranks and reduced as sums, so any number of processes gives the same numbers."""
+    import torch.nn.functional as F
+
     was_training = model.training
     model.eval()
     world = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
     dev = next(model.parameters()).device
+    # n, correct, ties, margin, loss, reward sum, reward sum of squares
+    sums = torch.zeros(7, dtype=torch.float64, device=dev)
     mine = pairs[rank::world]
-    chosen, rejected = [], []
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
-        c, r = pair_scores(model, batch)
-        chosen.append(c.float())
-        rejected.append(r.float())
-    c = torch.cat(chosen) if chosen else torch.zeros(0, device=dev)
-    r = torch.cat(rejected) if rejected else torch.zeros(0, device=dev)
+        c, r = (x.double() for x in pair_scores(model, batch))
+        d = c - r
+        both = torch.cat([c, r])
+        sums += torch.stack([torch.tensor(float(len(c)), dtype=torch.float64, device=dev), (d > 0).sum().double(),
+                             (d == 0).sum().double(), d.sum(), -F.logsigmoid(d).sum(), both.sum(), both.square().sum()])
     if world > 1:
-        c, r = accelerator.gather_for_metrics(c), accelerator.gather_for_metrics(r)
+        sums = accelerator.reduce(sums, "sum")
     model.train(was_training)
-    if len(c) == 0:
+    n, correct, ties, margin, loss, rsum, rsq = sums.tolist()
+    if n == 0:
         return {}
-    loss, stats = pairwise_reward_loss(c, r)
-    both = torch.cat([c, r])
-    return {
-        "loss": loss.item(), "accuracy": float(stats["accuracy"]), "ties": float(stats["ties"]),
-        "margin": (c - r).mean().item(), "reward_mean": both.mean().item(), "reward_std": both.std().item(),
-        "pairs": len(c),
-    }
+    mean = rsum / (2 * n)
+    var = max(rsq / (2 * n) - mean**2, 0.0) * (2 * n) / max(2 * n - 1, 1)
+    return {"loss": loss / n, "accuracy": correct / n, "ties": ties / n, "margin": margin / n,
+            "reward_mean": mean, "reward_std": var**0.5, "pairs": int(n)}
 
 
 @torch.no_grad()

@@ -196,7 +196,9 @@ def run(cfg: SFTConfig) -> dict:
         check_packing(model)
         items = pack(train_samples, dc.seq_len)
         eval_items = pack(eval_samples, dc.seq_len)
-        collate_items = collate_packed
+        def collate_items(batch):
+            return collate_packed(batch, tok.pad_token_id)
+
         print(f"[sft] packed {len(train_samples)} samples ({sum(len(s.input_ids) for s in train_samples):,} tokens) "
               f"into {len(items)} blocks of {dc.seq_len}")
     else:
@@ -223,7 +225,7 @@ def run(cfg: SFTConfig) -> dict:
                       save_final=lambda m, out: save_model(m, tok, out, cfg.model.name))
     before = None
     if eval_items and not (cfg.resume and trainer._checkpoints()):
-        before = evaluate(trainer.model)
+        before = evaluate(trainer.eval_model)
         trainer.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
         print(f"[sft] before training: eval loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
     summary = trainer.fit()

@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""PPO step throughput: rlhfkit `ppo` vs TRL-classic PPOTrainer (trl 0.11.4) on SmolLM2-135M (CPU, fp32).
+
+    python benchmarks/bench_ppo.py                       # rlhfkit + TRL, ppo_epochs 1 and 4, 2 warm-up + 4 timed steps
+    python benchmarks/bench_ppo.py --steps 6 --repeats 2 # more timed steps, alternate the four configs twice
+    python benchmarks/bench_ppo.py --only rlhfkit:1 --profile   # one config, torch.profiler over one timed step
+
+Same for both frameworks (each (framework, ppo_epochs) config in its own child process, all in one
+invocation, alternated rlhfkit/TRL so both see the same background load):
+  * model: the offline default SmolLM2-135M-Instruct, fp32, SDPA, `--threads` torch threads (default 1);
+  * LoRA r=16, alpha=32, dropout 0 on q,k,v,o_proj; reference = the same weights with the adapter
+    disabled (rlhfkit's default for a fresh adapter; TRL: a peft model with ref_model=None) — one copy
+    of the base weights in memory for both (checked: parameters counted by unique storage);
+  * batch 8 rollouts, mini-batch 4, grad_accum 1, ppo_epochs 1 or 4, Adam lr 1.41e-5, init_kl_coef 0.2
+    adaptive (TRL's defaults; rlhfkit set to match), cliprange 0.2, vf_coef 0.1, k1 KL;
+  * queries: the first 32-64 tokens (length drawn per query with a seeded RNG) of IMDb reviews from
+    /work/shared/data/imdb/imdb_sample.csv, the SAME token ids in the same order for both;
+  * responses: one length L per step drawn from [32, 64] with a seeded RNG, the same L sequence for
+    both; sampling top_k=0, top_p=1.0, temperature 1, KV cache, all 8 rollouts in one generate call
+    (TRL: generate(batch_size=8)); with --force-length (default) EOS is suppressed
+    (min_new_tokens = max_new_tokens = L) so both process exactly the same number of tokens;
+  * reward: rlhfkit.raters.vader_positive semantics (VADER compound of query + response -> [0, 1]),
+    milliseconds per batch for both.
+
+Timing: wall clock of the whole PPO iteration (generate + decode + score + step) per step, after
+`--warmup` untimed steps. Throughput = (query + response tokens of the 8 rollouts, i.e. non-pad
+tokens, summed over timed steps) / (summed step wall time). Phases: rlhfkit logs time/generate,
+time/score, time/forward (policy+value and reference forwards, KL rewards) and time/update (GAE +
+minibatch epochs); for TRL the worker times generate and score itself and takes TRL's own
+time/ppo/forward_pass (policy + reference forwards) and time/ppo/optimize_step; the rest of step()
+(compute_rewards/advantages, calc_stats, input preparation) is reported as "other".
+Peak RSS = ru_maxrss of the child at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CSV = Path("/work/shared/data/imdb/imdb_sample.csv")
+TRL_PY = Path("/work/trl-classic-venv/bin/python")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
+
+
+# --------------------------------------------------------------------------- shared helpers (run in both venvs)
+def model_dir() -> Path:
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")) / "models" / "SmolLM2-135M-Instruct"
+
+
+def reviews() -> list[str]:
+    with CSV.open(encoding="utf-8-sig", newline="") as fh:
+        return [r["text"].replace("<br />", " ") for r in csv.DictReader(fh)]
+
+
+def make_workload(tok, n_steps: int, batch: int, qmin: int, qmax: int, rmin: int, rmax: int, seed: int) -> dict:
+    """Token-id queries (one list per step) and one response length per step, all seeded."""
+    rng = random.Random(seed)
+    texts = reviews()
+    rng.shuffle(texts)
+    queries, k = [], 0
+    for _ in range(n_steps):
+        step = []
+        while len(step) < batch:
+            ids = tok(texts[k % len(texts)], add_special_tokens=False)["input_ids"]
+            k += 1
+            n = rng.randint(qmin, qmax)
+            if len(ids) >= n:
+                step.append(ids[:n])
+        queries.append(step)
+    lengths = [rng.randint(rmin, rmax) for _ in range(n_steps)]
+    return {"queries": queries, "lengths": lengths}
+
+
+def vader_scores(prompts, responses) -> list[float]:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    global _SIA
+    try:
+        sia = _SIA
+    except NameError:
+        sia = _SIA = SentimentIntensityAnalyzer()
+    return [(sia.polarity_scores(p + r)["compound"] + 1.0) / 2.0 for p, r in zip(prompts, responses)]
+
+
+def unique_param_count(*modules) -> int:
+    """Parameters (and buffers) counted once per storage: a second copy of the base would double it."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in list(m.parameters()) + list(m.buffers()):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes() // t.element_size()
+    return total
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+# --------------------------------------------------------------------------- rlhfkit worker
+def worker_rlhfkit(args, work: dict) -> dict:
+    import torch
+
+    from rlhfkit import rl
+    from rlhfkit.config import load_config
+    from rlhfkit.stages import ppo
+
+    tmp = Path(args.tmp)
+    cfg = load_config(ppo.PPOConfig, overrides={
+        "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"), "overwrite": True, "seed": args.seed,
+        "batch_size": args.batch, "lr": LR, "steps": len(work["lengths"]),
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+        "template": {"template": "{prompt}{response}"},
+        "generation": {"response_min": args.rmin, "response_max": args.rmax, "top_k": 0, "top_p": 1.0,
+                       "min_new_tokens": 0, "accept_kl_bias": args.force_length},
+        "ppo": {"init_kl_coef": KL0, "adaptive_kl": True, "target_kl": TARGET_KL, "horizon": HORIZON,
+                "ppo_epochs": args.epochs, "mini_batch_size": args.mini_batch, "vf_coef": 0.1,
+                "cliprange": 0.2, "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95},
+    })
+    t_load = time.perf_counter()
+    trainer = ppo.PPOTrainer(cfg, reward_fn=vader_scores, prompts=["x"], eval_prompts=[])
+    t_load = time.perf_counter() - t_load
+    tok = trainer.tok
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    n_params = unique_param_count(model)
+    steps = []
+    prof = None
+    for s, (queries, L) in enumerate(zip(work["queries"], work["lengths"])):
+        prompts = [tok.decode(q) for q in queries]
+        trainer.length_sampler = rl.LengthSampler(L, L)
+        cfg.generation.min_new_tokens = L if args.force_length else 0
+        timed = s >= args.warmup
+        if args.profile and s == args.warmup:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+            prof.__enter__()
+        t0 = time.perf_counter()
+        rec = trainer.ppo_step(prompts, queries, trainer._generator(s, 0))
+        wall = time.perf_counter() - t0
+        if prof is not None and s == args.warmup:
+            prof.__exit__(None, None, None)
+        trainer.step = s + 1
+        n_resp = int(round(rec["response_length"] * len(queries)))
+        tokens = sum(len(q) for q in queries) + n_resp
+        steps.append({"step": s, "timed": timed, "wall_s": wall, "tokens": tokens, "response_tokens": n_resp, "L": L,
+                      "generate_s": rec["time/generate"], "score_s": rec["time/score"],
+                      "forward_s": rec["time/forward"], "update_s": rec["time/update"],
+                      "other_s": wall - sum(rec[k] for k in ("time/generate", "time/score", "time/forward", "time/update")),
+                      "kl": rec["kl"], "score": rec["score"]})
+        print(f"[rlhfkit e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
+              f"(gen {rec['time/generate']:.2f} fwd {rec['time/forward']:.2f} upd {rec['time/update']:.2f})", flush=True)
+    out = {"load_s": t_load, "unique_params": n_params, "steps": steps}
+    if prof is not None:
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        out["profile_shapes"] = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15)
+    return out
+
+
+# --------------------------------------------------------------------------- TRL-classic worker
+def worker_trl(args, work: dict) -> dict:
+    import numpy as np
+    import torch
+    from peft import LoraConfig
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    tok = trl_tokenizer()
+    t_load = time.perf_counter()
+    mdir = trl_model_dir(Path(args.tmp))
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(
+        str(mdir), torch_dtype=torch.float32,
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    config = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch, gradient_accumulation_steps=1,
+                       ppo_epochs=args.epochs, learning_rate=LR, init_kl_coef=KL0, adap_kl_ctrl=True, target=TARGET_KL,
+                       horizon=HORIZON, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
+                       seed=args.seed, log_with=None)
+    trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)
+    t_load = time.perf_counter() - t_load
+    n_params = unique_param_count(trainer.model) + (unique_param_count(trainer.ref_model) if trainer.ref_model is not None else 0)
+    steps = []
+    for s, (queries, L) in enumerate(zip(work["queries"], work["lengths"])):
+        timed = s >= args.warmup
+        gen_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "max_new_tokens": L,
+                      "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+        if args.force_length:
+            gen_kwargs["min_new_tokens"] = L
+        t0 = time.perf_counter()
+        q_t = [torch.tensor(q, dtype=torch.long) for q in queries]
+        responses = trainer.generate(q_t, batch_size=args.batch, return_prompt=False, **gen_kwargs)
+        t1 = time.perf_counter()
+        prompts = [tok.decode(q) for q in queries]
+        texts = [tok.decode(r, skip_special_tokens=True) for r in responses]
+        scores = [torch.tensor(x) for x in vader_scores(prompts, texts)]
+        t2 = time.perf_counter()
+        stats = trainer.step(q_t, responses, scores)
+        t3 = time.perf_counter()
+        wall = t3 - t0
+        n_resp = sum(len(r) for r in responses)
+        tokens = sum(len(q) for q in queries) + n_resp
+        fwd, opt = float(stats["time/ppo/forward_pass"]), float(stats["time/ppo/optimize_step"])
+        steps.append({"step": s, "timed": timed, "wall_s": wall, "tokens": tokens, "response_tokens": n_resp, "L": L,
+                      "generate_s": t1 - t0, "score_s": t2 - t1, "forward_s": fwd, "update_s": opt,
+                      "other_s": (t3 - t2) - fwd - opt, "kl": float(np.mean(stats["objective/kl"])),
+                      "score": float(np.mean([x.item() for x in scores]))})
+        print(f"[trl e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
+              f"(gen {t1 - t0:.2f} fwd {fwd:.2f} upd {opt:.2f})", flush=True)
+    return {"load_s": t_load, "unique_params": n_params, "steps": steps}
+
+
+def trl_tokenizer():
+    """transformers 4.46 cannot read a transformers-5 tokenizer folder: build it from tokenizer.json."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir() / "tokenizer.json"), bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    return tok
+
+
+def trl_model_dir(tmp: Path) -> Path:
+    """A copy of the model folder (weights symlinked) whose config.json has top-level rope_theta:
+    transformers 4.46 ignores transformers-5's rope_parameters and would silently use 10000."""
+    src, dst = model_dir(), tmp / "smollm2_tf446"
+    if not (dst / "config.json").exists():
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name != "config.json" and not (dst / f.name).exists():
+                (dst / f.name).symlink_to(f)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["rope_theta"] = float(cfg.get("rope_parameters", {}).get("rope_theta", 100000.0))
+        (dst / "config.json").write_text(json.dumps(cfg, indent=1))
+    return dst
+
+
+def worker_main(args) -> int:
+    args.epochs = args.epochs[0]
+    work = json.loads(Path(args.workload).read_text())
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    load0 = os.getloadavg()
+    fn = worker_rlhfkit if args.worker == "rlhfkit" else worker_trl
+    out = fn(args, work)
+    timed = [s for s in out["steps"] if s["timed"]]
+    wall = sum(s["wall_s"] for s in timed)
+    import transformers
+
+    out.update({
+        "framework": args.worker, "ppo_epochs": args.epochs, "timed_steps": len(timed),
+        "step_s_mean": wall / len(timed), "step_s_median": statistics.median(s["wall_s"] for s in timed),
+        "tokens_per_s": sum(s["tokens"] for s in timed) / wall,
+        "response_tokens_per_s": sum(s["response_tokens"] for s in timed) / wall,
+        "phases_s": {k: statistics.mean(s[k] for s in timed) for k in ("generate_s", "score_s", "forward_s", "update_s", "other_s")},
+        "peak_rss_gb": rss_gb(), "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     **({"trl": __import__("trl").__version__} if args.worker == "trl" else {}),
+                     "peft": __import__("peft").__version__},
+        "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+    })
+    Path(args.result).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------- parent
+def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
+    py = sys.executable if name == "rlhfkit" else str(TRL_PY)
+    result = tmp / f"result_{name}_e{epochs}_{time.time_ns()}.json"
+    cmd = [py, str(Path(__file__).resolve()), "--worker", name, "--epochs", str(epochs), "--workload", str(workload),
+           "--result", str(result), "--tmp", str(tmp), "--batch", str(args.batch), "--mini-batch", str(args.mini_batch),
+           "--rmin", str(args.rmin), "--rmax", str(args.rmax), "--warmup", str(args.warmup), "--seed", str(args.seed),
+           "--threads", str(args.threads)]
+    if not args.force_length:
+        cmd.append("--no-force-length")
+    if args.profile:
+        cmd.append("--profile")
+    env = {**os.environ, "PYTHONPATH": str(REPO) if name == "rlhfkit" else "", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    if proc.returncode != 0 or not result.exists():
+        return {"framework": name, "ppo_epochs": epochs, "error": f"exit {proc.returncode}"}
+    out = json.loads(result.read_text())
+    out["child_wall_s"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per config")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--epochs", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--only", nargs="*", help="configs like rlhfkit:1 trl:4 (default: all)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--mini-batch", type=int, default=4)
+    ap.add_argument("--qmin", type=int, default=32)
+    ap.add_argument("--qmax", type=int, default=64)
+    ap.add_argument("--rmin", type=int, default=32)
+    ap.add_argument("--rmax", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch/OpenMP threads per child (same for both). 1 by default: on these shared 2-vCPU machines "
+                         "2 threads run 3-4x slower than 1 as soon as other jobs load the CPUs (OpenMP barrier spinning)")
+    ap.add_argument("--no-force-length", dest="force_length", action="store_false")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over the first timed step (rlhfkit only)")
+    ap.add_argument("--json-out")
+    # worker mode
+    ap.add_argument("--worker", choices=["rlhfkit", "trl"])
+    ap.add_argument("--workload")
+    ap.add_argument("--result")
+    ap.add_argument("--tmp")
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(args)
+
+    if not TRL_PY.exists():
+        print(f"TRL-classic venv missing ({TRL_PY}); build it with:\n  python3 -m venv /work/trl-classic-venv && "
+              "/work/trl-classic-venv/bin/pip install torch==2.13.0 trl==0.11.4 'transformers>=4.44,<4.47' rich "
+              "peft==0.13.2 vaderSentiment", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    tok = AutoTokenizer.from_pretrained(str(model_dir()))
+    work = make_workload(tok, args.warmup + args.steps, args.batch, args.qmin, args.qmax, args.rmin, args.rmax, args.seed)
+    workload = tmp / "workload.json"
+    workload.write_text(json.dumps(work))
+    configs = [(f, e) for e in args.epochs for f in ("rlhfkit", "trl")]
+    if args.only:
+        configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.only]
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    results = []
+    for r in range(args.repeats):
+        for name, epochs in configs:
+            print(f"== {name} ppo_epochs={epochs} (repeat {r + 1}/{args.repeats})", flush=True)
+            out = run_child(args, name, epochs, tmp, workload)
+            out["repeat"] = r
+            results.append(out)
+            if "profile" in out:
+                print(out["profile"])
+                print(out["profile_shapes"])
+    load_after = [round(x, 2) for x in os.getloadavg()]
+
+    summary = {}
+    for e in args.epochs:
+        agg = {}
+        for name in ("rlhfkit", "trl"):
+            rs = [x for x in results if x["framework"] == name and x["ppo_epochs"] == e and "error" not in x]
+            if rs:
+                agg[name] = statistics.median(x["tokens_per_s"] for x in rs)
+        if len(agg) == 2:
+            summary[f"ppo_epochs={e}"] = {"rlhfkit_tok_s": agg["rlhfkit"], "trl_tok_s": agg["trl"], "ratio": agg["rlhfkit"] / agg["trl"]}
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_before": load_before, "loadavg_after": load_after},
+        "settings": {k: getattr(args, k) for k in ("steps", "warmup", "epochs", "batch", "mini_batch", "qmin", "qmax", "rmin",
+                                                   "rmax", "seed", "force_length", "repeats", "threads")},
+        "response_lengths": work["lengths"], "query_tokens_per_step": [sum(map(len, q)) for q in work["queries"]],
+        "results": [{k: v for k, v in x.items() if k not in ("profile", "profile_shapes")} for x in results],
+        "summary": summary,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    line = "; ".join(f"{k}: rlhfkit {v['rlhfkit_tok_s']:.1f} tok/s vs TRL {v['trl_tok_s']:.1f} tok/s = {v['ratio']:.2f}x"
+                     for k, v in summary.items())
+    print(f"SUMMARY (load avg {load_before} -> {load_after}): {line or 'incomplete'}")
+    return 0 if all("error" not in x for x in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

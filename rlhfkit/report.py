@@ -1,0 +1,1028 @@
+"""`rlhfkit report RUN_DIR`: one page that shows what a run did.
+
+Reads whatever the stages left in RUN_DIR (every file is optional; a missing one is named, a torn
+last line of a metrics file that is still being written is skipped) and writes
+
+    RUN_DIR/report.html   self-contained: inline CSS, every plot a base64 PNG, no external URL
+    RUN_DIR/report.md     the same content; plots beside it in RUN_DIR/report_files/*.png
+
+Sections: data stats, SFT loss/perplexity, reward-model accuracy/margins, PPO score/KL/β,
+reward-vs-KL, timings, before/after samples, DPO, evaluation (per-model table, win rates,
+detectors, over-optimisation verdict), environment and each stage's config.yaml.
+
+Plots use matplotlib's Agg canvas on private Figure objects (no pyplot state). Every file is
+written to a temp name and renamed, so a reader never sees a half-written report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+STAGE_DIRS = ("data", "sft", "rm", "ppo", "dpo", "eval")
+FILES_DIR = "report_files"
+MAX_CELL_CHARS = 1500
+PROG = "rlhfkit report"
+
+
+class ReportError(Exception):
+    """A run directory that cannot be reported on (missing, not a directory, not a run)."""
+
+
+# --------------------------------------------------------------------------- reading
+def _rel(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def _read_json(path: Path, notes: list[str]) -> Any:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        notes.append(f"{_rel(path)}: unreadable ({exc.__class__.__name__}: {exc})")
+        return None
+
+
+def _read_records(path: Path, notes: list[str]) -> list[dict]:
+    """JSONL records; bad lines (e.g. the torn last line of a running stage) are skipped and counted."""
+    if not path.exists():
+        return []
+    out, bad = [], 0
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        notes.append(f"{_rel(path)}: unreadable ({exc})")
+        return []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad += 1
+    if bad:
+        notes.append(f"{_rel(path)}: skipped {bad} malformed line(s)")
+    return out
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        v = float(v)
+        return v if math.isfinite(v) else None
+    return None
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key` over the records that have it; a re-logged step keeps its last value."""
+    by_step: dict[float, float] = {}
+    for i, r in enumerate(records):
+        y = _num(r.get(key))
+        if y is None:
+            continue
+        x = _num(r.get("step"))
+        by_step[x if x is not None else float(i)] = y
+    xs = sorted(by_step)
+    return xs, [by_step[x] for x in xs]
+
+
+def _has(records: list[dict], key: str) -> bool:
+    return any(_num(r.get(key)) is not None for r in records)
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    _, ys = _series(records, key)
+    return ys[-1] if ys else None
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+# --------------------------------------------------------------------------- formatting
+def fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v == int(v) and abs(v) < 1e6:
+            return str(int(v)) if abs(v) >= 1 or v == 0 else f"{v:.4g}"
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        s = ", ".join(fmt(x) for x in v)
+        return s if len(s) <= 120 else s[:117] + "…"
+    if isinstance(v, dict):
+        s = json.dumps(v, default=str)
+        return s if len(s) <= 120 else s[:117] + "…"
+    return str(v)
+
+
+def _clip(s: Any, n: int = MAX_CELL_CHARS) -> str:
+    s = "" if s is None else str(s)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+# --------------------------------------------------------------------------- document model
+@dataclass
+class Block:
+    kind: str  # h2 h3 p table img warn ok note details
+    text: str = ""
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    cls: str = ""
+    anchor: str = ""
+    name: str = ""  # image file name
+    png: bytes = b""
+
+
+class Doc:
+    def __init__(self) -> None:
+        self.blocks: list[Block] = []
+
+    def h2(self, text: str, anchor: str) -> None:
+        self.blocks.append(Block("h2", text, anchor=anchor))
+
+    def h3(self, text: str) -> None:
+        self.blocks.append(Block("h3", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(Block("p", text))
+
+    def note(self, text: str) -> None:
+        """Something missing or skipped: shown muted."""
+        self.blocks.append(Block("note", text))
+
+    def warn(self, text: str) -> None:
+        self.blocks.append(Block("warn", text))
+
+    def ok(self, text: str) -> None:
+        self.blocks.append(Block("ok", text))
+
+    def table(self, headers: list[str], rows: list[list[Any]], cls: str = "", anchor: str = "") -> None:
+        self.blocks.append(Block("table", headers=list(headers), rows=[[c if isinstance(c, str) else fmt(c) for c in r]
+                                                                       for r in rows], cls=cls, anchor=anchor))
+
+    def img(self, name: str, png: bytes | None, alt: str) -> None:
+        if png:
+            self.blocks.append(Block("img", alt, name=name, png=png))
+
+    def details(self, summary: str, text: str) -> None:
+        self.blocks.append(Block("details", text, name=summary))
+
+    @property
+    def images(self) -> list[Block]:
+        return [b for b in self.blocks if b.kind == "img"]
+
+
+# --------------------------------------------------------------------------- plots
+def _figure(nrows: int = 1, ncols: int = 1, w: float = 7.5, h: float = 3.2, wspace: float = 0.3, left: float = 0.7,
+            right: float = 0.2):
+    """A Figure on an Agg canvas. Margins are fixed (in inches) rather than computed by a layout
+    engine: constrained layout doubles the cost of a report, and these plots have short labels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    gap = 0.8  # inches between rows: the x label of one and the title of the next
+    axes_h = max(0.5, (h - 0.85 - gap * (nrows - 1)) / nrows)
+    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=0.5 / h, top=1 - 0.35 / h,
+                        wspace=wspace, hspace=gap / axes_h)
+    return fig, axes
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _style(ax, title: str, xlabel: str = "step", ylabel: str | None = None) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=9)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if len(ax.get_legend_handles_labels()[0]) > 1:
+        ax.legend(fontsize=8)
+
+
+def _line(ax, records: list[dict], key: str, label: str | None = None, **kw) -> bool:
+    xs, ys = _series(records, key)
+    if not xs:
+        return False
+    ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label or key, **kw)
+    return True
+
+
+def _multi_plot(panels: list[tuple[str, list[tuple[list[dict], str, str]]]], ncols: int = 2, h: float = 2.8) -> bytes | None:
+    """One subplot per (title, [(records, key, label)...]) panel that has data."""
+    panels = [(t, [s for s in series if _has(s[0], s[1])]) for t, series in panels]
+    panels = [(t, s) for t, s in panels if s]
+    if not panels:
+        return None
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _figure(nrows, ncols, w=3.9 * ncols if ncols > 1 else 7.5, h=h * nrows)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(panels):
+            ax.set_visible(False)
+            continue
+        title, series = panels[i]
+        values = []
+        for records, key, label in series:
+            _line(ax, records, key, label=label)
+            values += _series(records, key)[1]
+        if values and min(values) > 0 and max(values) / min(values) > 50:  # e.g. perplexity from 400 to 5
+            ax.set_yscale("log")
+        _style(ax, title)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- sections
+def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records: a record with both kinds of keys is in both."""
+    evals = [r for r in records if any(str(k).startswith("eval/") for k in r)]
+    train = [r for r in records if any(not str(k).startswith("eval/") and k not in ("step", "epoch") for k in r)]
+    return train, evals
+
+
+def _notes(doc: Doc, notes: list[str]) -> None:
+    for n in notes:
+        doc.note(n)
+
+
+def section_overview(doc: Doc, run: Path) -> None:
+    doc.h2("Overview", "overview")
+    rows = []
+    expected = {
+        "data": ["stats.json"],
+        "sft": ["config.yaml", "metrics.jsonl"],
+        "rm": ["config.yaml", "metrics.jsonl", "eval_margins.json"],
+        "ppo": ["config.yaml", "metrics.jsonl", "samples.jsonl", "before_after.md"],
+        "dpo": ["config.yaml", "metrics.jsonl"],
+        "eval": ["metrics.json", "samples.jsonl"],
+    }
+    for stage, files in expected.items():
+        have = [f for f in files if (run / stage / f).exists()]
+        lack = [f for f in files if f not in have]
+        if not (run / stage).is_dir():
+            status = "not run"
+        else:
+            status = "complete" if have and not lack else ("partial" if have else "empty")
+        final = "yes" if (run / stage / "final").is_dir() else "no"
+        rows.append([stage, status, ", ".join(have) or "—", ", ".join(lack) or "—", final])
+    doc.table(["stage", "status", "found", "missing", "final/ model"], rows, cls="overview")
+
+
+def _flat_numbers(stats: dict) -> list[list[Any]]:
+    """Top-level scalars and one level of nested scalars (rows.sft, pairs.candidates, ...)."""
+    rows: list[list[Any]] = []
+    skip = {"inputs", "score_histogram", "skipped", "filtered", "lengths_chars", "partial", "out_dir"}
+    for k, v in stats.items():
+        if k in skip:
+            continue
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            rows.append([k, v])
+        elif isinstance(v, dict) and v and all(isinstance(x, (int, float, str, bool)) or x is None for x in v.values()):
+            rows.append([k, " · ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items())])
+    return rows
+
+
+def section_data(doc: Doc, run: Path) -> None:
+    doc.h2("Data", "data")
+    notes: list[str] = []
+    stats = _read_json(run / "data" / "stats.json", notes)
+    _notes(doc, notes)
+    if not isinstance(stats, dict):
+        doc.note("No data statistics (data/stats.json not found): the data stage was not run into this folder.")
+        return
+    doc.table(["statistic", "value"], _flat_numbers(stats), cls="kv")
+    inputs = stats.get("inputs")
+    if isinstance(inputs, list) and inputs:
+        rows = [[i.get("site", i.get("path", "?")), i.get("questions"), i.get("answers"), i.get("seconds")]
+                for i in inputs if isinstance(i, dict)]
+        doc.h3("Inputs")
+        doc.table(["input", "questions", "answers", "seconds"], rows)
+    reasons = [["skipped", k, v] for k, v in (stats.get("skipped") or {}).items()]
+    reasons += [["filtered (too long)", k, v] for k, v in (stats.get("filtered") or {}).items()]
+    if reasons:
+        doc.h3("Skipped rows")
+        doc.table(["kind", "reason", "rows"], reasons)
+    for p in stats.get("partial") or []:
+        doc.warn(f"Partial input kept up to an error: {p.get('reason', p) if isinstance(p, dict) else p}")
+    hist = stats.get("score_histogram")
+    if isinstance(hist, dict) and hist:
+        pts = sorted(((float(k), float(v)) for k, v in hist.items() if _num(v) is not None and _is_number(k)))
+        if pts:
+            fig, axes = _figure(h=2.8)
+            ax = axes[0][0]
+            ax.bar([p[0] for p in pts], [p[1] for p in pts], width=0.8, color="#4c72b0")
+            ax.set_yscale("log" if max(p[1] for p in pts) > 50 * max(1.0, min(p[1] for p in pts)) else "linear")
+            _style(ax, "Answer score histogram", xlabel="score", ylabel="answers")
+            doc.img("data_score_hist.png", _png(fig), "Histogram of answer scores")
+    lengths = stats.get("lengths_chars")
+    if isinstance(lengths, dict) and lengths:
+        rows = []
+        for split, fields in lengths.items():
+            if not isinstance(fields, dict):
+                continue
+            for name, pct in fields.items():
+                if isinstance(pct, dict):
+                    rows.append([split, name, pct.get("p50"), pct.get("p90"), pct.get("p99"), pct.get("max"), pct.get("mean")])
+        if rows:
+            doc.h3("Lengths (characters)")
+            doc.table(["split", "field", "p50", "p90", "p99", "max", "mean"], rows)
+
+
+def _is_number(s: Any) -> bool:
+    try:
+        return math.isfinite(float(s))
+    except (TypeError, ValueError):
+        return False
+
+
+def section_sft(doc: Doc, run: Path) -> None:
+    doc.h2("SFT", "sft")
+    notes: list[str] = []
+    records = _read_records(run / "sft" / "metrics.jsonl", notes)
+    _notes(doc, notes)
+    if not records:
+        doc.note("No SFT metrics (sft/metrics.jsonl not found or empty).")
+        return
+    train, evals = _split(records)
+    png = _multi_plot([
+        ("Training loss", [(train, "loss", "train loss"), (evals, "eval/loss", "eval loss")]),
+        ("Eval perplexity", [(evals, "eval/perplexity", "eval perplexity")]),
+    ])
+    doc.img("sft_loss.png", png, "SFT loss and eval perplexity over steps")
+    png = _multi_plot([
+        ("Learning rate", [(train, "lr", "lr")]),
+        ("Throughput (tokens/s)", [(train, "tokens_per_s", "tokens/s")]),
+        ("Gradient norm", [(train, "grad_norm", "grad norm")]),
+    ], ncols=3, h=2.4)
+    doc.img("sft_train.png", png, "SFT learning rate, throughput and gradient norm")
+    ppl_x, ppl = _series(evals, "eval/perplexity")
+    rows = [
+        ["train steps", int(max(_series(train, "loss")[0], default=0))],
+        ["final train loss", _last(train, "loss")],
+        ["eval perplexity before training (step 0)", ppl[0] if ppl and ppl_x[0] == 0 else None],
+        ["eval perplexity at the end", ppl[-1] if ppl else None],
+        ["eval loss at the end", _last(evals, "eval/loss")],
+        ["mean tokens/s", _mean(_series(train, "tokens_per_s")[1])],
+        ["tokens seen", _last(train, "tokens")],
+    ]
+    doc.table(["metric", "value"], [r for r in rows if r[1] is not None], cls="kv")
+
+
+def section_rm(doc: Doc, run: Path) -> None:
+    doc.h2("Reward model", "rm")
+    notes: list[str] = []
+    records = _read_records(run / "rm" / "metrics.jsonl", notes)
+    margins = _read_json(run / "rm" / "eval_margins.json", notes)
+    _notes(doc, notes)
+    if not records and margins is None:
+        doc.note("No reward-model metrics (rm/metrics.jsonl and rm/eval_margins.json not found).")
+        return
+    train, evals = _split(records)
+    png = _multi_plot([
+        ("Accuracy", [(train, "accuracy", "train"), (evals, "eval/accuracy", "eval")]),
+        ("Margin r(chosen) − r(rejected)", [(train, "margin", "train"), (evals, "eval/margin", "eval")]),
+        ("Loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
+        ("Eval reward mean ± std", [(evals, "eval/reward_mean", "mean"), (evals, "eval/reward_std", "std")]),
+    ])
+    doc.img("rm_curves.png", png, "Reward model accuracy, margin and loss over steps")
+    if not records:
+        doc.note("rm/metrics.jsonl not found.")
+    if isinstance(margins, list):
+        vals = [v for v in (_num(m) for m in margins) if v is not None]
+        if vals:
+            fig, axes = _figure(h=2.8)
+            ax = axes[0][0]
+            ax.hist(vals, bins=min(40, max(5, len(vals) // 3)), color="#55a868", edgecolor="white")
+            ax.axvline(0.0, color="#c44e52", linestyle="--", linewidth=1, label="0 (tie)")
+            _style(ax, "Held-out margins r(chosen) − r(rejected)", xlabel="margin", ylabel="pairs")
+            doc.img("rm_margin_hist.png", _png(fig), "Histogram of held-out reward margins")
+            pos = sum(v > 0 for v in vals)
+            ties = sum(v == 0 for v in vals)
+            doc.p(f"{len(vals)} held-out pairs: {pos / len(vals):.1%} ranked correctly (margin > 0), "
+                  f"{ties} ties, median margin {sorted(vals)[len(vals) // 2]:.4g}.")
+    else:
+        doc.note("rm/eval_margins.json not found: no margin histogram.")
+    if evals:
+        last = evals[-1]
+        keys = [k for k in last if k.startswith("eval/")]
+        doc.table(["final eval metric", "value"], [[k, last[k]] for k in keys], cls="kv")
+
+
+def _samples_table(doc: Doc, samples: list[dict], max_rows: int) -> None:
+    before: dict[str, dict] = {}
+    after: dict[str, dict] = {}
+    for s in samples:
+        q = str(s.get("prompt", ""))
+        if s.get("tag") == "before":
+            before.setdefault(q, s)
+        elif s.get("tag") == "after":
+            after[q] = s
+    paired = [q for q in after if q in before]
+    if paired:
+        rows, deltas = [], []
+        for q in paired[:max_rows]:
+            b, a = before[q], after[q]
+            rb, ra = _num(b.get("reward")), _num(a.get("reward"))
+            d = ra - rb if ra is not None and rb is not None else None
+            deltas.append(d)
+            rows.append([_clip(q), _clip(b.get("response")), fmt(rb), _clip(a.get("response")), fmt(ra),
+                         (f"{d:+.4g}" if d is not None else "—")])
+        doc.table(["prompt", "before", "reward", "after", "reward", "Δ"], rows, cls="samples", anchor="ppo-samples")
+        rb = [_num(before[q].get("reward")) for q in paired]
+        ra = [_num(after[q].get("reward")) for q in paired]
+        rb, ra = [x for x in rb if x is not None], [x for x in ra if x is not None]
+        if rb and ra:
+            better = sum(1 for d in deltas if d is not None and d > 0)
+            doc.p(f"Mean reward on {len(paired)} held-out prompts: before {_mean(rb):.4g} → after {_mean(ra):.4g}; "
+                  f"improved on {better} of {len(deltas)} shown.")
+        if len(paired) > max_rows:
+            doc.note(f"Showing {max_rows} of {len(paired)} prompts (--max-samples).")
+        return
+    if samples:
+        doc.note("No prompt has both a 'before' and an 'after' sample; the latest samples follow.")
+        latest = sorted(samples, key=lambda s: _num(s.get("step")) or 0)[-max_rows:]
+        doc.table(["step", "tag", "prompt", "response", "reward"],
+                  [[fmt(s.get("step")), str(s.get("tag", "")), _clip(s.get("prompt")), _clip(s.get("response")),
+                    fmt(_num(s.get("reward")))] for s in latest], cls="samples", anchor="ppo-samples")
+
+
+def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
+    doc.h2("PPO", "ppo")
+    notes: list[str] = []
+    records = _read_records(run / "ppo" / "metrics.jsonl", notes)
+    samples = _read_records(run / "ppo" / "samples.jsonl", notes)
+    _notes(doc, notes)
+    if not records and not samples and not (run / "ppo" / "before_after.md").exists():
+        doc.note("No PPO outputs: ppo/metrics.jsonl not found, ppo/samples.jsonl not found.")
+        return
+    train, evals = _split(records)
+    if records:
+        summary = [["steps", len(_series(train, "score")[0]) or len(train)]]
+        for k in ("score", "kl", "kl_coef", "response_length"):
+            xs, ys = _series(train, k)
+            if ys:
+                summary.append([f"{k} first → last", f"{fmt(ys[0])} → {fmt(ys[-1])}"])
+        for k in ("eval/reward", "eval/kl", "eval/response_length"):
+            xs, ys = _series(evals, k)
+            if ys:
+                summary.append([f"{k} first → last", f"{fmt(ys[0])} → {fmt(ys[-1])}"])
+        doc.table(["metric", "value"], summary, cls="kv")
+        # score with its ± std band, eval reward, KL, β
+        panels = [p for p in ("score", "kl", "kl_coef") if _has(train, p) or _has(evals, {"score": "eval/reward", "kl": "eval/kl"}.get(p, p))]
+        if panels:
+            fig, axes = _figure(1, len(panels), w=3.0 * len(panels) + 0.5, h=3.0)
+            for ax, key in zip(axes[0], panels):
+                if key == "score":
+                    xs, ys = _series(train, "score")
+                    if xs:
+                        ax.plot(xs, ys, label="score (train)", color="#4c72b0")
+                        sx, sd = _series(train, "score_std")
+                        if sx == xs:
+                            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                            alpha=0.2, color="#4c72b0", label="± std")
+                    _line(ax, train, "reward", label="reward (score − β·KL)", linestyle=":")
+                    _line(ax, evals, "eval/reward", label="eval reward", color="#dd8452")
+                    _style(ax, "Score / reward")
+                elif key == "kl":
+                    _line(ax, train, "kl", label="KL (train)")
+                    _line(ax, evals, "eval/kl", label="eval KL", color="#dd8452")
+                    _style(ax, "KL(π ‖ π_ref)")
+                else:
+                    _line(ax, train, "kl_coef", label="β", color="#8172b2")
+                    _style(ax, "β (kl_coef)")
+            doc.h3("Score, KL and β")
+            doc.img("ppo_score_kl.png", _png(fig), "PPO score, KL and β over steps")
+        # reward vs KL
+        pts = [(_num(r.get("kl")), _num(r.get("score")), _num(r.get("step")) or i) for i, r in enumerate(train)]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        ev = [(_num(r.get("eval/kl")), _num(r.get("eval/reward"))) for r in evals]
+        ev = [p for p in ev if p[0] is not None and p[1] is not None]
+        if pts or ev:
+            fig, axes = _figure(w=6.0, h=3.6)
+            ax = axes[0][0]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#999999", linewidth=0.8, zorder=1)
+                sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18,
+                                zorder=2, label="train steps")
+                cb = fig.colorbar(sc, ax=ax)
+                cb.set_label("step", fontsize=8)
+                cb.ax.tick_params(labelsize=7)
+            if ev:
+                ax.plot([p[0] for p in ev], [p[1] for p in ev], marker="s", color="#dd8452", label="eval")
+            _style(ax, "Reward vs KL", xlabel="KL(π ‖ π_ref)", ylabel="score")
+            doc.h3("Reward vs KL")
+            doc.img("ppo_reward_vs_kl.png", _png(fig), "PPO reward versus KL over training")
+        # diagnostics
+        diag = [("entropy", "Entropy"), ("approxkl", "Approx. KL (policy update)"), ("clipfrac", "Clip fraction"),
+                ("pg_loss", "Policy loss"), ("vf_loss", "Value loss"), ("explained_variance", "Explained variance"),
+                ("response_length", "Response length"), ("non_score_reward", "Non-score reward (−β·KL)")]
+        png = _multi_plot([(title, [(train, k, "train")] + ([(evals, "eval/response_length", "eval")]
+                                                            if k == "response_length" else []))
+                           for k, title in diag], ncols=4, h=2.3)
+        if png:
+            doc.h3("Diagnostics")
+        doc.img("ppo_diagnostics.png", png, "PPO diagnostics over steps")
+        # timings
+        order = ["time/generate", "time/score", "time/forward", "time/update"]
+        tkeys = sorted({k for r in train for k in r if str(k).startswith("time/") and _num(r.get(k)) is not None},
+                       key=lambda k: (order.index(k) if k in order else len(order), k))
+        if tkeys:
+            steps = sorted({_num(r.get("step")) for r in train
+                            if _num(r.get("step")) is not None and any(_num(r.get(k)) is not None for k in tkeys)})
+            fig, axes = _figure(1, 2, w=9.0, h=3.0, wspace=0.45)
+            ax = axes[0][0]
+            series = []
+            for k in tkeys:
+                xs, ys = _series(train, k)
+                d = dict(zip(xs, ys))
+                series.append([d.get(s, 0.0) for s in steps])
+            if steps:
+                ax.stackplot(steps, *series, labels=[k.removeprefix("time/") for k in tkeys], alpha=0.85)
+                top = max((sum(col) for col in zip(*series)), default=0.0)
+                if top > 0:
+                    ax.set_ylim(0, top * 1.4)
+            _style(ax, "Seconds per step by phase", ylabel="s")
+            ax.legend(fontsize=8, ncol=min(4, len(tkeys)), loc="upper center")
+            ax2 = axes[0][1]
+            means = [_mean(_series(train, k)[1]) or 0.0 for k in tkeys]
+            ax2.barh([k.removeprefix("time/") for k in tkeys][::-1], means[::-1], color="#4c72b0")
+            _style(ax2, "Mean seconds per step", xlabel="s")
+            doc.h3("Timings per phase")
+            doc.img("ppo_timings.png", _png(fig), "PPO time per phase")
+            total = sum(means)
+            rows = [[k.removeprefix("time/"), m, sum(_series(train, k)[1]), (f"{m / total:.1%}" if total > 0 else "—")]
+                    for k, m in zip(tkeys, means)]
+            tps = _mean(_series(train, "tokens_per_s")[1])
+            doc.table(["phase", "mean s/step", "total s", "share"], rows)
+            if tps is not None:
+                doc.p(f"Mean generation throughput: {tps:.4g} tokens/s.")
+    else:
+        doc.note("ppo/metrics.jsonl not found: no training curves.")
+    doc.h3("Before / after samples")
+    if samples:
+        _samples_table(doc, samples, max_samples)
+    elif (run / "ppo" / "before_after.md").exists():
+        doc.note("ppo/samples.jsonl not found; ppo/before_after.md follows.")
+        doc.details("ppo/before_after.md", (run / "ppo" / "before_after.md").read_text(encoding="utf-8", errors="replace"))
+    else:
+        doc.note("No samples (ppo/samples.jsonl not found).")
+
+
+def section_dpo(doc: Doc, run: Path) -> None:
+    path = run / "dpo" / "metrics.jsonl"
+    if not path.exists():
+        return  # DPO is an alternative to RM+PPO: no section, the overview says it is missing
+    doc.h2("DPO", "dpo")
+    notes: list[str] = []
+    records = _read_records(path, notes)
+    _notes(doc, notes)
+    train, evals = _split(records)
+    reward_keys = sorted({k for r in train for k in r if str(k).startswith("rewards/")})
+    eval_reward_keys = sorted({k for r in evals for k in r if str(k).startswith("eval/rewards/")})
+    panels = [("Loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")])]
+    for k in reward_keys:
+        ek = "eval/" + k
+        panels.append((k, [(train, k, "train")] + ([(evals, ek, "eval")] if ek in eval_reward_keys else [])))
+    for ek in eval_reward_keys:
+        if ek.removeprefix("eval/") not in reward_keys:
+            panels.append((ek, [(evals, ek, "eval")]))
+    if _has(evals, "eval/accuracy"):
+        panels.append(("Eval accuracy", [(evals, "eval/accuracy", "eval")]))
+    png = _multi_plot(panels)
+    doc.img("dpo_curves.png", png, "DPO loss and implicit rewards over steps")
+    if not png:
+        doc.note("dpo/metrics.jsonl has no plottable records.")
+    if evals:
+        last = evals[-1]
+        doc.table(["final eval metric", "value"], [[k, last[k]] for k in last if k.startswith("eval/")], cls="kv")
+
+
+EVAL_COLUMNS = ["rm_score", "judge_score", "kl", "response_length", "repetition_rate", "fence_rate", "length_drift", "perplexity"]
+
+
+def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
+    """Returns whether over-optimisation was flagged."""
+    doc.h2("Evaluation", "eval")
+    notes: list[str] = []
+    metrics = _read_json(run / "eval" / "metrics.json", notes)
+    samples = _read_records(run / "eval" / "samples.jsonl", notes)
+    _notes(doc, notes)
+    flagged = False
+    if not isinstance(metrics, dict):
+        doc.note("No evaluation (eval/metrics.json not found).")
+    else:
+        models = metrics.get("models") or {}
+        if isinstance(models, dict) and models:
+            cols = EVAL_COLUMNS + sorted({k for m in models.values() if isinstance(m, dict) for k in m} - set(EVAL_COLUMNS))
+            cols = [c for c in cols if any(isinstance(m, dict) and c in m for m in models.values())]
+            doc.table(["model"] + cols, [[name] + [m.get(c) if isinstance(m, dict) else None for c in cols]
+                                         for name, m in models.items()], cls="eval-models")
+            names = list(models)
+            fig, axes = _figure(1, 2, w=8.5, h=2.9)
+            drew = False
+            for ax, key, title in ((axes[0][0], "rm_score", "Reward-model score"), (axes[0][1], "judge_score", "Judge score")):
+                vals = [_num(models[n].get(key)) if isinstance(models[n], dict) else None for n in names]
+                have = [i for i, v in enumerate(vals) if v is not None]
+                if have:  # a model without this score gets no bar (not a zero one)
+                    ax.bar(have, [vals[i] for i in have], color="#4c72b0")
+                    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+                    ax.axhline(0.0, color="#333333", linewidth=0.6)
+                    drew = True
+                else:
+                    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+                _style(ax, title, xlabel="")
+            if drew:
+                doc.img("eval_scores.png", _png(fig), "Per-model reward-model and judge scores")
+        wins = metrics.get("win_rate") or {}
+        if isinstance(wins, dict) and wins:
+            doc.h3("Win rates")
+            doc.table(["comparison", "RM win rate", "judge win rate"],
+                      [[k.replace("_vs_", " vs "), (v or {}).get("rm"), (v or {}).get("judge")] for k, v in wins.items()
+                       if isinstance(v, dict) or v is None])
+        det = metrics.get("detectors") or {}
+        if isinstance(det, dict) and det:
+            doc.h3("Detectors")
+            dcols = sorted({k for d in det.values() if isinstance(d, dict) for k in d},
+                           key=lambda k: ((["repetition", "fence_spam", "length_drift"] + [k]).index(k), k))
+            rows = [[name] + [("⚠ flagged" if d.get(c) else ("ok" if c in d else "—")) for c in dcols]
+                    for name, d in det.items() if isinstance(d, dict)]
+            doc.table(["model"] + dcols, rows, cls="detectors")
+            hits = [f"{name}: {c}" for name, d in det.items() if isinstance(d, dict) for c in dcols if d.get(c)]
+            if hits:
+                doc.warn("Detector flags: " + "; ".join(hits))
+        over = metrics.get("over_optimisation")
+        doc.h3("Over-optimisation")
+        if isinstance(over, dict):
+            rm_d, judge_d = _num(over.get("rm_delta")), _num(over.get("judge_delta"))
+            flag = over.get("flag")
+            if flag is None:  # no verdict written: RM up while the judge is flat or down
+                flag = rm_d is not None and rm_d > 0 and judge_d is not None and judge_d <= 0
+            detail = (f"RM score Δ {fmt(rm_d)}, judge score Δ {fmt(judge_d)}"
+                      + (f". {over['note']}" if over.get("note") else ""))
+            if flag:
+                flagged = True
+                doc.warn("Over-optimisation suspected: the reward-model score went up while the gold judge stayed "
+                         f"flat or went down. {detail}")
+            elif over.get("flag") is None and judge_d is None:
+                doc.note(f"No gold-judge scores, so over-optimisation could not be checked. {detail}")
+            else:
+                doc.ok(f"No over-optimisation flagged. {detail}")
+        else:
+            doc.note("eval/metrics.json has no over_optimisation verdict.")
+    if samples:
+        doc.h3("Evaluation samples")
+        shown = samples[:max_samples]
+        doc.table(["model", "prompt", "response", "RM score", "judge score"],
+                  [[str(s.get("model", "")), _clip(s.get("prompt")), _clip(s.get("response")), fmt(_num(s.get("rm_score"))),
+                    fmt(_num(s.get("judge_score")))] for s in shown], cls="samples eval-samples", anchor="eval-samples")
+        if len(samples) > max_samples:
+            doc.note(f"Showing {max_samples} of {len(samples)} samples (--max-samples).")
+    elif isinstance(metrics, dict):
+        doc.note("eval/samples.jsonl not found.")
+    return flagged
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def gpu_name() -> str:
+    """GPU(s) of this machine, without importing torch when a cheaper probe answers (torch's import
+    is most of a report's time): torch if already imported, the NVIDIA driver's /proc entries,
+    nvidia-smi, then torch."""
+    def from_torch() -> str | None:
+        import torch
+
+        if torch.cuda.is_available():
+            return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "Apple MPS"
+        return None
+
+    with contextlib.suppress(Exception):
+        if "torch" in sys.modules:
+            return from_torch() or "none"
+    with contextlib.suppress(OSError):
+        infos = sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))
+        names = [m.group(1).strip() for f in infos for m in [re.search(r"^Model:\s*(.+)$", f.read_text(), re.M)] if m]
+        if names:
+            return ", ".join(names)
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        with contextlib.suppress(Exception):
+            out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=10, check=True).stdout
+            names = [line.strip() for line in out.splitlines() if line.strip()]
+            if names:
+                return ", ".join(names)
+    if platform.system() == "Linux" and not Path("/dev/kfd").exists():
+        return "none"  # no NVIDIA driver, no ROCm device: nothing torch could find
+    with contextlib.suppress(Exception):
+        return from_torch() or "none"
+    return "none"
+
+
+def environment() -> list[list[str]]:
+    gpu = gpu_name()
+    from rlhfkit import __version__
+
+    return [
+        ["python", platform.python_version()],
+        ["rlhfkit", __version__],
+        ["torch", _version("torch")],
+        ["transformers", _version("transformers")],
+        ["peft", _version("peft")],
+        ["accelerate", _version("accelerate")],
+        ["matplotlib", _version("matplotlib")],
+        ["platform", platform.platform()],
+        ["CPU count", str(os.cpu_count())],
+        ["GPU", gpu],
+    ]
+
+
+def section_environment(doc: Doc, run: Path) -> None:
+    doc.h2("Environment and configs", "env")
+    doc.p("Software of the machine that wrote this report (the run may have trained elsewhere).")
+    doc.table(["component", "version"], environment(), cls="kv")
+    doc.h3("Stage configs")
+    found = False
+    for stage in STAGE_DIRS:
+        path = run / stage / "config.yaml"
+        if path.exists():
+            found = True
+            doc.details(f"{stage}/config.yaml", path.read_text(encoding="utf-8", errors="replace"))
+    if not found:
+        doc.note("No config.yaml found in any stage folder.")
+
+
+# --------------------------------------------------------------------------- rendering
+CSS = """
+body{font:14px/1.45 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;color:#1d2329;
+ background:#f6f7f9;margin:0}
+main{max-width:1100px;margin:0 auto;padding:16px 24px 48px;background:#fff}
+h1{font-size:24px;margin:8px 0 4px}h2{font-size:19px;border-bottom:2px solid #e3e6ea;padding-bottom:4px;margin-top:32px}
+h3{font-size:15px;margin:20px 0 6px}
+nav{font-size:13px;margin:6px 0 12px}nav a{margin-right:12px;color:#2a5db0;text-decoration:none}
+.meta{color:#5c6670;font-size:12px}
+table{border-collapse:collapse;margin:8px 0 12px;font-size:13px;max-width:100%}
+th,td{border:1px solid #d9dde2;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#eef1f4}td{white-space:pre-wrap;word-break:break-word}
+table.samples td{max-width:320px}table.kv td:first-child{color:#3b4550}
+img{max-width:100%;height:auto;display:block;margin:8px 0;border:1px solid #eceff2}
+.note{color:#6a737d;font-style:italic;margin:6px 0}
+.warn{background:#fff4e5;border:1px solid #f0a030;border-left:6px solid #e8590c;padding:8px 12px;margin:10px 0;
+ font-weight:600;color:#7a2e00}
+.ok{background:#ebf7ee;border:1px solid #9fd5ac;border-left:6px solid #2f9e44;padding:8px 12px;margin:10px 0}
+details{margin:6px 0}summary{cursor:pointer;font-family:monospace}
+pre{background:#f3f4f6;padding:8px 10px;overflow-x:auto;font-size:12px;border:1px solid #e3e6ea}
+"""
+
+
+def _e(s: str) -> str:
+    return html.escape(s, quote=True)
+
+
+def render_html(doc: Doc, title: str, run: Path, generated: str, warn_top: list[str]) -> str:
+    toc = [b for b in doc.blocks if b.kind == "h2"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
+           f"<h1>{_e(title)}</h1>",
+           f'<p class="meta">Run directory: <code>{_e(str(run))}</code> · generated {_e(generated)}</p>',
+           "<nav>" + "".join(f'<a href="#{_e(b.anchor)}">{_e(b.text)}</a>' for b in toc) + "</nav>"]
+    for w in warn_top:
+        out.append(f'<div class="warn" role="alert">{_e(w)}</div>')
+    for b in doc.blocks:
+        if b.kind == "h2":
+            out.append(f'<h2 id="{_e(b.anchor)}">{_e(b.text)}</h2>')
+        elif b.kind == "h3":
+            out.append(f"<h3>{_e(b.text)}</h3>")
+        elif b.kind == "p":
+            out.append(f"<p>{_e(b.text)}</p>")
+        elif b.kind == "note":
+            out.append(f'<p class="note">{_e(b.text)}</p>')
+        elif b.kind == "warn":
+            out.append(f'<div class="warn" role="alert">⚠ {_e(b.text)}</div>')
+        elif b.kind == "ok":
+            out.append(f'<div class="ok">✓ {_e(b.text)}</div>')
+        elif b.kind == "table":
+            attrs = (f' class="{_e(b.cls)}"' if b.cls else "") + (f' id="{_e(b.anchor)}"' if b.anchor else "")
+            head = "".join(f"<th>{_e(h)}</th>" for h in b.headers)
+            body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            out.append(f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif b.kind == "img":
+            data = base64.b64encode(b.png).decode("ascii")
+            out.append(f'<img src="data:image/png;base64,{data}" alt="{_e(b.text)}" title="{_e(b.text)}">')
+        elif b.kind == "details":
+            out.append(f"<details><summary>{_e(b.name)}</summary><pre>{_e(b.text)}</pre></details>")
+    out.append("</main></body></html>")
+    return "\n".join(out) + "\n"
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+
+
+def md_cell(s: str) -> str:
+    """Table-cell text: HTML-escaped (markdown renders raw HTML), markdown punctuation and pipes
+    backslash-escaped, newlines as <br>."""
+    s = html.escape(s, quote=False)
+    s = _MD_SPECIAL.sub(r"\\\1", s)
+    return s.replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def md_text(s: str) -> str:
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(s, quote=False)).replace("\n", " ")
+
+
+def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[str]) -> str:
+    out = [f"# {md_text(title)}", "", f"Run directory: `{run}` · generated {generated}", ""]
+    for w in warn_top:
+        out += [f"> **⚠ {md_text(w)}**", ""]
+    for b in doc.blocks:
+        if b.kind == "h2":
+            out += [f"## {md_text(b.text)}", ""]
+        elif b.kind == "h3":
+            out += [f"### {md_text(b.text)}", ""]
+        elif b.kind == "p":
+            out += [md_text(b.text), ""]
+        elif b.kind == "note":
+            out += [f"_{md_text(b.text)}_", ""]
+        elif b.kind == "warn":
+            out += [f"> **⚠ Warning:** {md_text(b.text)}", ""]
+        elif b.kind == "ok":
+            out += [f"> ✓ {md_text(b.text)}", ""]
+        elif b.kind == "table":
+            out.append("| " + " | ".join(md_cell(h) for h in b.headers) + " |")
+            out.append("|" + "---|" * len(b.headers))
+            out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in b.rows]
+            out.append("")
+        elif b.kind == "img":
+            out += [f"![{md_text(b.text)}]({FILES_DIR}/{b.name})", ""]
+        elif b.kind == "details":
+            ticks = "`" * max(3, max((len(m) for m in re.findall(r"`+", b.text)), default=0) + 1)
+            out += [f"<details><summary>{html.escape(b.name)}</summary>", "", ticks, b.text.rstrip("\n"), ticks, "",
+                    "</details>", ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _umask() -> int:
+    """The process umask, read without os.umask's set-and-restore (which races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    return 0o022
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file beside `path`, fsync, rename. Unlike a bare mkstemp file (0600) the result gets the
+    usual 0644-minus-umask mode, so a report can be served or shared."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- entry points
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    run = Path(run_dir).expanduser()
+    if not run.exists():
+        raise ReportError(f"run directory {run} does not exist")
+    if not run.is_dir():
+        raise ReportError(f"{run} is not a directory")
+    if not any((run / s).is_dir() for s in STAGE_DIRS):
+        raise ReportError(f"{run} is not a run directory: none of {', '.join(s + '/' for s in STAGE_DIRS)} is in it")
+    return run
+
+
+def build(run_dir: str | os.PathLike, *, max_samples: int = 50) -> tuple[Doc, list[str]]:
+    """The report's content (no files written). Returns (doc, top-of-page warnings)."""
+    run = check_run_dir(run_dir)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise ReportError("matplotlib is needed for the plots: pip install 'rlhfkit[report]' (or pip install matplotlib)") from exc
+    doc = Doc()
+    section_overview(doc, run)
+    section_data(doc, run)
+    section_sft(doc, run)
+    section_rm(doc, run)
+    section_ppo(doc, run, max_samples)
+    section_dpo(doc, run)
+    flagged = section_eval(doc, run, max_samples)
+    section_environment(doc, run)
+    top = ["Over-optimisation suspected: see the Evaluation section."] if flagged else []
+    return doc, top
+
+
+def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, max_samples: int = 50,
+                 title: str | None = None) -> dict[str, Any]:
+    """Write report.html, report.md and report_files/*.png; returns their paths and the image count."""
+    run = check_run_dir(run_dir)
+    out = Path(out_dir).expanduser() if out_dir else run
+    doc, top = build(run, max_samples=max_samples)
+    title = title or f"rlhfkit report — {run.resolve().name}"
+    generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    files = out / FILES_DIR
+    names = set()
+    for b in doc.images:  # PNGs first, so report.md never points at a file not yet there
+        _atomic_write_bytes(files / b.name, b.png)
+        names.add(b.name)
+    if files.is_dir():  # drop plots of an earlier report that this one no longer has
+        for stale in files.glob("*.png"):
+            if stale.name not in names:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+    shown_run = run.resolve()
+    _atomic_write_bytes(out / "report.md", render_md(doc, title, shown_run, generated, top).encode("utf-8"))
+    _atomic_write_bytes(out / "report.html", render_html(doc, title, shown_run, generated, top).encode("utf-8"))
+    return {"html": str(out / "report.html"), "md": str(out / "report.md"), "images": len(names),
+            "over_optimisation": bool(top)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ report_files/) "
+                               "from whatever the stages left in RUN_DIR.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (with data/, sft/, rm/, ppo/, dpo/, eval/)")
+    parser.add_argument("--out", metavar="DIR", default=None, help="write the report here instead of RUN_DIR")
+    parser.add_argument("--max-samples", type=int, default=50, metavar="N", help="rows per samples table (default 50)")
+    parser.add_argument("--title", default=None, help="page title")
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # usage errors exit 2, --help 0
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.max_samples < 1:
+        print(f"{PROG}: error: --max-samples must be ≥ 1", file=sys.stderr)
+        return 2
+    try:
+        result = write_report(args.run_dir, args.out, max_samples=args.max_samples, title=args.title)
+    except ReportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {result['html']} and {result['md']} ({result['images']} plots)")
+    if result["over_optimisation"]:
+        print("warning: over-optimisation suspected (see the Evaluation section)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

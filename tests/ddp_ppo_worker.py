@@ -1,0 +1,32 @@
+"""Run PPO with rollouts fed in (deterministic per prompt), for the 1- vs 2-process equality test.
+
+    torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH
+"""
+
+import sys
+
+import torch
+
+import rlhfkit.stages.ppo as ppo
+
+
+def fed_generate(policy, tok, queries, lengths, g, device):
+    """Responses that depend only on the query: the same rollouts whatever the process count."""
+    rows = [[(sum(q) * (j + 7)) % 300 + 3 for j in range(6)] for q in queries]
+    resp = torch.tensor(rows)
+    mask = torch.ones_like(resp)
+    return resp, mask
+
+
+def score(prompts, responses):
+    return [len(r) % 7 / 7.0 for r in responses]
+
+
+if __name__ == "__main__":
+    model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ppo.generate = fed_generate
+    prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
+    ppo.train(reward_fn=score, prompts=prompts, eval_prompts=[], config={
+        "out_dir": out, "overwrite": True, "model": {"name": model_dir},
+        "lora": {"r": 4, "target_modules": ["all-linear"]}, "steps": 3, "batch_size": local_batch, "lr": 1e-3,
+        "ppo": {"mini_batch_size": local_batch, "ppo_epochs": 2, "score_norm": "normalize", "adaptive_kl": True}})
