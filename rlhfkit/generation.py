@@ -3,9 +3,27 @@ next-token outputs with them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlhfkit.modeling import forward_logprobs
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 48
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 = the model's own distribution)."""
+    top_k: int = 0
+    """0 = no top-k."""
+    top_p: float = 1.0
+    """1.0 = no nucleus truncation."""
+    min_new_tokens: int = 0
+    """Forced minimum length (0 = off)."""
+    batch_size: int = 16
+    """Prompts generated at once."""
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlhfkit.io import atomic_write_bytes
 from typing import Any, Iterable
 
 STAGE_DIRS = ("data", "sft", "rm", "ppo", "dpo", "eval")
@@ -910,34 +911,6 @@ def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[st
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def _umask() -> int:
-    """The process umask, read without os.umask's set-and-restore (which races with other threads)."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    return 0o022
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file beside `path`, fsync, rename. Unlike a bare mkstemp file (0600) the result gets the
-    usual 0644-minus-umask mode, so a report can be served or shared."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- entry points
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     run = Path(run_dir).expanduser()
@@ -981,7 +954,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     files = out / FILES_DIR
     names = set()
     for b in doc.images:  # PNGs first, so report.md never points at a file not yet there
-        _atomic_write_bytes(files / b.name, b.png)
+        atomic_write_bytes(files / b.name, b.png)
         names.add(b.name)
     if files.is_dir():  # drop plots of an earlier report that this one no longer has
         for stale in files.glob("*.png"):
@@ -989,8 +962,8 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
                 with contextlib.suppress(OSError):
                     stale.unlink()
     shown_run = run.resolve()
-    _atomic_write_bytes(out / "report.md", render_md(doc, title, shown_run, generated, top).encode("utf-8"))
-    _atomic_write_bytes(out / "report.html", render_html(doc, title, shown_run, generated, top).encode("utf-8"))
+    atomic_write_bytes(out / "report.md", render_md(doc, title, shown_run, generated, top).encode("utf-8"))
+    atomic_write_bytes(out / "report.html", render_html(doc, title, shown_run, generated, top).encode("utf-8"))
     return {"html": str(out / "report.html"), "md": str(out / "report.md"), "images": len(names),
             "over_optimisation": bool(top)}
 

@@ -18,7 +18,7 @@ import torch
 from rlhfkit.config import save_config
 from rlhfkit.detectors import detect
 from rlhfkit.errors import ConfigError
-from rlhfkit.generation import generate, response_logprobs
+from rlhfkit.generation import SamplingConfig, generate, response_logprobs
 from rlhfkit.io import append_jsonl, atomic_write_json, prepare_out_dir
 from rlhfkit.models import LoraConfig, ModelConfig, load_model
 from rlhfkit.prompts import PromptDataConfig, load_prompts, read_prompts
@@ -26,22 +26,6 @@ from rlhfkit.scoring import load_scorer
 from rlhfkit.templates import PromptFormat, TemplateConfig
 
 OVEROPT_EPS = 0.01  # a gold-judge change smaller than this counts as flat
-
-
-@dataclass
-class EvalGeneration:
-    max_new_tokens: int = 48
-    """Response length cap."""
-    temperature: float = 1.0
-    """Sampling temperature (1.0 = the model's own distribution, as PPO optimised it)."""
-    top_k: int = 0
-    """0 = no top-k."""
-    top_p: float = 1.0
-    """1.0 = no nucleus truncation."""
-    min_new_tokens: int = 0
-    """Forced minimum length (0 = off)."""
-    batch_size: int = 16
-    """Prompts generated at once."""
 
 
 @dataclass
@@ -62,7 +46,7 @@ class EvalConfig:
     """Held-out prompts (prompts.path with prompts.max_prompts)."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
     """Prompt template (the one the models were trained with)."""
-    generation: EvalGeneration = field(default_factory=EvalGeneration)
+    generation: SamplingConfig = field(default_factory=lambda: SamplingConfig())
     """Sampling settings."""
     perplexity_data: str | None = None
     """Held-out prompt/response or text file for perplexity (SFT data formats)."""

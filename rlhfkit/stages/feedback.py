@@ -17,28 +17,12 @@ import torch
 
 from rlhfkit.config import save_config
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import generate
+from rlhfkit.generation import SamplingConfig, generate
 from rlhfkit.io import atomic_dir, atomic_write_json
 from rlhfkit.models import LoraConfig, ModelConfig, load_model
 from rlhfkit.prompts import read_prompts
 from rlhfkit.scoring import load_scorer
 from rlhfkit.templates import PromptFormat, TemplateConfig
-
-
-@dataclass
-class FeedbackGeneration:
-    max_new_tokens: int = 32
-    """Response length cap."""
-    temperature: float = 1.0
-    """Sampling temperature for the labelled samples."""
-    top_k: int = 0
-    """0 = no top-k."""
-    top_p: float = 1.0
-    """1.0 = no nucleus truncation."""
-    min_new_tokens: int = 0
-    """Forced minimum length (0 = off)."""
-    batch_size: int = 32
-    """Samples generated at once."""
 
 
 @dataclass
@@ -67,7 +51,7 @@ class FeedbackConfig:
     """Prompts held out from everything, for the final gold-judge evaluation."""
     rm_eval_fraction: float = 0.15
     """Share of labelled prompts whose pairs go to rm_eval."""
-    generation: FeedbackGeneration = field(default_factory=FeedbackGeneration)
+    generation: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=32, batch_size=32))
     """Sampling settings."""
     seed: int = 0
     """Seed for the prompt split and sampling."""
