@@ -352,7 +352,8 @@ def main(argv=None) -> int:
             "step_s_median": statistics.median(s for r in rs for s in r["step_s"]),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
             "wall_s": statistics.median(r["wall_s"] for r in rs),
-            "first_losses": [round(x, 5) for x in rs[0]["losses"][:3]],
+            "losses": [round(x, 5) for x in rs[0]["losses"]],
+            "step_s": [[round(x, 2) for x in r["step_s"]] for r in rs],
         }
 
     result = {
