@@ -117,6 +117,8 @@ class StageRun:
 
         self.cfg, self.stage, self.report_to, self.keep = cfg, stage, report_to, keep_checkpoints
         self.out = Path(cfg.out_dir)
+        # mixed_precision="no": explicit, or a transformers.Trainer that ran earlier in this process
+        # (TRL defaults to bf16) leaves its setting in accelerate's shared state.
         # cpu=True on a machine without CUDA: only then does accelerate run torchrun ranks as
         # MULTI_CPU over gloo instead of as unrelated single processes.
         from accelerate.utils import DistributedDataParallelKwargs
@@ -124,7 +126,7 @@ class StageRun:
         # broadcast_buffers=False: buffers here are constants (RoPE inv_freq), and a broadcast in
         # every forward deadlocks when ranks run different numbers of forwards (packed sub-batches).
         self.accelerator = Accelerator(log_with=report_to or None, project_dir=str(self.out / "trackers"),
-                                       cpu=not torch.cuda.is_available(),
+                                       cpu=not torch.cuda.is_available(), mixed_precision="no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         set_seed(seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
         if self.accelerator.is_main_process:
