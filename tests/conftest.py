@@ -15,6 +15,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread everywhere, in-process and in CLI subprocesses (which inherit this). Two reasons: the
+# bitwise resume tests compare an in-process run with a subprocess, and at 2 threads CPU backward
+# kernels differed across processes in ~1e-7 of grads (CI flake, Nov 2026); and tiny-model ops are
+# so small that a second OpenMP thread mostly waits (a forward was ~25x slower on a busy machine).
+os.environ["OMP_NUM_THREADS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -26,6 +31,14 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
 
 
 def make_corpus(n: int, seed: int = 0) -> list[dict]:

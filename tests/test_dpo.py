@@ -53,17 +53,6 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is all small ops: on a busy 2-core machine, 2 OpenMP threads make a forward ~25x
-    slower (threads wait on each other at every op). Subprocesses get OMP_NUM_THREADS=1 (see _cli_env),
-    so in-process and CLI runs also compute identically for the bitwise resume check."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
@@ -209,7 +198,6 @@ def test_learns_synthetic_preference(tiny_model_dir, pair_file, tmp_path):
 def _cli_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(os.getcwd())] + sys.path)
-    env["OMP_NUM_THREADS"] = "1"  # as the in-process runs (one_thread)
     return env
 
 
