@@ -10,6 +10,7 @@ children) gives a throughput that does not depend on how busy the machine is.
 
     python benchmarks/bench_data.py                     # 50 MB and 200 MB, default settings
     python benchmarks/bench_data.py --sizes 20 --modes markdown,no-markdown --workers 1
+    python benchmarks/bench_data.py --converter python     # markdownify even when markdownify-rs is installed
 
 Prints one JSON document, then a one-line summary. Targets: >= 20 MB/s, peak RSS flat in file size.
 """
@@ -104,14 +105,15 @@ print(json.dumps({
     "n_workers_seen": len(workers),
     "rows": stats["rows"], "questions": stats["questions"], "answers": stats["answers"],
     "parse_s": sum(i["parse_seconds"] for i in stats["inputs"]),
+    "markdown_converter": stats["inputs"][0].get("markdown_converter"),
 }))
 """
 
 
-def run_child(xml: Path, out: Path, options: dict) -> dict:
+def run_child(xml: Path, out: Path, options: dict, converter: str) -> dict:
     t = time.time()
     proc = subprocess.run([sys.executable, "-c", CHILD, str(xml), str(out), json.dumps(options)],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "RLHFKIT_MARKDOWN": converter})
     if proc.returncode != 0:
         sys.exit(f"benchmark child failed:\n{proc.stderr[-4000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="markdown", help="markdown (full stage) and/or no-markdown (parse + pairs only)")
     ap.add_argument("--workers", type=int, default=0, help="DataConfig.workers (0: automatic)")
     ap.add_argument("--format", default="arrow", choices=["arrow", "parquet"])
+    ap.add_argument("--converter", default=os.environ.get("RLHFKIT_MARKDOWN", "auto"),
+                    choices=["auto", "python", "rust"],
+                    help="HTML → Markdown: markdownify (python) or markdownify-rs (rust); sets RLHFKIT_MARKDOWN")
     ap.add_argument("--tmp", default=None, help="folder for the synthetic files (default: system temp)")
     args = ap.parse_args(argv)
 
@@ -141,17 +146,20 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes.split(","):
                 options = {"overwrite": True, "workers": args.workers, "format": args.format,
                            "markdown": mode == "markdown"}
-                res = run_child(xml, tmp / f"out-{size:g}-{mode}", options)
+                res = run_child(xml, tmp / f"out-{size:g}-{mode}", options, args.converter)
                 res.update(mode=mode, size_mb=round(mb, 1), copies=synth["copies"],
                            mb_per_s=round(mb / res["build_s"], 2), parse_mb_per_s=round(mb / res["parse_s"], 1),
                            mb_per_cpu_s=round(mb / res["cpu_s"], 2))
                 results.append(res)
-                print(f"  {mode:<11} {mb:7.1f} MB: {res['mb_per_s']:6.2f} MB/s wall, {res['mb_per_cpu_s']:5.2f} MB per "
+                conv = res["markdown_converter"] or "-"
+                print(f"  {mode:<11} {mb:7.1f} MB [{conv}]: {res['mb_per_s']:6.2f} MB/s wall, "
+                      f"{res['mb_per_cpu_s']:5.2f} MB per "
                       f"CPU-second (parse pass {res['parse_mb_per_s']} MB/s), peak RSS {res['peak_rss_mb']:.0f} MiB "
                       f"(workers {res['peak_rss_workers_mb']:.0f} MiB each at most)", file=sys.stderr, flush=True)
             xml.unlink()
     report = {
         "source": str(source), "cpu_count": os.cpu_count(), "workers": args.workers, "format": args.format,
+        "converter": args.converter,
         "results": results,
     }
     print(json.dumps(report, indent=2))
@@ -167,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         wgrowth = rs[-1]["peak_rss_workers_mb"] - rs[0]["peak_rss_workers_mb"]
         parts.append(f"{mode}: {speed} MB/s wall ({cpu} MB/CPU-s; target 20 MB/s); peak RSS {rss} "
                      f"(growth {growth:+.0f} MiB, workers {wgrowth:+.0f} MiB)")
-    print("bench_data: " + " | ".join(parts))
+    print(f"bench_data [RLHFKIT_MARKDOWN={args.converter}]: " + " | ".join(parts))
     return 0
 
 

@@ -59,8 +59,9 @@ class DataConfig:
     prompt_style: Literal["title_body", "body"] = "title_body"
     """What `prompt` holds for a Stack Exchange question: title + blank line + body, or the body only."""
     markdown: bool | None = None
-    """Convert HTML bodies to Markdown (markdownify). None: on for Stack Exchange dumps and the H4
-    schema (HTML), off for the other HF schemas (already text)."""
+    """Convert HTML bodies to Markdown (markdownify-rs when installed, else markdownify; env
+    RLHFKIT_MARKDOWN=python|rust|auto). None: on for Stack Exchange dumps and the H4 schema (HTML), off for
+    the other HF schemas (already text)."""
     max_chars: int | None = None
     """Drop rows whose prompt + response (for pairs: prompt + the longer answer) exceed this many characters."""
     max_tokens: int | None = None
@@ -73,7 +74,8 @@ class DataConfig:
     input_split: str | None = None
     """For source=hf: the split to read from a hub dataset or a multi-split folder (default: train)."""
     workers: int = 0
-    """Processes converting HTML to Markdown. 0: automatic (1 for small inputs, up to 4 otherwise)."""
+    """Processes converting HTML to Markdown. 0: automatic (1 with markdownify-rs or for small inputs, else
+    up to 4)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlhfkit.data.jobs import ConverterPool, Emitter, converted
+from rlhfkit.data.markdown import converter, converter_description
 from rlhfkit.data.options import SPLITS, DataConfig
 from rlhfkit.data.posts import extract_posts, find_dumps
 from rlhfkit.data.writer import LengthFilter, SplitWriter
@@ -23,7 +24,7 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".bz2", ".xz", "
 def _workers(cfg: DataConfig, input_bytes: int) -> int:
     if cfg.workers > 0:
         return cfg.workers
-    if input_bytes < _AUTO_WORKERS_BYTES:
+    if input_bytes < _AUTO_WORKERS_BYTES or converter() == "rust":  # rust: sending texts costs more than converting
         return 1
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -37,6 +38,10 @@ def build(cfg: DataConfig, log: Callable[[str], None] | None = None) -> dict:
     if not cfg.paths:
         raise RlhfkitError(f"no input paths given (rlhfkit data {cfg.source} PATH ...)")
     lengths = LengthFilter(cfg.max_chars, cfg.max_tokens, cfg.tokenizer)
+    try:
+        converter()  # env RLHFKIT_MARKDOWN: fail here, not in a worker process
+    except (ValueError, ImportError) as exc:
+        raise RlhfkitError(str(exc)) from None
     with atomic_dir(Path(cfg.out_dir), overwrite=cfg.overwrite) as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()
@@ -66,6 +71,8 @@ def _stackexchange(cfg: DataConfig, emitter: Emitter, scratch: Path, pool: Conve
     dumps = find_dumps(cfg.paths)
     pool.resize(_workers(cfg, sum(d.path.stat().st_size for d in dumps)))
     convert = True if cfg.markdown is None else cfg.markdown
+    if convert:
+        say(f"[data] HTML → Markdown with {converter_description()}")
     inputs = []
     for dump in dumps:
         t = time.time()
@@ -82,6 +89,7 @@ def _stackexchange(cfg: DataConfig, emitter: Emitter, scratch: Path, pool: Conve
             emitter.emit(job, texts)
         info = {"path": str(dump.path), "site": dump.site, "bytes": dump.path.stat().st_size,
                 **site_stats.as_dict(scan), "rows_written": emitter.site_rows(dump.site),
+                "markdown_converter": converter() if convert else None,
                 "seconds": round(time.time() - t, 3), "parse_seconds": round(t_parse, 3)}
         inputs.append(info)
         (scratch / f"{dump.site}.store").unlink(missing_ok=True)
@@ -112,12 +120,15 @@ def _hf(cfg: DataConfig, emitter: Emitter, pool: ConverterPool, say) -> list[dic
         except RlhfkitError as exc:
             raise RlhfkitError(f"{source}: {exc}") from None
         reader.convert = cfg.markdown if cfg.markdown is not None else reader.schema == "h4"
+        if reader.convert:
+            say(f"[data] {site}: HTML → Markdown with {converter_description()}")
         size = path.stat().st_size if path.is_file() else int(getattr(ds.data, "nbytes", 0))
         pool.resize(max(pool.workers, _workers(cfg, size)))
         for job, texts in converted(reader.jobs(), pool if reader.convert else None):
             emitter.emit(job, texts)
         info = {"path": source, "site": site, "bytes": size, **reader.stats(),
-                "rows_written": emitter.site_rows(site), "seconds": round(time.time() - t, 3)}
+                "rows_written": emitter.site_rows(site), "markdown_converter": converter() if reader.convert else None,
+                "seconds": round(time.time() - t, 3)}
         inputs.append(info)
         say(f"[data] {site}: {reader.rows} rows ({reader.schema} schema) in {info['seconds']:.1f}s")
     return inputs
