@@ -1,0 +1,664 @@
+#!/usr/bin/env python
+"""Reward-model training throughput and peak memory: rlhfkit `reward` against TRL's RewardTrainer.
+
+    python benchmarks/bench_rm.py                         # both configurations, one after the other
+    python benchmarks/bench_rm.py --warmup 2 --steps 6 --batch 4 --max-length 256 --json-out /tmp/rm.json
+    python benchmarks/bench_rm.py --lockstep              # both at once, alternating optimizer steps (busy machine)
+    python benchmarks/bench_rm.py --tiny --steps 1 --warmup 1 --batch 2   # smoke test only (random 2-layer model)
+
+Stack Exchange pairs are long: of the ~3,950 pairs in the five dumps under /work/shared, 741 fit 256
+tokens, 92 fit 128 and none of coffee's 129 fit below 153, so keep --max-length >= ~200 even for smoke tests.
+
+Same for both (issue 4): the offline default SmolLM2-135M-Instruct as a 1-label sequence classifier
+(fp32), LoRA r=16/alpha=32/dropout 0.05 on q,k,v,o_proj with task_type SEQ_CLS (peft then trains the
+`score` head fully, as modules_to_save), the *same* initial score-head weights (seeded here and copied
+into both), AdamW lr 1e-4 with linear decay and no warm-up, weight decay 0, clip 1.0, grad_accum 1,
+per-device batch of pairs, no gradient checkpointing, no eval, no checkpoints, a metrics record every
+step, and the same Stack Exchange pairs in the same order with identical token ids.
+
+Data: real Stack Exchange pairs from `rlhfkit.data.build_stackexchange` (all the dumps matched by
+--posts, every question in `rm_train`), shuffled with --data-seed, keeping the first pairs whose chosen and
+rejected sequences both fit --max-length tokens in rlhfkit's encoding of "Question: {prompt}\\n\\nAnswer:
+{response}" + EOS. Neither framework truncates: both *drop* over-long pairs (rlhfkit `encode_pairs`,
+TRL's `max_length` filter), so the pairs are pre-selected to fit and neither drops any. rlhfkit reads the
+text pairs; TRL gets the same pairs already tokenized (`chosen_ids`/`rejected_ids` = rlhfkit's ids, in
+the order rlhfkit's StepPlan draws them, read sequentially), because TRL's own text path tokenizes
+prompt+response as one string and appends the EOS *text*, which gives other ids at the prompt/response
+boundary (usually one token fewer per sequence; reported as `trl_text_path_diff`). Each child counts the
+non-pad tokens of its batches; the report checks they match step by step.
+
+Score position: rlhfkit reads the score at the last real token by attention mask (the EOS). HF's
+sequence-classification pooling, which TRL relies on, reads it at the last token != pad_token_id; with
+pad == eos (SmolLM2) that skips the final EOS. So TRL gets `pad_token="<|endoftext|>"` (id 0, the unk
+token; pairs containing it are excluded), which makes both read the same position; `--trl-pad eos`
+keeps TRL's default pad (== eos) and then the first-step losses differ. Compute is the same either way.
+
+Dropout: TRL's RewardConfig defaults to disable_dropout=True (sets every nn.Dropout, LoRA's included,
+to p=0); rlhfkit keeps LoRA dropout 0.05 in training. This benchmark sets disable_dropout=False so both
+run the same LoRA dropout. At step 1 LoRA B is zero, so dropout cannot change the first-step loss: the
+two first-step losses must agree (printed, |diff| checked against 1e-4). Later losses differ slightly
+(different dropout masks).
+
+Optimizer: each framework's own AdamW (same betas/eps/lr/decay): rlhfkit torch.optim.AdamW with torch's
+defaults (the per-tensor loop on CPU), TRL transformers' default optim (adamw_torch_fused for torch >= 2.8);
+reported as `optimizer`. ~1.8 M trainable parameters in ~240 tensors, so this is a few ms per step.
+
+Each configuration runs in its own child process (`--one NAME`), so its peak RSS is its own: the
+kernel's VmHWM of the child, read by the child at its end. (ru_maxrss is reported too, but on Linux a
+child's ru_maxrss starts at the parent's RSS at fork time — exec keeps the old mm's high-water mark —
+and this parent holds torch, the tokenizer and the data stage's tables: with a small model it shows the
+parent's ~0.5 GB, not the child's.)
+
+Throughput = pairs (and non-pad tokens) of the timed steps / wall seconds from the end of the last
+warm-up step to the end of the last timed step. Both are timed the same way: a timestamp at the end of
+every optimizer step (rlhfkit: a wrapper around `Trainer.train_step`; TRL: `TrainerCallback.on_step_end`),
+so the interval holds data collation, forward, backward, clipping, optimizer step and per-step logging
+for both. With --lockstep both children run at once and take turns step by step (only one computes at a
+time, both see the same background load); the headline is then pairs / sum of step times (rlhfkit:
+train_step incl. collate; TRL: on_step_begin → on_step_end, batch fetched before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = ("rlhfkit", "trl")
+POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LR = 1e-4
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LOSS_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------- data
+def se_pairs(pattern: str, out: Path, seed: int) -> tuple[list[dict], dict]:
+    """Every answer pair of the Stack Exchange dumps matched by `pattern`, through rlhfkit's data stage."""
+    from rlhfkit.data import build_stackexchange
+    from rlhfkit.tables import load_table
+
+    files = sorted(glob.glob(pattern))
+    if not files:
+        sys.exit(f"no Posts.xml matches {pattern}")
+    stats = build_stackexchange(files, str(out), format="parquet", seed=seed, overwrite=True,
+                                fractions={"sft": 0.0, "rm_train": 1.0, "rm_eval": 0.0, "rl_prompts": 0.0})
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in load_table(str(out), "rm_train")]
+    return rows, {"files": [Path(f).parent.name for f in files], "pairs_total": len(rows),
+                  "converter": [i.get("markdown_converter") for i in stats.get("inputs", [])][:1]}
+
+
+def prepare(args, work: Path, model_path: str) -> dict:
+    """Write ours.jsonl (text pairs for rlhfkit, fitting max_length) and trl.jsonl (the same pairs as
+    rlhfkit's token ids, in the order rlhfkit's StepPlan draws them)."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.models import ModelConfig, load_tokenizer
+    from rlhfkit.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
+    from rlhfkit.training import StepPlan
+
+    rows, info = se_pairs(args.posts, work / "se", args.data_seed)
+    tok = load_tokenizer(ModelConfig(name=model_path))
+    fmt = PromptFormat(TemplateConfig(template=STACKLLAMA_TEMPLATE), tok)
+    alt_pad = alt_pad_token(AutoTokenizer.from_pretrained(model_path))
+    alt_id = tok.convert_tokens_to_ids(alt_pad) if alt_pad else None
+    total_steps = args.warmup + args.steps
+    need = args.batch * total_steps
+    random.Random(args.data_seed).shuffle(rows)
+    kept, enc, skipped = [], [], {"too_long": 0, "empty": 0, "holds_alt_pad": 0}
+    for r in rows:
+        if not (r["chosen"] and r["rejected"] and isinstance(r["prompt"], str)):
+            skipped["empty"] += 1
+            continue
+        c_ids, _ = fmt.encode(r["prompt"], r["chosen"])
+        r_ids, _ = fmt.encode(r["prompt"], r["rejected"])
+        if max(len(c_ids), len(r_ids)) > args.max_length:
+            skipped["too_long"] += 1
+            continue
+        if alt_id is not None and (alt_id in c_ids or alt_id in r_ids):
+            skipped["holds_alt_pad"] += 1
+            continue
+        kept.append(r)
+        enc.append((c_ids, r_ids))
+        if len(kept) == need:
+            break
+    if len(kept) < need:
+        sys.exit(f"only {len(kept)} of {len(rows)} pairs fit {args.max_length} tokens; {need} needed "
+                 f"(batch {args.batch} × {total_steps} steps): raise --max-length or add dumps to --posts")
+    (work / "ours.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    plan = StepPlan(len(kept), batch_size=args.batch, grad_accum=1, world=1, rank=0, seed=args.seed)
+    order = [i for s in range(total_steps) for i in plan.step_items(s)]
+    assert sorted(order) == list(range(need)), "StepPlan must draw every pair once in one epoch"
+    (work / "trl.jsonl").write_text("".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n"
+                                            for i in order))
+    steps = [order[s * args.batch : (s + 1) * args.batch] for s in range(total_steps)]
+    tokens_per_step = [sum(len(enc[i][0]) + len(enc[i][1]) for i in ix) for ix in steps]
+    cells_per_step = [2 * len(ix) * max(max(len(enc[i][0]), len(enc[i][1])) for i in ix) for ix in steps]
+    # What TRL's own text path would have produced (prompt+response+eos_token as one string) — diagnostic only.
+    diff = [len(tok(fmt.prompt_text(r["prompt"]) + r[k] + tok.eos_token)["input_ids"]) - len(e)
+            for r, (c, j) in zip(kept, enc) for k, e in (("chosen", c), ("rejected", j))]
+    lengths = [len(x) for c, j in enc for x in (c, j)]
+    info.update({
+        "pairs_fitting_scanned": len(kept), "skipped_while_scanning": skipped, "pairs_used": need,
+        "template": STACKLLAMA_TEMPLATE, "max_length": args.max_length, "trl_pad_token": alt_pad if args.trl_pad == "distinct" else tok.eos_token,
+        "rlhfkit_pad_token": tok.pad_token, "eos_token": tok.eos_token,
+        "seq_tokens_mean": round(sum(lengths) / len(lengths), 1), "seq_tokens_max": max(lengths),
+        "tokens_per_step": tokens_per_step, "cells_per_step": cells_per_step,
+        "trl_text_path_diff": {"sequences_differing": sum(d != 0 for d in diff), "sequences": len(diff),
+                               "mean_token_diff": round(sum(diff) / len(diff), 3)},
+    })
+    return info
+
+
+def alt_pad_token(tok) -> str | None:
+    """A pad token distinct from EOS for TRL (HF pooling reads the last token != pad), else None."""
+    for cand in (tok.unk_token, "<|endoftext|>"):
+        if cand and cand != tok.eos_token and cand in tok.get_vocab():
+            return cand
+    return None
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def build_tiny_model(src: str, out: Path) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer, random weights (smoke tests only)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+# --------------------------------------------------------------------------- shared pieces
+def score_head_init(hidden: int, seed: int, std: float):
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 17)
+    return torch.randn((1, hidden), generator=g) * std
+
+
+_SCORE = re.compile(r"(^|\.)score(\.original_module|\.modules_to_save\.[^.]+)?\.(weight|bias)$")
+
+
+def set_score_head(model, seed: int) -> int:
+    """Copy the benchmark's seeded head into every copy of the score head (peft keeps the original
+    module and a trainable modules_to_save copy). Returns how many tensors were set."""
+    import torch
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    w = score_head_init(cfg.hidden_size, seed, getattr(cfg, "initializer_range", 0.02))
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            m = _SCORE.search(name)
+            if m:
+                p.copy_(w if m.group(3) == "weight" else torch.zeros_like(p))
+                n += 1
+    if n == 0:
+        raise SystemExit("no score head found to initialise")
+    return n
+
+
+def trainable_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class StepClock:
+    """End-of-step timestamps, step times and the pairs / non-pad tokens of each step."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.t_begin: list[float] = []
+        self.t_end: list[float] = []
+        self.cpu_end: list[float] = []
+        self.load: list[float] = []
+        self.pairs: list[int] = []
+        self.tokens: list[int] = []
+        self.cells: list[int] = []
+        self.losses: list[float] = []
+
+    def begin(self):
+        self.t_begin.append(time.perf_counter())
+
+    def end(self):
+        self.t_end.append(time.perf_counter())
+        t = os.times()
+        self.cpu_end.append(t.user + t.system)
+        self.load.append(os.getloadavg()[0])
+
+    def summary(self) -> dict:
+        w, n = self.warmup, len(self.t_end) - self.warmup
+        if w < 1:
+            raise SystemExit("need at least one warm-up step (the timed window starts at its end)")
+        if n < 1:
+            raise SystemExit(f"only {len(self.t_end)} steps recorded; need more than the {w} warm-up steps")
+        wall = self.t_end[-1] - self.t_end[w - 1]
+        cpu = self.cpu_end[-1] - self.cpu_end[w - 1]
+        inner = [e - b for b, e in zip(self.t_begin[w:], self.t_end[w:])]
+        pairs, toks, cells = sum(self.pairs[w:]), sum(self.tokens[w:]), sum(self.cells[w:])
+        return {
+            "timed_steps": n, "warmup_steps": w, "wall_s": wall, "s_per_step": wall / n,
+            "pairs": pairs, "input_tokens": toks, "batch_cells": cells, "pad_fraction": 1 - toks / cells if cells else 0.0,
+            "pairs_per_s_wall": pairs / wall, "tokens_per_s_wall": toks / wall,
+            "pairs_per_s_steps": pairs / sum(inner), "tokens_per_s_steps": toks / sum(inner),
+            "cpu_s": cpu, "pairs_per_cpu_s": pairs / cpu,
+            "load_avg_1m": [round(min(self.load[w:]), 2), round(max(self.load[w:]), 2)],
+            "step_s": [round(x, 3) for x in inner],
+            "step_cpu_s": [round(b - a, 2) for a, b in zip(self.cpu_end[w - 1 :], self.cpu_end[w:])],
+            "tokens_per_step_all": self.tokens, "pairs_per_step_all": self.pairs,
+            "first_step_loss": self.losses[0] if self.losses else None,
+            "losses": [round(x, 7) for x in self.losses],
+        }
+
+
+class Turns:
+    """--lockstep: strict alternation of the two children's optimizer steps through a counter file
+    (rlhfkit runs step k while it is 2k, TRL while it is 2k+1). Without a directory: no waiting."""
+
+    def __init__(self, directory: str | None, name: str):
+        self.path = Path(directory) / "turn" if directory else None
+        self.parity = 0 if name == "rlhfkit" else 1
+
+    def _read(self) -> int:
+        try:
+            return int(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def acquire(self, timeout: float = 3600.0) -> None:
+        if self.path is None:
+            return
+        t0 = time.monotonic()
+        while self._read() % 2 != self.parity:
+            if time.monotonic() - t0 > timeout:
+                raise SystemExit("lock-step partner did not finish its step (crashed?)")
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".turn.{os.getpid()}")
+        tmp.write_text(str(self._read() + 1))
+        os.replace(tmp, self.path)
+
+
+def vm_hwm_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def batch_counts(batch: dict) -> tuple[int, int, int]:
+    """(pairs, non-pad tokens, B×T cells) of a chosen-then-rejected batch."""
+    ids = batch["input_ids"]
+    return ids.shape[0] // 2, int(batch["attention_mask"].sum()), ids.numel()
+
+
+# --------------------------------------------------------------------------- rlhfkit child
+def run_rlhfkit(args, work: Path) -> dict:
+    import rlhfkit.training as training
+    from rlhfkit.config import load_config
+    from rlhfkit.stages import reward
+
+    clock, turns, info = StepClock(args.warmup), Turns(args.turn_dir, "rlhfkit"), {}
+    orig_step, orig_load = training.Trainer.train_step, reward.load_model
+
+    def load_with_head(*a, **kw):  # same seeded score head as TRL's
+        model, tok = orig_load(*a, **kw)
+        info["score_tensors_set"] = set_score_head(model, args.seed)
+        info["trainable_params"] = trainable_params(model)
+        info["pad_token_id"] = tok.pad_token_id
+        return model, tok
+
+    def timed_step(self):
+        if not getattr(self, "_bench_wrapped", False):
+            collate = self.collate
+
+            def counting_collate(ix):
+                batch = collate(ix)
+                p, t, c = batch_counts(batch)
+                clock.pairs[-1] += p
+                clock.tokens[-1] += t
+                clock.cells[-1] += c
+                return batch
+
+            self.collate, self._bench_wrapped = counting_collate, True
+        clock.pairs.append(0)
+        clock.tokens.append(0)
+        clock.cells.append(0)
+        turns.acquire()
+        clock.begin()
+        record = orig_step(self)
+        clock.end()
+        turns.release()
+        clock.losses.append(record["loss"])
+        return record
+
+    training.Trainer.train_step = timed_step
+    reward.load_model = load_with_head
+    cfg = load_config(reward.RewardConfig, overrides={
+        "out_dir": str(work / "out-rlhfkit"), "overwrite": True,
+        "model": {"name": args.model_path, "dtype": "float32", "gradient_checkpointing": False},
+        "lora": {**LORA, "target_modules": TARGETS},
+        "data": {"path": str(work / "ours.jsonl"), "split": None, "eval_split": None, "eval_fraction": 0.0,
+                 "max_length": args.max_length},
+        "train": {"lr": LR, "lr_scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
+                  "batch_size": args.batch, "grad_accum": 1, "max_steps": args.warmup + args.steps, "seed": args.seed,
+                  "eval_every": 0, "save_every": 0, "log_every": 1},
+        "margin": 0.0, "center_coef": 0.0,
+    })
+    reward.run(cfg)
+    res = clock.summary()
+    res.update(info)
+    res["optimizer"] = "torch.optim.AdamW (defaults: foreach/fused off on CPU)"
+    res["lora_dropout_active"] = True
+    return res
+
+
+# --------------------------------------------------------------------------- TRL child
+def run_trl(args, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, TaskType
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    clock, turns = StepClock(args.warmup), Turns(args.turn_dir, "trl")
+    ds = Dataset.from_list(read_rows(work / "trl.jsonl"))
+    tok = AutoTokenizer.from_pretrained(args.model_path)
+    pad = alt_pad_token(tok) if args.trl_pad == "distinct" else None
+    if args.trl_pad == "distinct" and pad is None:
+        raise SystemExit("no pad token distinct from EOS in this tokenizer; use --trl-pad eos")
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.convert_tokens_to_ids(pad) if pad else tok.convert_tokens_to_ids(tok.pad_token or tok.eos_token)
+    score_set = set_score_head(model, args.seed)  # before peft: modules_to_save copies it
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            turns.acquire()
+            clock.begin()
+
+        def on_step_end(self, a, state, control, **kw):
+            clock.end()
+            turns.release()
+
+    class CountingRewardTrainer(RewardTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            p, t, c = batch_counts(inputs)
+            clock.pairs.append(p)
+            clock.tokens.append(t)
+            clock.cells.append(c)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            clock.losses.append(float(loss))
+            return loss
+
+    cfg = RewardConfig(
+        output_dir=str(work / "out-trl"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=args.warmup + args.steps,
+        max_length=args.max_length,
+        pad_token=pad,  # None: TRL's default (tokenizer pad == eos)
+        # TRL's RewardConfig defaults that differ from rlhfkit's, set to rlhfkit's / this benchmark's:
+        bf16=False,  # TRL default True; fp32 for both
+        fp16=False,
+        gradient_checkpointing=False,  # TRL default True; rlhfkit default False
+        disable_dropout=False,  # TRL default True; rlhfkit trains with LoRA dropout 0.05
+        train_sampling_strategy="sequential",  # rows are already in rlhfkit's StepPlan order
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
+                          task_type=TaskType.SEQ_CLS)
+    trainer = CountingRewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
+                                    callbacks=[Clock()])
+    out = trainer.train()
+    res = clock.summary()
+    res["score_tensors_set"] = score_set
+    res["trainable_params"] = trainable_params(trainer.model)
+    res["pad_token_id"] = trainer.model.config.get_text_config().pad_token_id
+    res["optimizer"] = str(cfg.optim)
+    res["lora_dropout_active"] = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.model.modules())
+    res["train_runtime_s"] = out.metrics.get("train_runtime")
+    return res
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.workdir)
+    t0 = time.perf_counter()
+    if args.one == "rlhfkit":
+        res = run_rlhfkit(args, work)
+    elif args.one == "trl":
+        res = run_trl(args, work)
+    else:
+        sys.exit(f"unknown configuration {args.one}")
+    res["total_child_s"] = time.perf_counter() - t0
+    res["peak_rss_mb"] = vm_hwm_mb()  # this process's own high-water mark (see the module docstring)
+    res["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; >= parent's RSS at fork
+    res["torch_threads"] = torch.get_num_threads()
+    (work / f"{args.one}.json").write_text(json.dumps(res))
+
+
+# --------------------------------------------------------------------------- parent
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
+    return {"cpu": cpu, "vcpus": os.cpu_count(), "avx512f": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
+            "mem_gib": round(mem, 1), "python": platform.python_version(), "load_avg_1_5_15_start": os.getloadavg()}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "rlhfkit")}
+
+
+def child_cmd(name: str, args, tmp: str, model_path: str, lock: str | None) -> list[str]:
+    return ([sys.executable, os.path.abspath(__file__), "--one", name, "--workdir", tmp, "--model-path", model_path,
+             "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
+             "--max-length", str(args.max_length), "--threads", str(args.threads), "--seed", str(args.seed),
+             "--trl-pad", args.trl_pad] + (["--turn-dir", lock] if lock else []))
+
+
+def wait_child(proc: subprocess.Popen) -> tuple[int, float]:
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, ru.ru_maxrss / 1024
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--posts", default=POSTS_GLOB, help="glob of Stack Exchange Posts.xml files")
+    ap.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from timing (>= 1)")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (grad_accum 1)")
+    ap.add_argument("--max-length", type=int, default=256, help="pairs with a longer chosen/rejected sequence are not used")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in every child")
+    ap.add_argument("--seed", type=int, default=42, help="training seed (data order, score head, dropout)")
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the data stage split hash and the pair shuffle")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    ap.add_argument("--trl-pad", choices=["distinct", "eos"], default="distinct",
+                    help="TRL pad token: distinct from EOS (score read at the EOS, as rlhfkit) or TRL's default (== eos)")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="run both children at once, alternating optimizer steps (shared machines)")
+    ap.add_argument("--tiny", action="store_true", help="smoke test: a random 2-layer Llama instead of SmolLM2-135M")
+    ap.add_argument("--json-out", help="also write the result JSON here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--turn-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        child(args)
+        return 0
+
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in names if c not in CONFIGS]
+    if bad:
+        ap.error(f"unknown configuration(s) {bad}; choose from {CONFIGS}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from rlhfkit.models import resolve_default_model
+
+    info_machine, t_start = machine(), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_rm_") as tmp:
+        work = Path(tmp)
+        model_path = str(resolve_default_model(verbose=False))
+        if args.tiny:
+            model_path = build_tiny_model(model_path, work / "tiny-model")
+        data = prepare(args, work, model_path)
+        print(f"[bench] {data['pairs_used']} pairs (of {data['pairs_total']} from {', '.join(data['files'])}), "
+              f"{data['seq_tokens_mean']} tokens/sequence on average, max {data['seq_tokens_max']}", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        results: dict[str, dict] = {}
+        lock = None
+        if args.lockstep and len(names) == 2:
+            lock = str(work / "lockstep")
+            os.mkdir(lock)
+        procs: dict[str, subprocess.Popen] = {}
+        done: dict[str, tuple[int, float]] = {}  # name -> (exit code, ru_maxrss MB from wait4)
+
+        def fail(name: str, rc: int) -> int:
+            print((work / f"{name}.log").read_text()[-4000:], file=sys.stderr)
+            print(f"[bench] {name} failed with exit code {rc}", file=sys.stderr)
+            for other in procs.values():  # our own children only
+                if other.poll() is None and other.returncode is None:
+                    other.kill()
+            return 1
+
+        if lock:
+            print("[bench] rlhfkit and TRL in lock-step (alternating optimizer steps) …", flush=True)
+            t0 = time.perf_counter()
+            for name in names:
+                with open(work / f"{name}.log", "w") as fh:
+                    procs[name] = subprocess.Popen(child_cmd(name, args, tmp, model_path, lock), env=env, stdout=fh,
+                                                   stderr=subprocess.STDOUT)
+            by_pid = {p.pid: n for n, p in procs.items()}
+            while len(done) < len(procs):  # whichever exits first; a crash must not leave its partner waiting
+                pid, status, ru = os.wait4(-1, 0)
+                if pid not in by_pid:
+                    continue
+                name = by_pid[pid]
+                procs[name].returncode = os.waitstatus_to_exitcode(status)
+                done[name] = (procs[name].returncode, ru.ru_maxrss / 1024)
+                if done[name][0] != 0:
+                    return fail(name, done[name][0])
+        for name in names:
+            if not lock:
+                t0 = time.perf_counter()
+                print(f"[bench] {name} …", flush=True)
+                with open(work / f"{name}.log", "w") as fh:
+                    procs[name] = subprocess.Popen(child_cmd(name, args, tmp, model_path, None), stdout=fh,
+                                                   stderr=subprocess.STDOUT, env=env)
+                done[name] = wait_child(procs[name])
+                if done[name][0] != 0:
+                    return fail(name, done[name][0])
+            res = json.loads((work / f"{name}.json").read_text())
+            res["ru_maxrss_mb_wait4"] = done[name][1]
+            res["pairs_per_s"] = res["pairs_per_s_steps"] if lock else res["pairs_per_s_wall"]
+            res["tokens_per_s"] = res["tokens_per_s_steps"] if lock else res["tokens_per_s_wall"]
+            res["tokens_match_rlhfkit_encoding"] = res.pop("tokens_per_step_all") == data["tokens_per_step"]
+            res.pop("pairs_per_step_all")
+            results[name] = res
+            print(f"[bench] {name}: {res['pairs_per_s']:.3f} pairs/s, {res['tokens_per_s']:.0f} tok/s, "
+                  f"{res['s_per_step']:.2f} s/step, first-step loss {res['first_step_loss']:.6f}, load {res['load_avg_1m']}, "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def ratio(key):
+        if "rlhfkit" in results and "trl" in results:
+            return round(results["rlhfkit"][key] / results["trl"][key], 3)
+        return None
+
+    loss_diff = None
+    if "rlhfkit" in results and "trl" in results:
+        loss_diff = abs(results["rlhfkit"]["first_step_loss"] - results["trl"]["first_step_loss"])
+    timing = ("lock-step: pairs / sum of step times (rlhfkit train_step incl. collate; TRL on_step_begin→on_step_end)"
+              if lock else "pairs of the timed steps / wall s from the end of the last warm-up step to the end of the last timed step")
+    report = {
+        "benchmark": "rm",
+        "command": " ".join(["python", "benchmarks/bench_rm.py"] + (argv if argv is not None else sys.argv[1:])),
+        "machine": {**info_machine, "load_avg_1_5_15_end": os.getloadavg()},
+        "versions": versions(),
+        "settings": {"model": ("tiny random 2-layer Llama (smoke)" if args.tiny else "SmolLM2-135M-Instruct") + " seq-cls, fp32",
+                     "lora": {**LORA, "targets": TARGETS, "task_type": "SEQ_CLS (score head fully trained)"},
+                     "lr": LR, "scheduler": "linear, no warm-up", "max_grad_norm": 1.0, "batch_pairs": args.batch,
+                     "grad_accum": 1, "max_length": args.max_length, "warmup_steps": args.warmup, "timed_steps": args.steps,
+                     "threads": args.threads, "seed": args.seed, "trl_pad": args.trl_pad,
+                     "schedule": "lock-step" if lock else "sequential", "throughput": timing, "data": data},
+        "results": {k: {kk: (round(vv, 4) if isinstance(vv, float) and "loss" not in kk else vv) for kk, vv in v.items()}
+                    for k, v in results.items()},
+        "ratio_pairs_per_s": ratio("pairs_per_s"),
+        "ratio_pairs_per_s_steps": ratio("pairs_per_s_steps"),
+        "ratio_pairs_per_cpu_s": ratio("pairs_per_cpu_s"),
+        "ratio_peak_rss": ratio("peak_rss_mb"),
+        "first_step_loss_abs_diff": loss_diff,
+        "first_step_loss_equal": None if loss_diff is None else loss_diff <= LOSS_TOL,
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    print()
+    print(f"{'config':<8} {'pairs/s':>8} {'tok/s':>8} {'s/step':>7} {'pairs/CPU-s':>11} {'peak RSS MB':>11} "
+          f"{'1st-step loss':>14} {'tokens==':>8}")
+    for k, v in results.items():
+        print(f"{k:<8} {v['pairs_per_s']:>8.3f} {v['tokens_per_s']:>8.0f} {v['s_per_step']:>7.2f} {v['pairs_per_cpu_s']:>11.3f} "
+              f"{v['peak_rss_mb']:>11.0f} {v['first_step_loss']:>14.6f} {str(v['tokens_match_rlhfkit_encoding']):>8}")
+    if report["ratio_pairs_per_s"] is not None:
+        r = report["ratio_pairs_per_s"]
+        verdict = "stretch met" if r >= 1.3 else "target met" if r >= 1.0 else "below target"
+        print(f"rm: rlhfkit/TRL {r:.2f}x pairs/s ({verdict}; target >= 1.0x, stretch 1.3x), per CPU-second "
+              f"{report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; first-step loss "
+              f"|diff| {loss_diff:.2e} ({'equal' if report['first_step_loss_equal'] else 'DIFFERENT'} within {LOSS_TOL:g})")
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
