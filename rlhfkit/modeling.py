@@ -159,3 +159,24 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     finally:
         handle.remove()
     return gather_last(captured["scores"][..., 0], attention_mask)  # (B, T) -> (B,)
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A decoder reward model's score head applied at every position: (B, T) -> (B, T).
+
+    scores[:, t] is the RM's score of the prefix input_ids[:, :t+1] (causal attention), so
+    sequence_scores is this read at the last real token; a critic initialised from the RM reads every
+    position. Hooked from the model's own forward, as sequence_scores (DDP/peft wrappers run as usual).
+    """
+    hf = unwrap(model)
+    name, head = _score_module(hf)
+    if name == "classifier":
+        raise ValueError(f"{type(hf).__name__} pools one [CLS] state: it has no per-token scores")
+    captured = {}
+    handle = head.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    finally:
+        handle.remove()
+    return captured["scores"][..., 0]

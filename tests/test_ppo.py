@@ -1,7 +1,8 @@
-"""PPO stage: KL at step 0, reference == base, learning a toy reward, resume, generation guard."""
+"""PPO stage: KL at step 0, reference == base, learning a toy reward, resume, generation guard, RM critic."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -178,3 +179,132 @@ def test_resume_is_bitwise(tiny_sft_dir, tmp_path):
     ra = [[r[k] for k in keys] for r in read_jsonl(straight / "metrics.jsonl") if "score" in r]
     rb = [[r[k] for k in keys] for r in read_jsonl(killed / "metrics.jsonl") if "score" in r]
     assert ra == rb and len(ra) == 6
+
+
+# --------------------------------------------------------------------------- critic initialised from the RM
+@pytest.fixture(scope="module")
+def rm_dirs(tiny_sft_dir, tmp_path_factory):
+    """Two tiny RMs ('good' preferred to 'bad'): a LoRA adapter folder (dropout 0.1) and a full model."""
+    import json
+
+    from rlhfkit.stages import reward
+
+    base = tmp_path_factory.mktemp("rm")
+    pairs = base / "pairs.jsonl"
+    rows = [{"prompt": p, "chosen": f"{p.split()[1]} is good.", "rejected": f"{p.split()[1]} is bad."} for p in PROMPTS]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {}
+    for kind, lora in (("adapter", ["lora.enabled=true", "lora.r=4", "lora.target_modules=[all-linear]"]),
+                       ("full", ["lora.enabled=false"])):
+        reward.run(load_config(reward.RewardConfig, overrides=[
+            f"out_dir={base / kind}", f"model.name={tiny_sft_dir}", f"data.path={pairs}", "data.eval_fraction=0.1",
+            "data.max_length=64", "train.batch_size=8", "train.lr=3e-3", "train.max_steps=6", "train.seed=0", *lora]))
+        out[kind] = base / kind / "final"
+    return out
+
+
+def _critic_values(model, fmt, prompts, responses, pad_id):
+    """Values from the PPO forward at each text's last token (one pad column on the right keeps it in
+    the (B, T-1) value slice)."""
+    seqs = [fmt.encode(p, r)[0] for p, r in zip(prompts, responses)]
+    T = max(map(len, seqs)) + 1
+    ids, mask = torch.full((len(seqs), T), pad_id), torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        values = model(ids, mask)["values"]
+    return values[torch.arange(len(seqs)), torch.tensor([len(s) - 1 for s in seqs])]
+
+
+def test_critic_option_needs_an_rm_folder(tmp_path):
+    from rlhfkit.critic import critic_source
+
+    assert critic_source("value_head", "") is None
+    assert critic_source("rm", str(tmp_path)) == critic_source(str(tmp_path), "") == str(tmp_path)
+    with pytest.raises(ConfigError, match="critic='rm' needs reward to be an RM folder"):
+        critic_source("rm", "tests.test_ppo:good_count")
+    with pytest.raises(ConfigError, match="is not a reward-model folder"):
+        critic_source(str(tmp_path / "missing"), "")
+
+
+TEXTS = (PROMPTS[:4], ["tea is good.", "bad", "the coffee is hot and good.", ""])
+
+
+@pytest.mark.parametrize("kind", ["adapter", "full"])
+def test_rm_critic_starts_as_the_reward_model(tiny_sft_dir, rm_dirs, tmp_path, kind):
+    """Ouyang et al. 2022: the value function starts as the RM, so V(text) at step 0 is its score."""
+    from rlhfkit.modeling import sequence_scores
+
+    cfg = ppo_cfg(tiny_sft_dir, tmp_path / "c", steps=1, reward=str(rm_dirs[kind]), critic="rm")
+    trainer = ppo.PPOTrainer(cfg, prompts=PROMPTS[:8], eval_prompts=[])
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.v_head is None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("critic.")]
+    assert any(".score." in n for n in trainable) and any("lora_" in n for n in trainable)
+    got = _critic_values(model, trainer.fmt, *TEXTS, trainer.tok.pad_token_id)
+    want = torch.tensor(trainer.scorer(*TEXTS))
+    assert want.std() > 1e-3 and (got - want).abs().max().item() <= 1e-5, (got, want)
+    # Rollout layout (left-padded queries): the first response token's value is the RM's score of the query.
+    q_ids, q_mask = pad_left(trainer.queries[:3], trainer.tok.pad_token_id)
+    ids, mask = torch.cat([q_ids, q_ids[:, -2:]], 1), torch.cat([q_mask, torch.ones(3, 2, dtype=torch.long)], 1)
+    with torch.no_grad():
+        first = model(ids, mask)["values"][:, q_ids.shape[1] - 1]
+        rm_q = sequence_scores(trainer.scorer.model, q_ids, q_mask)
+    assert (first - rm_q).abs().max().item() <= 1e-5
+    rec = trainer.ppo_step(PROMPTS[:8], trainer.queries[:8], trainer._generator(0, 0))
+    assert rec["kl"] == 0.0 and rec["non_score_reward"] == 0.0 and math.isfinite(rec["vf_loss"])
+
+
+def test_rm_critic_trains_and_is_saved_in_final(tiny_sft_dir, rm_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from rlhfkit.scoring import load_scorer
+
+    out = tmp_path / "run"
+    cfg = ppo_cfg(tiny_sft_dir, out, steps=3, batch_size=8, reward=str(rm_dirs["adapter"]), critic="rm",
+                  ppo={"mini_batch_size": 4, "ppo_epochs": 2})
+    trainer = ppo.PPOTrainer(cfg, prompts=PROMPTS[:16], eval_prompts=PROMPTS[-4:])
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    pad = trainer.tok.pad_token_id
+    before = _critic_values(model, trainer.fmt, *TEXTS, pad)
+    trainer.fit()
+    after = _critic_values(model, trainer.fmt, *TEXTS, pad)
+    assert (after - before).abs().max().item() > 1e-4
+    recs = [r for r in read_jsonl(out / "metrics.jsonl") if "score" in r]
+    assert len(recs) == 3 and recs[0]["kl"] == 0.0
+    assert all(math.isfinite(r["vf_loss"]) and math.isfinite(r["explained_variance"]) for r in recs)
+    final = out / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "value_head.safetensors").exists()
+    saved = load_file(final / "critic" / "adapter_model.safetensors")
+    rm = load_file(rm_dirs["adapter"] / "adapter_model.safetensors")
+    assert saved.keys() == rm.keys() and any(not torch.equal(saved[k], rm[k]) for k in rm if "score" in k)
+    # final/critic is an RM folder: scored as a reward model, it gives the trained critic's values.
+    reloaded = torch.tensor(load_scorer(str(final / "critic"), device="cpu")(*TEXTS))
+    assert (reloaded - after).abs().max().item() <= 1e-4
+
+
+def test_resume_with_rm_critic_is_bitwise(tiny_sft_dir, rm_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"critic={rm_dirs['adapter']}",
+            f"prompts.path={prompts}", "prompts.n_eval=2", "steps=4", "save_every=2", "batch_size=4", "lr=1e-2",
+            "lora.target_modules=[all-linear]", "generation.response_min=4", "generation.response_max=6",
+            "ppo.mini_batch_size=2", "ppo.ppo_epochs=2"]
+    run = lambda out, extra=(), env=None: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "rlhfkit.cli", "ppo", *args, f"out_dir={out}", *extra],
+        capture_output=True, text=True, env={**os.environ, **(env or {})})
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    p = run(straight)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert run(killed, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"}).returncode == -9
+    p = run(killed, ["--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    for f in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
+        a, b = load_file(straight / "final" / f), load_file(killed / "final" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    keys = ("score", "kl", "pg_loss", "vf_loss", "explained_variance")
+    ra = [[r[k] for k in keys] for r in read_jsonl(straight / "metrics.jsonl") if "score" in r]
+    rb = [[r[k] for k in keys] for r in read_jsonl(killed / "metrics.jsonl") if "score" in r]
+    assert ra == rb and len(ra) == 4

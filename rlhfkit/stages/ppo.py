@@ -1,4 +1,4 @@
-"""PPO-RLHF: policy (+LoRA) with a value head, per-token KL penalty to a frozen reference.
+"""PPO-RLHF: policy (+LoRA) with a value head (or a critic from the RM), per-token KL penalty to a frozen reference.
 
 The update reads as a numbered story (as vwxyzjn's summarize_from_feedback_details):
   1 rollout   2 score   3 KL-penalised reward   4 whiten/normalise scores   5 GAE + whitened advantages
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from rlhfkit import rl
+from rlhfkit.config import save_config
+from rlhfkit.critic import VALUE_HEAD, critic_source, load_critic
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.generation import generate, pad_left, response_logprobs, response_slice
 from rlhfkit.io import append_jsonl, atomic_write_text
@@ -112,6 +114,10 @@ class PPOConfig(StageConfig):
     """Training and eval prompts."""
     reward: str = ""
     """Reward: an RM folder, 'pipeline:<model>:<label>', or 'module:function' taking (prompts, responses)."""
+    critic: str = VALUE_HEAD
+    """Value function: 'value_head' (a scalar head on the policy's last hidden state), 'rm' (a separate
+    critic initialised from the `reward` RM folder: its score head at every token, its LoRA continued or
+    a fresh one with `lora`'s settings, dropout off; saved in final/critic), or an RM folder to start it from."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Rollout sampling."""
     ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
@@ -121,7 +127,7 @@ class PPOConfig(StageConfig):
     batch_size: int = 8
     """Rollouts per step per process."""
     lr: float = 1.41e-5
-    """Adam learning rate (policy adapter and value head)."""
+    """Adam learning rate (policy adapter and value head or critic)."""
     seed: int = 0
     """Seed for prompts order, sampling and minibatch shuffles."""
     eval_every: int = 0
@@ -139,18 +145,21 @@ CONFIG = PPOConfig
 
 # --------------------------------------------------------------------------- model pieces
 class PolicyWithValue(nn.Module):
-    """Policy LM + value head on its last hidden state, as one module for accelerate/DDP/checkpoints."""
+    """Policy LM + value head on its last hidden state (or a separate critic), as one module for
+    accelerate/DDP/checkpoints."""
 
-    def __init__(self, policy, reference: Literal["disable_adapter", "adapter"]):
+    def __init__(self, policy, reference: Literal["disable_adapter", "adapter"], critic: nn.Module | None = None):
         super().__init__()
         self.policy = policy
-        self.v_head = ScalarHead(policy.config.get_text_config().hidden_size)
+        self.critic = critic
+        self.v_head = ScalarHead(policy.config.get_text_config().hidden_size) if critic is None else None
         self.reference = reference
 
     def forward(self, input_ids, attention_mask, return_logits=False):
         """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)]."""
-        out = forward_logprobs(self.policy, input_ids, attention_mask, return_hidden=True, return_logits=return_logits)
-        out["values"] = self.v_head(out.pop("hidden"))
+        head = self.v_head is not None
+        out = forward_logprobs(self.policy, input_ids, attention_mask, return_hidden=head, return_logits=return_logits)
+        out["values"] = self.v_head(out.pop("hidden")) if head else self.critic(input_ids, attention_mask)
         return out
 
     @contextlib.contextmanager
@@ -193,7 +202,8 @@ def check_generation(g: GenerationConfig) -> None:
 
 
 def build_policy(cfg: PPOConfig):
-    """Policy + value head and how to reach the reference (never a second copy of base weights)."""
+    """Policy + value head (or critic) and how to reach the reference (never a second copy of base weights)."""
+    rm_path = critic_source(cfg.critic, cfg.reward)
     path = resolve_model_path(cfg.model.name)
     continuing = is_adapter_dir(path) and cfg.lora.continue_adapter
     if not continuing and not cfg.lora.enabled:
@@ -205,7 +215,8 @@ def build_policy(cfg: PPOConfig):
         for n, p in policy.named_parameters():
             if f".{REF_ADAPTER}." in n:
                 p.requires_grad_(False)
-    model = PolicyWithValue(policy, "adapter" if continuing else "disable_adapter")
+    critic = None if rm_path is None else load_critic(rm_path, cfg.model, cfg.lora, tok, cfg.template)
+    model = PolicyWithValue(policy, "adapter" if continuing else "disable_adapter", critic)
     tok.padding_side = "left"
     return model, tok
 
@@ -470,7 +481,11 @@ class PPOTrainer(StageRun):
 
         model = self.accelerator.unwrap_model(self.model)
         model.policy.save_pretrained(out, selected_adapters=["default"])
-        save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors"))
+        if model.critic is None:
+            save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors"))
+        else:  # an RM-style folder, whose config.yaml gives the template it scores with
+            model.critic.save(out / "critic")
+            save_config(self.cfg, out / "critic" / "config.yaml")
         self.tok.save_pretrained(out)
 
     def _before_after(self) -> dict:
