@@ -22,6 +22,7 @@ from rlhfkit.errors import ConfigError, RlhfkitError
 STAGES: dict[str, tuple[str, str]] = {
     "data": ("rlhfkit.stages.data", "build preference / SFT / prompt splits from Stack Exchange dumps or HF schemas"),
     "sft": ("rlhfkit.stages.sft", "supervised fine-tuning / domain pre-training with packing"),
+    "feedback": ("rlhfkit.stages.feedback", "simulated feedback: a rater labels pairs of the policy's own samples"),
     "rm": ("rlhfkit.stages.reward", "train a reward model on preference pairs"),
     "ppo": ("rlhfkit.stages.ppo", "PPO against a reward model, classifier or Python function"),
     "dpo": ("rlhfkit.stages.dpo", "DPO / IPO on preference pairs"),

@@ -123,13 +123,17 @@ def section_overview(doc: Doc, run: Path) -> None:
     rows = []
     expected = {
         "data": ["stats.json"],
+        "feedback": ["stats.json", "config.yaml"],
         "sft": ["config.yaml", "metrics.jsonl"],
         "rm": ["config.yaml", "metrics.jsonl", "eval_margins.json"],
         "ppo": ["config.yaml", "metrics.jsonl", "samples.jsonl", "before_after.md"],
         "dpo": ["config.yaml", "metrics.jsonl"],
         "eval": ["metrics.json", "samples.jsonl"],
     }
+    ran = [s for s in expected if (run / s).is_dir()]
     for stage, files in expected.items():
+        if ran and stage not in ran:
+            continue  # a recipe without this stage (e.g. the default has feedback, not data/sft)
         have = [f for f in files if (run / stage / f).exists()]
         lack = [f for f in files if f not in have]
         if not (run / stage).is_dir():
@@ -156,9 +160,11 @@ def _flat_numbers(stats: dict) -> list[list[Any]]:
 
 
 def section_data(doc: Doc, run: Path) -> None:
-    doc.h2("Data", "data")
+    # The default recipe makes its pairs with the feedback stage (simulated rater) instead of `data`.
+    source = "feedback" if (run / "feedback").is_dir() and not (run / "data").is_dir() else "data"
+    doc.h2("Data" if source == "data" else "Data (simulated feedback)", "data")
     notes: list[str] = []
-    stats = _read_json(run / "data" / "stats.json", notes)
+    stats = _read_json(run / source / "stats.json", notes)
     _notes(doc, notes)
     if not isinstance(stats, dict):
         doc.note("No data statistics (data/stats.json not found): the data stage was not run into this folder.")
@@ -209,6 +215,8 @@ def _is_number(s: Any) -> bool:
 
 
 def section_sft(doc: Doc, run: Path) -> None:
+    if not (run / "sft").is_dir() and (run / "ppo").is_dir():
+        return  # PPO straight from the base model (the default recipe): the overview lists what ran
     doc.h2("SFT", "sft")
     notes: list[str] = []
     records = _read_records(run / "sft" / "metrics.jsonl", notes)
