@@ -142,3 +142,85 @@ def test_callable_and_spec_errors():
         bad(["a", "b"], ["x", "y"])
     with pytest.raises(RlhfkitError, match="not an RM folder"):
         load_scorer("no/such/thing")
+
+
+def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp_path, capsys):
+    """Issue 4 on real data: Stack Exchange dumps of three sites → `rlhfkit data` splits by question →
+    a short rm run; eval/* must come from exactly the held-out pairs, whose questions it never trained on."""
+    from transformers import AutoTokenizer
+
+    from rlhfkit.data import build_stackexchange
+    from rlhfkit.pairs import load_pairs
+    from rlhfkit.scoring import RewardModelScorer
+    from rlhfkit.tables import load_table
+    from tests.conftest import shared_data
+
+    # the three smallest dumps: 0.8, 1.8 and 2.6 MB (1.5 s for the data stage)
+    sites = ["coffee.stackexchange.com", "ai.stackexchange.com", "beer.stackexchange.com"]
+    dumps = [shared_data("stackexchange", s, "Posts.xml") for s in sites]
+    data = tmp_path / "data"
+    build_stackexchange([d.parent for d in dumps], data, seed=0,
+                        fractions={"sft": 0.0, "rm_train": 0.6, "rm_eval": 0.4, "rl_prompts": 0.0})
+    splits = {s: list(load_table(data, split=s)) for s in ("rm_train", "rm_eval")}
+
+    # Independent length filter: tokenizer called directly on "Question: {p}\n\nAnswer: " and the answer
+    # (+ EOS), the two parts tokenized separately as the stage does. The tiny in-process tokenizer (400
+    # BPE tokens, learnt on a toy vocabulary) spends ~1 token per character of real text, so 512 (the
+    # tiny model's max positions) keeps only the shortest pairs: of 1084 train / 785 held-out pairs,
+    # 131 / 45 are kept (held out: 39 beer + 6 ai; coffee's 5 short pairs are all in rm_train), i.e.
+    # ~91 % are dropped for length.
+    max_length = 512
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def n_tokens(prompt, answer):
+        prefix = tok(f"Question: {prompt}\n\nAnswer: ")["input_ids"]
+        return len(prefix) + len(tok(answer, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+
+    def fits(row):
+        return max(n_tokens(row["prompt"], row["chosen"]), n_tokens(row["prompt"], row["rejected"])) <= max_length
+
+    kept = {s: [r for r in rows if fits(r)] for s, rows in splits.items()}
+    held = kept["rm_eval"]
+    assert len(held) >= 20 and len({r["site"] for r in held}) >= 2, [len(v) for v in kept.values()]
+
+    out = tmp_path / "rm"
+    summary = reward.run(load_config(reward.RewardConfig, overrides=[
+        f"out_dir={out}", f"model.name={tiny_model_dir}", f"data.path={data}", f"data.max_length={max_length}",
+        "lora.enabled=false", "train.batch_size=4", "train.lr=1e-3", "train.max_steps=10", "train.seed=0",
+        "eval_batch_size=8"]))
+    assert f"[rm] {len(kept['rm_train'])} training pairs, {len(held)} held-out pairs" in capsys.readouterr().out
+
+    # (a) The rows the stage trained and evaluated on, re-loaded from its own saved config, are the two
+    # splits, and no question (site, id) — nor any question text — is on both sides.
+    train_rows, eval_rows = load_pairs(load_config(reward.RewardConfig, out / "config.yaml").data)
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])  # noqa: E731
+    question_of: dict = {}
+    for rows in splits.values():
+        for r in rows:
+            question_of.setdefault(key(r), set()).add((r["site"], r["qid"]))
+    assert all(len(q) == 1 for q in question_of.values())
+    assert sorted(map(key, train_rows)) == sorted(map(key, splits["rm_train"]))
+    assert sorted(map(key, eval_rows)) == sorted(map(key, splits["rm_eval"]))
+    trained_q = set().union(*(question_of[key(r)] for r in train_rows))
+    eval_q = set().union(*(question_of[key(r)] for r in eval_rows))
+    assert trained_q and eval_q and not trained_q & eval_q
+    assert not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+
+    # (b) eval/pairs counts exactly the held-out pairs that pass the length filter.
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/pairs" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 10
+    assert evals[0]["eval/pairs"] == summary["eval_pairs"] == len(held)
+
+    # (c) The accuracy is a fraction of exactly those pairs: the per-pair margins, re-scored here by the
+    # saved model on our own list of held-out pairs (in split order), match eval_margins.json, and the
+    # share of positive margins is eval/accuracy (ties count as wrong).
+    acc = evals[0]["eval/accuracy"]
+    assert 0.0 <= acc <= 1.0 and acc == summary["eval_accuracy"]
+    margins = json.loads((out / "eval_margins.json").read_text())
+    scorer = RewardModelScorer(str(out / "final"), batch_size=8, device="cpu")
+    prompts = [r["prompt"] for r in held]
+    chosen, rejected = scorer(prompts, [r["chosen"] for r in held]), scorer(prompts, [r["rejected"] for r in held])
+    mine = [c - r for c, r in zip(chosen, rejected)]
+    assert margins == pytest.approx(mine, abs=1e-4)
+    assert sum(m > 0 for m in margins) / len(held) == pytest.approx(acc, abs=1e-12)
+    assert sum(m == 0 for m in margins) / len(held) == pytest.approx(evals[0]["eval/ties"], abs=1e-12)
