@@ -78,3 +78,20 @@ def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_model_dir, p
     assert "[run] rm: done earlier" in p.stdout
     assert "[run] ppo: its config changed since it ran" in p.stdout
     assert "[run] eval: running" in p.stdout
+
+
+@pytest.mark.parametrize("recipe", [None, "recipes/tiny.yaml", "recipes/stackllama.yaml"], ids=["embedded-default", "tiny", "stackllama"])
+def test_shipped_recipes_validate_against_stage_configs(recipe, tmp_path):
+    """Every stage section of a shipped recipe loads into its typed config: a renamed field in a
+    stage must break this test, not a user's first `rlhfkit run` ten minutes in."""
+    from rlhfkit.pipeline import _stage_config
+
+    r = load_recipe(REPO / recipe if recipe else None, [f"run_dir={tmp_path}"])
+    loaded = {}
+    for stage in r["stages"]:
+        _, cfg = _stage_config(stage, r.get(stage) or {}, tmp_path / stage)
+        loaded[stage] = cfg
+    if recipe is None:  # the embedded default: feedback → rm → ppo → eval → report on the rater's task
+        assert r["stages"] == ["feedback", "rm", "ppo", "eval", "report"]
+        assert loaded["ppo"].reward == f"{tmp_path}/rm/final"
+        assert loaded["feedback"].samples_per_prompt * loaded["feedback"].n_label_prompts > 1000
