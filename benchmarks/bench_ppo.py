@@ -113,7 +113,6 @@ def rss_gb() -> float:
 
 # --------------------------------------------------------------------------- rlhfkit worker
 def worker_rlhfkit(args, work: dict) -> dict:
-    import torch
 
     from rlhfkit import rl
     from rlhfkit.config import load_config
@@ -138,20 +137,18 @@ def worker_rlhfkit(args, work: dict) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     n_params = unique_param_count(model)
     steps = []
-    prof = None
     for s, (queries, L) in enumerate(zip(work["queries"], work["lengths"])):
         prompts = [tok.decode(q) for q in queries]
         trainer.length_sampler = rl.LengthSampler(L, L)
         cfg.generation.min_new_tokens = L if args.force_length else 0
         timed = s >= args.warmup
-        if args.profile and s == args.warmup:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
-            prof.__enter__()
+        prof = start_profile(args, s)
         t0 = time.perf_counter()
         rec = trainer.ppo_step(prompts, queries, trainer._generator(s, 0))
         wall = time.perf_counter() - t0
-        if prof is not None and s == args.warmup:
+        if prof is not None:
             prof.__exit__(None, None, None)
+            profile_out = profile_tables(prof)
         trainer.step = s + 1
         n_resp = int(round(rec["response_length"] * len(queries)))
         tokens = sum(len(q) for q in queries) + n_resp
@@ -162,11 +159,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                       "kl": rec["kl"], "score": rec["score"]})
         print(f"[rlhfkit e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
               f"(gen {rec['time/generate']:.2f} fwd {rec['time/forward']:.2f} upd {rec['time/update']:.2f})", flush=True)
-    out = {"load_s": t_load, "unique_params": n_params, "steps": steps}
-    if prof is not None:
-        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        out["profile_shapes"] = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15)
-    return out
+    return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
 
 
 # --------------------------------------------------------------------------- TRL-classic worker
@@ -196,6 +189,7 @@ def worker_trl(args, work: dict) -> dict:
                       "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
         if args.force_length:
             gen_kwargs["min_new_tokens"] = L
+        prof = start_profile(args, s)
         t0 = time.perf_counter()
         q_t = [torch.tensor(q, dtype=torch.long) for q in queries]
         responses = trainer.generate(q_t, batch_size=args.batch, return_prompt=False, **gen_kwargs)
@@ -207,6 +201,9 @@ def worker_trl(args, work: dict) -> dict:
         stats = trainer.step(q_t, responses, scores)
         t3 = time.perf_counter()
         wall = t3 - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            profile_out = profile_tables(prof)
         n_resp = sum(len(r) for r in responses)
         tokens = sum(len(q) for q in queries) + n_resp
         fwd, opt = float(stats["time/ppo/forward_pass"]), float(stats["time/ppo/optimize_step"])
@@ -216,7 +213,23 @@ def worker_trl(args, work: dict) -> dict:
                       "score": float(np.mean([x.item() for x in scores]))})
         print(f"[trl e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
               f"(gen {t1 - t0:.2f} fwd {fwd:.2f} upd {opt:.2f})", flush=True)
-    return {"load_s": t_load, "unique_params": n_params, "steps": steps}
+    return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
+
+
+def start_profile(args, step: int):
+    """torch.profiler (CPU ops) around the first timed step when --profile."""
+    if not (args.profile and step == args.warmup):
+        return None
+    import torch
+
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+    prof.__enter__()
+    return prof
+
+
+def profile_tables(prof) -> dict:
+    return {"profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
+            "profile_shapes": prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)}
 
 
 def trl_tokenizer():
@@ -314,7 +327,7 @@ def main() -> int:
                     help="torch/OpenMP threads per child (same for both). 1 by default: on these shared 2-vCPU machines "
                          "2 threads run 3-4x slower than 1 as soon as other jobs load the CPUs (OpenMP barrier spinning)")
     ap.add_argument("--no-force-length", dest="force_length", action="store_false")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler over the first timed step (rlhfkit only)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config")
     ap.add_argument("--json-out")
     # worker mode
     ap.add_argument("--worker", choices=["rlhfkit", "trl"])
