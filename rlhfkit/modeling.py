@@ -148,17 +148,10 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Encoder models with a pooled [CLS] classifier (BERT family): their own pooled logit.
     """
     hf = unwrap(model)
-    name, head = _score_module(hf)
+    name, _ = _score_module(hf)
     if name == "classifier":  # encoder: position-independent pooling, padding-safe
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    captured = {}
-    handle = head.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    finally:
-        handle.remove()
-    return gather_last(captured["scores"][..., 0], attention_mask)  # (B, T) -> (B,)
+    return gather_last(token_scores(model, input_ids, attention_mask), attention_mask)  # (B, T) -> (B,)
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
