@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import Turns, machine
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 COFFEE = SHARED / "stackexchange" / "coffee.stackexchange.com" / "Posts.xml"
 HH = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -125,38 +127,6 @@ def _encode_each(rows, fmt, max_length):
 
 
 # --------------------------------------------------------------------------- lock-step
-class Turns:
-    """Strict alternation of the two workers' optimizer steps through a counter file: rlhfkit runs step k
-    while the counter is 2k, TRL while it is 2k+1. Only one framework computes at any moment, and both see
-    the same background load step by step (this machine is shared). Without a directory: no waiting."""
-
-    def __init__(self, directory: str | None, name: str):
-        self.path = Path(directory) / "turn" if directory else None
-        self.parity = 0 if name == "rlhfkit" else 1
-
-    def _read(self) -> int:
-        try:
-            return int(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def acquire(self, timeout: float = 3600.0) -> None:
-        if self.path is None:
-            return
-        t0 = time.monotonic()
-        while self._read() % 2 != self.parity:
-            if time.monotonic() - t0 > timeout:
-                raise SystemExit("lock-step partner did not finish its step (crashed?)")
-            time.sleep(0.02)
-
-    def release(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_name(f".turn.{os.getpid()}")
-        tmp.write_text(str(self._read() + 1))
-        os.replace(tmp, self.path)
-
-
 # --------------------------------------------------------------------------- workers
 def worker_rlhfkit(a) -> dict:
     from rlhfkit.config import load_config
@@ -300,18 +270,6 @@ def run_pair(a, tmp: Path, template: str, repeat: int) -> dict[str, dict]:
     return {n: _collect(n, procs[n]) for n in names}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after 1 warm-up step)")
@@ -364,7 +322,7 @@ def main(argv=None) -> int:
         "load_avg_1_5_15": {"start": load_start, "end": os.getloadavg()},
         "data": data["source"], "tokens_per_pair_mean": round(data["tokens_per_pair_mean"], 1),
         "tokens_timed_steps": {"rlhfkit": data["tokens_timed_steps"], "trl": runs["trl"][0].get("tokens_timed_steps")},
-        "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
+        "machine": f"{machine()['cpu']}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
                    f"{transformers.__version__}, trl {trl.__version__}",
         "threads": runs["rlhfkit"][0]["threads"],
         "rlhfkit": agg(runs["rlhfkit"]), "trl": agg(runs["trl"]),

@@ -64,7 +64,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -73,6 +72,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import Turns, machine, read_rows, versions, vm_hwm_mb
 
 CONFIGS = ("rlhfkit", "trl")
 POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
@@ -166,11 +167,6 @@ def alt_pad_token(tok) -> str | None:
         if cand and cand != tok.eos_token and cand in tok.get_vocab():
             return cand
     return None
-
-
-def read_rows(path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def build_tiny_model(src: str, out: Path) -> str:
@@ -268,45 +264,6 @@ class StepClock:
             "first_step_loss": self.losses[0] if self.losses else None,
             "losses": [round(x, 7) for x in self.losses],
         }
-
-
-class Turns:
-    """--lockstep: strict alternation of the two children's optimizer steps through a counter file
-    (rlhfkit runs step k while it is 2k, TRL while it is 2k+1). Without a directory: no waiting."""
-
-    def __init__(self, directory: str | None, name: str):
-        self.path = Path(directory) / "turn" if directory else None
-        self.parity = 0 if name == "rlhfkit" else 1
-
-    def _read(self) -> int:
-        try:
-            return int(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def acquire(self, timeout: float = 3600.0) -> None:
-        if self.path is None:
-            return
-        t0 = time.monotonic()
-        while self._read() % 2 != self.parity:
-            if time.monotonic() - t0 > timeout:
-                raise SystemExit("lock-step partner did not finish its step (crashed?)")
-            time.sleep(0.02)
-
-    def release(self) -> None:
-        if self.path is None:
-            return
-        tmp = self.path.with_name(f".turn.{os.getpid()}")
-        tmp.write_text(str(self._read() + 1))
-        os.replace(tmp, self.path)
-
-
-def vm_hwm_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def batch_counts(batch: dict) -> tuple[int, int, int]:
@@ -477,27 +434,6 @@ def child(args) -> None:
 
 
 # --------------------------------------------------------------------------- parent
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
-    return {"cpu": cpu, "vcpus": os.cpu_count(), "avx512f": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
-            "mem_gib": round(mem, 1), "python": platform.python_version(), "load_avg_1_5_15_start": os.getloadavg()}
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "rlhfkit")}
-
-
 def child_cmd(name: str, args, tmp: str, model_path: str, lock: str | None) -> list[str]:
     return ([sys.executable, os.path.abspath(__file__), "--one", name, "--workdir", tmp, "--model-path", model_path,
              "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),

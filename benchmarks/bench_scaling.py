@@ -20,22 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def vm_hwm_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+from _common import machine, vm_hwm_mb
 
 
 def children(pid: int) -> list[int]:
@@ -108,7 +99,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out")
     args = ap.parse_args()
-    load0 = os.getloadavg()
+    info = machine()  # load average at the start included
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
         for n in [int(x) for x in args.procs.split(",")]:
@@ -118,8 +109,7 @@ def main() -> None:
             results.append(r)
     base = results[0]["tokens_per_s"]
     out = {"benchmark": "scaling", "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-           "machine": {"cpu": platform.processor() or platform.machine(), "vcpus": os.cpu_count(),
-                       "load_avg_start": load0, "load_avg_end": os.getloadavg()},
+           "machine": {**info, "load_avg_end": os.getloadavg()},
            "results": results, "speedup_vs_first": [round(r["tokens_per_s"] / base, 3) for r in results]}
     print(json.dumps(out, indent=1))
     if args.json_out:

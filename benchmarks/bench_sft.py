@@ -25,7 +25,6 @@ import glob
 import html
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -35,6 +34,8 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from _common import machine, read_rows, versions
 
 CONFIGS = ("rlhfkit_packed", "trl_packed", "rlhfkit_unpacked", "trl_unpacked")
 POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
@@ -93,11 +94,6 @@ def build_data(pattern: str, n_rows: int, out: Path, seed: int = 0) -> dict:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     return {"files": [str(Path(f).parent.name) for f in files], "rows": len(rows)}
-
-
-def read_rows(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 # --------------------------------------------------------------------------- timing / memory helpers
@@ -337,27 +333,6 @@ def child(args) -> None:
 
 
 # --------------------------------------------------------------------------- parent
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        flags = []
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
-    return {"cpu": cpu, "vcpus": os.cpu_count(), "avx512f": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
-            "mem_gib": round(mem, 1), "python": platform.python_version()}
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "rlhfkit")}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--posts", default=POSTS_GLOB, help="glob of Stack Exchange Posts.xml files")
@@ -390,6 +365,7 @@ def main(argv=None) -> int:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        info_machine = machine()  # load average before the first child
         results: dict[str, dict] = {}
         for name in names:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--data", str(data), "--workdir", tmp,
@@ -425,7 +401,7 @@ def main(argv=None) -> int:
     best_ratios = {k: ratio(*v, key="best_step_tokens_per_s") for k, v in pairs.items()}
     report = {
         "command": " ".join(["python", "benchmarks/bench_sft.py"] + (argv if argv is not None else sys.argv[1:])),
-        "machine": machine(),
+        "machine": {**info_machine, "load_avg_1_5_15_end": os.getloadavg()},
         "versions": versions(),
         "settings": {"model": "SmolLM2-135M-Instruct (fp32)", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": TARGETS},
                      "seq_len": args.seq_len, "batch": args.batch, "grad_accum": 1, "lr": 2e-4, "warmup_steps": args.warmup,

@@ -1,0 +1,82 @@
+"""Pieces every peer benchmark needs: machine and version facts, JSONL rows, a child's own peak RSS,
+and lock-step turns between two workers. Imported as `from _common import …` (the scripts run as
+`python benchmarks/bench_x.py`, so this folder is on sys.path, in the parent and in its children)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+
+def machine() -> dict:
+    """CPU model and the flags that decide CPU speed (AVX-512, AMX-BF16), memory, Python, load."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
+    return {"cpu": cpu, "vcpus": os.cpu_count(), "avx512f": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
+            "mem_gib": round(mem, 1), "python": platform.python_version(), "load_avg_1_5_15_start": os.getloadavg()}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "rlhfkit")}
+
+
+def read_rows(path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def vm_hwm_mb(pid: int | str = "self") -> float:
+    """Peak RSS (VmHWM) of one process in MB; NaN when unreadable (process gone, no /proc).
+    Not ru_maxrss: a forked child's ru_maxrss starts at its parent's RSS at fork time."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Turns:
+    """Strict alternation of two workers' optimizer steps through a counter file: rlhfkit runs step k
+    while the counter is 2k, the peer while it is 2k+1. Only one framework computes at any moment, and
+    both see the same background load step by step (a shared machine). Without a directory: no waiting."""
+
+    def __init__(self, directory: str | None, name: str):
+        self.path = Path(directory) / "turn" if directory else None
+        self.parity = 0 if name == "rlhfkit" else 1
+
+    def _read(self) -> int:
+        try:
+            return int(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def acquire(self, timeout: float = 3600.0) -> None:
+        if self.path is None:
+            return
+        t0 = time.monotonic()
+        while self._read() % 2 != self.parity:
+            if time.monotonic() - t0 > timeout:
+                raise SystemExit("lock-step partner did not finish its step (crashed?)")
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(f".turn.{os.getpid()}")
+        tmp.write_text(str(self._read() + 1))
+        os.replace(tmp, self.path)
