@@ -41,6 +41,14 @@ def one_thread():
     yield
 
 
+def cli_env() -> dict:
+    """Environment for `python -m rlhfkit.cli` subprocesses: this interpreter's sys.path (the repo
+    importable without installing it); OMP_NUM_THREADS=1 is inherited from the line above."""
+    import sys
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(os.getcwd())] + sys.path)}
+
+
 def make_corpus(n: int, seed: int = 0) -> list[dict]:
     """Q/A rows whose answer repeats the question's key word: learnable by a tiny model."""
     rng = random.Random(seed)

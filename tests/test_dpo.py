@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rlhfkit.errors import ConfigError
 from rlhfkit.io import read_jsonl
 from rlhfkit.stages import dpo
 
-from tests.conftest import WORDS
+from tests.conftest import WORDS, cli_env
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LOG2 = math.log(2.0)
@@ -195,12 +194,6 @@ def test_learns_synthetic_preference(tiny_model_dir, pair_file, tmp_path):
 
 
 # --------------------------------------------------------------------------- resume
-def _cli_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(os.getcwd())] + sys.path)
-    return env
-
-
 def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, pair_file, tmp_path, capsys):
     """8 straight steps == `rlhfkit dpo` SIGKILLed after the step-4 checkpoint, then resumed to 8 (weights
     bitwise, losses equal); LoRA dropout on (disable_dropout=false) so the restored RNG state matters too.
@@ -215,7 +208,7 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, pair_file, tmp_p
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rlhfkit.cli", "dpo", *args, f"out_dir={killed}"]
-    proc = subprocess.run(cmd, env={**_cli_env(), "RLHFKIT_FAULT_KILL_AFTER_STEP": "4"}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**cli_env(), "RLHFKIT_FAULT_KILL_AFTER_STEP": "4"}, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "final").exists()
     capsys.readouterr()

@@ -27,3 +27,13 @@ def test_feedback_pairs_follow_the_rater_and_splits_are_disjoint(tiny_sft_dir, t
     assert len(eval_prompts) == 12
     assert not eval_prompts & set(load_table(tmp_path / "fb", "rl_prompts")["prompt"])
     assert not eval_prompts & {r["prompt"] for r in train}
+
+
+def test_feedback_is_a_cli_command(capsys):
+    """Every pipeline stage can run alone: `rlhfkit feedback --help` lists its typed config."""
+    from rlhfkit.cli import main
+
+    assert main(["feedback", "--help"]) == 0
+    out = capsys.readouterr().out
+    for key in ("--samples_per_prompt", "--max_pairs_per_prompt", "--min_gap", "--rater", "--generation.max_new_tokens"):
+        assert key in out, key

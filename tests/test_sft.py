@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from rlhfkit.io import read_jsonl
 from rlhfkit.modeling import IGNORE_INDEX, causal_lm_nll_sum, shift_labels
 from rlhfkit.packing import Sample, collate_packed, pack
 from rlhfkit.stages import sft
+from tests.conftest import cli_env
 
 
 def sft_cfg(model_dir, data_path, out, **over):
@@ -151,12 +151,6 @@ def test_merge_gives_plain_model_with_same_logits(tiny_model_dir, tiny_corpus, t
     assert main(["merge", str(adapter), str(tmp_path / "merged")]) == 1
 
 
-def _cli_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(os.getcwd())] + sys.path)
-    return env
-
-
 def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tiny_corpus, tmp_path):
     """20 straight steps == 10 steps, SIGKILL, --resume to 20 (weights bitwise, losses equal)."""
     from safetensors.torch import load_file
@@ -169,11 +163,11 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tiny_corpus, tmp
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "rlhfkit.cli", "sft", *args, f"out_dir={killed}"]
-    env = {**_cli_env(), "RLHFKIT_FAULT_KILL_AFTER_STEP": "10"}
+    env = {**cli_env(), "RLHFKIT_FAULT_KILL_AFTER_STEP": "10"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "final").exists()
-    proc = subprocess.run(cmd + ["--resume"], env=_cli_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd + ["--resume"], env=cli_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout
 
