@@ -335,3 +335,20 @@ def test_report_in_chromium(reported):
         assert cell in PROMPTS
         shot = screenshot(driver, "report.png", full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_feedback_run_lists_only_its_stages(tmp_path):
+    """The embedded default runs feedback → rm → ppo → eval: the overview lists those stages alone,
+    the data section shows the feedback stats, and there is no empty SFT section."""
+    run = make_run_dir(tmp_path, stages=("rm", "ppo", "eval"))
+    (run / "feedback").mkdir()
+    (run / "feedback" / "stats.json").write_text(json.dumps({"pairs": 965, "rm_train": 818, "rater": "vader_positive"}))
+    (run / "feedback" / "config.yaml").write_text("rater: vader_positive\n")
+    doc, _ = report.build(run)
+    overview = next(b for b in doc.blocks if b.kind == "table" and b.cls == "overview")
+    assert [r[0] for r in overview.rows] == ["feedback", "rm", "ppo", "eval"]
+    assert overview.rows[0][1] == "complete"
+    titles = [b.text for b in doc.blocks if b.kind == "h2"]
+    assert "Data (simulated feedback)" in titles and "SFT" not in titles and "Data" not in titles
+    kv = next(b for b in doc.blocks if b.kind == "table" and b.cls == "kv")
+    assert ["pairs", "965"] in kv.rows and ["rater", "vader_positive"] in kv.rows
