@@ -325,6 +325,9 @@ def add_lora(model, lora: LoraConfig, kind: str = "causal_lm"):
     targets = lora.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
+        if layers is not None:  # peft refuses layers_to_transform with the "all-linear" shorthand
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in _layer_list(model)[0].named_modules()
+                              if isinstance(m, torch.nn.Linear)})
     peft_cfg = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -32,7 +32,12 @@ class PairDataConfig:
     eval_fraction: float = 0.1
     """Held-out fraction when the source has no eval split (assigned by a hash of the prompt)."""
     max_length: int = 512
-    """Pairs whose chosen or rejected text is longer than this many tokens are dropped (counted)."""
+    """Pairs whose chosen or rejected text is longer than this many tokens are dropped (counted),
+    or cut to it when `truncate` is on."""
+    truncate: bool = False
+    """Cut over-long pairs instead of dropping them: the prompt keeps its head and its last 16 tokens
+    (the template's answer cue) within half of max_length, each response keeps its head. Long Stack
+    Exchange answers are the norm, so dropping keeps only the short ones (a biased sample)."""
     max_samples: int = -1
     """Use at most this many training pairs (-1: all)."""
     max_eval_samples: int = -1
@@ -90,9 +95,28 @@ def load_pairs(dc: PairDataConfig) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs") -> list[dict]:
-    """Token ids + response masks of chosen and rejected; over-long or empty pairs are dropped."""
-    out, too_long, bad = [], 0, 0
+PROMPT_TAIL = 16  # tokens kept from the end of a cut prompt: the template's "Answer:" cue
+
+
+def truncate_sequence(ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut a (prompt + response) sequence to max_length tokens: a prompt longer than half the budget
+    keeps its head and its last PROMPT_TAIL tokens; the response keeps its head."""
+    if len(ids) <= max_length:
+        return ids, mask
+    n_prompt = mask.index(1) if 1 in mask else len(ids)
+    prompt, response = ids[:n_prompt], ids[n_prompt:]
+    budget = max(max_length - len(response), max_length // 2)
+    if len(prompt) > budget:
+        tail = min(PROMPT_TAIL, budget // 2)
+        prompt = prompt[: budget - tail] + (prompt[-tail:] if tail else [])
+    response = response[: max_length - len(prompt)]
+    return prompt + response, [0] * len(prompt) + [1] * len(response)
+
+
+def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", truncate: bool = False) -> list[dict]:
+    """Token ids + response masks of chosen and rejected; empty pairs are dropped, over-long ones are
+    dropped or (truncate) cut by truncate_sequence."""
+    out, too_long, cut, bad = [], 0, 0, 0
     for r in rows:
         if not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected")) or not r["chosen"] or not r["rejected"]:
             bad += 1
@@ -100,12 +124,18 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs") -
         c_ids, c_mask = fmt.encode(r["prompt"], r["chosen"])
         r_ids, r_mask = fmt.encode(r["prompt"], r["rejected"])
         if max(len(c_ids), len(r_ids)) > max_length:
-            too_long += 1
-            continue
+            if not truncate:
+                too_long += 1
+                continue
+            cut += 1
+            (c_ids, c_mask), (r_ids, r_mask) = (truncate_sequence(c_ids, c_mask, max_length),
+                                                truncate_sequence(r_ids, r_mask, max_length))
         out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask})
     if too_long or bad:
         print(f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens and {bad} malformed pairs "
               f"(kept {len(out)} of {len(rows)})")
+    if cut:
+        print(f"[{stage}] cut {cut} of {len(rows)} pairs to {max_length} tokens")
     return out
 
 

@@ -224,3 +224,56 @@ def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp
     assert margins == pytest.approx(mine, abs=1e-4)
     assert sum(m > 0 for m in margins) / len(held) == pytest.approx(acc, abs=1e-12)
     assert sum(m == 0 for m in margins) / len(held) == pytest.approx(evals[0]["eval/ties"], abs=1e-12)
+
+
+def test_truncate_sequence_keeps_prompt_head_and_cue_and_response_head():
+    from rlhfkit.pairs import PROMPT_TAIL, truncate_sequence
+
+    # prompt 300 tokens (ids 0..299), response 400 (ids 1000..1399), budget 256:
+    # the prompt gets half (128 = head 112 + its last 16), the response the other 128.
+    ids, mask = list(range(300)) + list(range(1000, 1400)), [0] * 300 + [1] * 400
+    cut, cut_mask = truncate_sequence(ids, mask, 256)
+    assert len(cut) == len(cut_mask) == 256
+    assert cut[:112] == list(range(112)) and cut[112:128] == list(range(300 - PROMPT_TAIL, 300))
+    assert cut[128:] == list(range(1000, 1128)) and cut_mask == [0] * 128 + [1] * 128
+    # a short prompt is kept whole and the response fills the rest
+    cut, cut_mask = truncate_sequence(list(range(50)) + list(range(1000, 1400)), [0] * 50 + [1] * 400, 256)
+    assert cut == list(range(50)) + list(range(1000, 1206)) and sum(cut_mask) == 206
+    # a long prompt with a short response gives the prompt what the response leaves
+    cut, cut_mask = truncate_sequence(list(range(300)) + [1000] * 50, [0] * 300 + [1] * 50, 256)
+    assert cut[:190] == list(range(190)) and cut[190:206] == list(range(284, 300)) and sum(cut_mask) == 50
+    # within the budget: unchanged
+    assert truncate_sequence([1, 2, 3], [0, 1, 1], 3) == ([1, 2, 3], [0, 1, 1])
+
+
+def test_encode_pairs_drops_or_cuts_over_long_pairs(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.pairs import encode_pairs
+    from rlhfkit.templates import PromptFormat, TemplateConfig
+
+    fmt = PromptFormat(TemplateConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
+    rows = [{"prompt": "how tea water? " * 20, "chosen": "tea is good. " * 30, "rejected": "no"},
+            {"prompt": "why?", "chosen": "yes", "rejected": "no"}]
+    assert len(encode_pairs(rows, fmt, 64)) == 1  # the long pair is dropped
+    kept = encode_pairs(rows, fmt, 64, truncate=True)
+    assert len(kept) == 2
+    long = kept[0]
+    assert len(long["chosen_ids"]) == 64 and len(long["rejected_ids"]) <= 64
+    assert sum(long["chosen_mask"]) > 0 and sum(long["rejected_mask"]) > 0  # both keep response tokens
+    assert long["chosen_ids"] != long["rejected_ids"]
+
+
+def test_lora_on_top_layers_only_with_all_linear(tiny_model_dir):
+    """lora.num_layers_unfrozen with the 'all-linear' shorthand (peft refuses the pair as such):
+    adapters on every linear layer of the top blocks, none below, head trainable."""
+    from rlhfkit.models import LoraConfig, ModelConfig, load_model
+
+    model, _ = load_model(ModelConfig(name=str(tiny_model_dir)),
+                          LoraConfig(target_modules=["all-linear"], num_layers_unfrozen=1), kind="seq_cls")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora_layers = {n.split("layers.")[1].split(".")[0] for n in trainable if "lora_" in n}
+    assert lora_layers == {"1"}  # the tiny model has 2 blocks: only the top one is adapted
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any("score" in n for n in trainable)

@@ -306,8 +306,8 @@ def run(cfg: DPOConfig) -> dict:
         disable_dropout(model)
     fmt = PromptFormat(cfg.template, tok)
     train_rows, eval_rows = load_pairs(cfg.data)
-    pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "dpo")
-    eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "dpo") if eval_rows else []
+    pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "dpo", cfg.data.truncate)
+    eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "dpo", cfg.data.truncate) if eval_rows else []
     if not pairs:
         raise RlhfkitError(f"no training pairs left after encoding (data.max_length={cfg.data.max_length})")
     print(f"[dpo] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs; loss {cfg.loss_type}, beta {cfg.beta}"

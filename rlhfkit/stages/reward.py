@@ -103,8 +103,8 @@ def run(cfg: RewardConfig) -> dict:
     model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls")
     fmt = PromptFormat(cfg.template, tok)
     train_rows, eval_rows = load_pairs(cfg.data)
-    pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "rm")
-    eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "rm") if eval_rows else []
+    pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate)
+    eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate) if eval_rows else []
     print(f"[rm] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs")
 
     def loss(model_, batch):
