@@ -1,5 +1,5 @@
-"""Sampling responses from a causal LM (PPO rollouts, eval, feedback collection) and aligning
-next-token outputs with them."""
+"""Sampling responses from a causal LM (PPO rollouts, eval, feedback collection) and the log-probs
+of what was sampled."""
 
 from __future__ import annotations
 
@@ -73,11 +73,6 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, devic
     return resp, rmask
 
 
-def response_slice(x: torch.Tensor, q_len: int, r_len: int) -> torch.Tensor:
-    """From (B, T-1[, V]) next-token outputs, the positions that predict the response tokens."""
-    return x[:, q_len - 1 : q_len - 1 + r_len]
-
-
 @torch.no_grad()
 def response_logprobs(model, queries: list[list[int]], resp: torch.Tensor, rmask: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Per-token log-probs (B, R) of sampled responses under `model` (0 on masked positions)."""
@@ -85,5 +80,5 @@ def response_logprobs(model, queries: list[list[int]], resp: torch.Tensor, rmask
     q_ids, q_mask = pad_left(queries, pad_id)
     ids = torch.cat([q_ids, resp], 1).to(dev)
     mask = torch.cat([q_mask, rmask], 1).to(dev)
-    logp = response_slice(forward_logprobs(model, ids, mask)["logprobs"], q_ids.shape[1], resp.shape[1])
+    logp = forward_logprobs(model, ids, mask, keep=resp.shape[1])["logprobs"]
     return logp * rmask.to(dev)

@@ -67,28 +67,40 @@ def causal_lm_nll_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, return_logits: bool = False,
-                     return_hidden: bool = False) -> dict:
+                     return_hidden: bool = False, keep: int = 0) -> dict:
     """Log-prob of each next token of a (left- or right-) padded batch.
 
     input_ids, attention_mask (B, T) -> {"logprobs": (B, T-1)} where logprobs[:, t] = log p(input_ids[:, t+1]
     | input_ids[:, :t+1]); padded targets get 0. Optional "logits" (B, T-1, V) and "hidden" (B, T-1, H):
     the last-layer state at the position that *predicts* token t+1 (what a value head reads).
+    keep=K > 0: only the predictions of the last K tokens — every output (B, K[, ·]) — and the LM head
+    runs on those K positions only (HF `logits_to_keep`): in PPO the query positions are ~half the
+    sequence, and the 49k-vocab projection is ~20% of SmolLM2's forward.
     """
+    extra = {"logits_to_keep": keep + 1} if keep and _accepts_logits_to_keep(model) else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
         output_hidden_states=return_hidden,
+        **extra,
     )
-    logits = out.logits[:, :-1]
-    labels = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
+    cut = (lambda x: x[:, -keep:]) if keep else (lambda x: x)  # noqa: E731
+    logits = cut(out.logits[:, :-1])
+    labels = cut(torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX))
     result = {"logprobs": token_logprobs(logits, labels)}
     if return_logits:
         result["logits"] = logits
     if return_hidden:
-        result["hidden"] = out.hidden_states[-1][:, :-1]
+        result["hidden"] = cut(out.hidden_states[-1][:, :-1])
     return result
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
 
 def sequence_logprobs(model, batch: dict, average: bool = False) -> torch.Tensor:

@@ -309,14 +309,14 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce = None
 ) -> torch.Tensor:
-    """1 - Var[returns - values] / Var[returns] over masked entries.
+    """1 - Var[returns - values] / Var[returns] over masked entries (of all ranks with all_reduce).
 
     values, returns, mask: (B, T) -> scalar float tensor (nan if Var[returns] is 0).
     """
-    var_returns = masked_var(returns, mask)
-    var_error = masked_var(returns - values, mask)
+    var_returns = masked_var(returns, mask, all_reduce=all_reduce)
+    var_error = masked_var(returns - values, mask, all_reduce=all_reduce)
     # torch.where instead of `if` keeps it free of a host-device sync.
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns == 0, nan, 1 - var_error / var_returns)

@@ -107,7 +107,7 @@ def test_ppo_two_processes_equal_one_with_fed_rollouts(tiny_sft_dir, tmp_path):
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-3000:], two.stderr[-3000:])
     for f in ("adapter_model.safetensors", "value_head.safetensors"):
         _assert_close(_weights(tmp_path / "one", f), _weights(tmp_path / "two", f))
-    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "approxkl")
+    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "approxkl", "explained_variance")
     ra = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "score" in r]
     rb = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "score" in r]
     assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)

@@ -123,6 +123,25 @@ def test_reference_with_adapter_disabled_equals_base_model(tiny_sft_dir, tmp_pat
     assert (pol_lp - base_lp).abs().max().item() > 1e-2  # the adapter was really on for the policy
 
 
+def test_response_only_forward_equals_slice_of_full_forward(tiny_sft_dir, tmp_path):
+    """keep=R runs the LM head on the R response positions only; log-probs, logits and values
+    must be the last R of the full forward (left-padded queries put the responses at the end)."""
+    model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "k", steps=1))
+    with torch.no_grad():
+        model.v_head.summary.weight.normal_()
+    q_ids, q_mask = pad_left([tok("how tea hot?")["input_ids"], tok("why bread dough?")["input_ids"]], tok.pad_token_id)
+    resp = torch.tensor([[5, 6, 7, tok.pad_token_id], [8, 9, 10, 11]])
+    ids, mask = torch.cat([q_ids, resp], 1), torch.cat([q_mask, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])], 1)
+    with torch.no_grad():
+        full = model(ids, mask, return_logits=True)
+        cut = model(ids, mask, return_logits=True, keep=4)
+    assert cut["logits"].shape == (2, 4, full["logits"].shape[-1])
+    for k in ("logprobs", "values", "logits"):
+        assert cut[k].shape[:2] == (2, 4)
+        assert torch.allclose(cut[k], full[k][:, -4:], atol=1e-5), k
+    assert cut["logprobs"][0, 3] == 0  # the padded response slot is still masked
+
+
 def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
     model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "g", steps=1))
     eos, pad = tok.eos_token_id, tok.pad_token_id

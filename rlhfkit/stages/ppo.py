@@ -23,7 +23,7 @@ from rlhfkit import rl
 from rlhfkit.config import save_config
 from rlhfkit.critic import VALUE_HEAD, critic_source, load_critic
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.generation import generate, pad_left, response_logprobs, response_slice
+from rlhfkit.generation import generate, pad_left, response_logprobs
 from rlhfkit.io import append_jsonl, atomic_write_text
 from rlhfkit.modeling import ScalarHead, forward_logprobs
 from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
@@ -155,11 +155,17 @@ class PolicyWithValue(nn.Module):
         self.v_head = ScalarHead(policy.config.get_text_config().hidden_size) if critic is None else None
         self.reference = reference
 
-    def forward(self, input_ids, attention_mask, return_logits=False):
-        """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)]."""
+    def forward(self, input_ids, attention_mask, return_logits=False, keep: int = 0):
+        """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)];
+        keep=R: those of the last R tokens only (B, R[, V]) — the response, after left-padded queries."""
         head = self.v_head is not None
-        out = forward_logprobs(self.policy, input_ids, attention_mask, return_hidden=head, return_logits=return_logits)
-        out["values"] = self.v_head(out.pop("hidden")) if head else self.critic(input_ids, attention_mask)
+        out = forward_logprobs(self.policy, input_ids, attention_mask, return_hidden=head, return_logits=return_logits,
+                               keep=keep)
+        if head:
+            out["values"] = self.v_head(out.pop("hidden"))
+        else:
+            values = self.critic(input_ids, attention_mask)
+            out["values"] = values[:, -keep:] if keep else values
         return out
 
     @contextlib.contextmanager
@@ -288,7 +294,7 @@ class PPOTrainer(StageRun):
         input_ids = torch.cat([q_ids, resp], 1).to(dev)
         attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
         rmask = rmask.to(dev)
-        Q, R = q_ids.shape[1], resp.shape[1]
+        R = resp.shape[1]
         t["time/generate"] = time.perf_counter() - t0
 
         # 2. Score: the reward source sees the decoded text; baseline, running scaling, clipping.
@@ -305,16 +311,14 @@ class PPOTrainer(StageRun):
         t["time/score"] = time.perf_counter() - t0
 
         # 3. KL-penalised reward: old log-probs and values, reference log-probs, −β·KL_t per token.
+        #    Every forward keeps only the R response positions (the queries are left-padded before them).
         t0 = time.perf_counter()
         with torch.no_grad():
-            old = model(input_ids, attention_mask, return_logits=full_kl)
+            old = model(input_ids, attention_mask, return_logits=full_kl, keep=R)
             with model.as_reference() as ref_model:
-                ref = forward_logprobs(ref_model, input_ids, attention_mask, return_logits=full_kl)
-        logprobs = response_slice(old["logprobs"], Q, R)
-        values = response_slice(old["values"], Q, R)
-        ref_logprobs = response_slice(ref["logprobs"], Q, R)
-        logits = response_slice(old["logits"], Q, R) if full_kl else None
-        ref_logits = response_slice(ref["logits"], Q, R) if full_kl else None
+                ref = forward_logprobs(ref_model, input_ids, attention_mask, return_logits=full_kl, keep=R)
+        logprobs, values, ref_logprobs = old["logprobs"], old["values"], ref["logprobs"]
+        logits, ref_logits = (old["logits"], ref["logits"]) if full_kl else (None, None)
         del old, ref
         rewards, non_score_reward, kl = rl.penalized_rewards(
             scores, logprobs, ref_logprobs, rmask, self.kl_ctl.value, p.kl_estimator, logits, ref_logits)
@@ -339,9 +343,8 @@ class PPOTrainer(StageRun):
                 for k, idx in enumerate(accum):
                     ctx = contextlib.nullcontext() if k == len(accum) - 1 else acc.no_sync(self.model)
                     with ctx:
-                        out = self.model(input_ids[idx], attention_mask[idx], return_logits=True)
-                        new_logprobs = response_slice(out["logprobs"], Q, R)
-                        new_values = response_slice(out["values"], Q, R)
+                        out = self.model(input_ids[idx], attention_mask[idx], return_logits=True, keep=R)
+                        new_logprobs, new_values = out["logprobs"], out["values"]
                         m = rmask[idx]
                         pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, p.cliprange)
                         vf_loss, vf_stats = rl.value_loss(new_values, values[idx], returns[idx], m, p.cliprange_value)
@@ -358,7 +361,7 @@ class PPOTrainer(StageRun):
                             loss = loss * 0.0
                         acc.backward(loss / len(accum))
                     with torch.no_grad():
-                        ent = rl.masked_mean(rl.entropy_from_logits(response_slice(out["logits"], Q, R)), m)
+                        ent = rl.masked_mean(rl.entropy_from_logits(out["logits"]), m)
                         local = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, "clipfrac": pg_stats["clipfrac"],
                                  "vf_clipfrac": vf_stats["vf_clipfrac"]}
                         names = list(local)
@@ -389,7 +392,8 @@ class PPOTrainer(StageRun):
             "reward": glob(scores), "non_score_reward": glob(rl.masked_sum(non_score_reward, rmask, dim=1)),
             "kl": mean_kl, "kl_coef": self.kl_ctl.value,
             "response_length": glob(rmask.sum(1).float()),
-            "explained_variance": float(rl.explained_variance(values, returns, rmask)),
+            "explained_variance": float(rl.explained_variance(
+                values, returns, rmask, all_reduce=self._sum if acc.num_processes > 1 else None)),
             "skipped_minibatches": skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()},
             **t,
