@@ -243,23 +243,26 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 # --------------------------------------------------------------------------- help
-def config_help(cls: type, prefix: str = "") -> str:
-    """One line per field: dotted key, type, default and its docstring."""
+def config_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
+    """One line per field: dotted key, type, default and its docstring. Nested defaults are read from
+    the parent's instance (RewardConfig's lora has r=8, not LoraConfig's class default 16)."""
     lines = []
     docs = field_docs(cls)
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.append(f"\n  [{prefix}{f.name}] {docs.get(f.name, '')}".rstrip())
-            lines.append(config_help(tp, prefix=f"{prefix}{f.name}."))
-            continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n  [{prefix}{f.name}] {docs.get(f.name, '')}".rstrip())
+            lines.append(config_help(tp, prefix=f"{prefix}{f.name}.", defaults=default if default != "(required)" else None))
+            continue
         lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default: {default!r})")
         if docs.get(f.name):
             lines.append(textwrap.fill(docs[f.name], width=96, initial_indent="      ", subsequent_indent="      "))

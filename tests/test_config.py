@@ -68,3 +68,19 @@ def test_nested_override_keeps_the_stage_specific_defaults():
     assert cfg.train.lr == 2e-4 and cfg.train.max_steps == 5  # SFT's default lr, not TrainConfig's 1e-4
     rm = load_config(RewardConfig, overrides=["lora.r=4"])
     assert rm.lora.r == 4 and rm.lora.dropout == 0.1  # RM's own LoRA default survives
+
+
+def test_help_shows_the_stage_defaults_of_nested_fields():
+    from rlhfkit.stages.reward import RewardConfig
+
+    text = config_help(RewardConfig)  # RewardConfig's lora is LoraConfig(r=8, dropout=0.1); the class says 16 / 0.05
+    assert "--lora.r (int, default: 8)" in text and "--lora.dropout (float, default: 0.1)" in text
+    assert "--train.lr (float, default: 0.0001)" in text
+
+
+def test_help_piped_into_head_exits_quietly():
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"'{sys.executable}' -m rlhfkit.cli ppo --help | head -1", shell=True, capture_output=True, text=True)
+    assert p.stdout.startswith("usage: rlhfkit ppo") and "BrokenPipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
