@@ -53,9 +53,11 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None) -> dict:
+def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None,
+                   margins: list | None = None) -> dict:
     """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over
-    ranks and reduced as sums, so any number of processes gives the same numbers."""
+    ranks and reduced as sums, so any number of processes gives the same numbers. `margins`, when
+    given, is filled with this rank's per-pair margins (all of them with one process)."""
     import torch.nn.functional as F
 
     was_training = model.training
@@ -70,6 +72,8 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
         batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
         c, r = (x.double() for x in pair_scores(model, batch))
         d = c - r
+        if margins is not None:
+            margins += d.float().cpu().tolist()
         both = torch.cat([c, r])
         sums += torch.stack([torch.tensor(float(len(c)), dtype=torch.float64, device=dev), (d > 0).sum().double(),
                              (d == 0).sum().double(), d.sum(), -F.logsigmoid(d).sum(), both.sum(), both.square().sum()])
@@ -107,6 +111,12 @@ def run(cfg: RewardConfig) -> dict:
     eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate) if eval_rows else []
     print(f"[rm] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs")
 
+    last_margins: list[float] = []  # of the latest evaluation, for the report's histogram
+
+    def evaluate(model_):
+        last_margins.clear()
+        return evaluate_pairs(model_, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator, last_margins)
+
     def loss(model_, batch):
         dev = next(model_.parameters()).device
         c, r = pair_scores(model_, {k: v.to(dev) for k, v in batch.items()})
@@ -120,8 +130,7 @@ def run(cfg: RewardConfig) -> dict:
         collate=lambda ix: collate_pairs([pairs[i] for i in ix], tok.pad_token_id),
         count=lambda batch: batch["input_ids"].shape[0] // 2,
         loss=loss,
-        evaluate=(lambda m: evaluate_pairs(m, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator))
-        if eval_pairs else None,
+        evaluate=evaluate if eval_pairs else None,
         save_final=lambda m, out: save_model(m, tok, out, cfg.model.name),
     )
     summary = trainer.fit()
@@ -129,8 +138,10 @@ def run(cfg: RewardConfig) -> dict:
     if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins for the report's histogram
         from rlhfkit.io import atomic_write_json
 
-        margins = pair_margins(trainer.accelerator.unwrap_model(trainer.model), eval_pairs, tok.pad_token_id, cfg.eval_batch_size)
-        atomic_write_json(trainer.out / "eval_margins.json", margins)
+        if len(last_margins) != len(eval_pairs):  # several processes each hold a shard: score them all here
+            last_margins[:] = pair_margins(trainer.accelerator.unwrap_model(trainer.model), eval_pairs,
+                                           tok.pad_token_id, cfg.eval_batch_size)
+        atomic_write_json(trainer.out / "eval_margins.json", last_margins)
     if "eval_accuracy" in summary:
         print(f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
               f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}")
