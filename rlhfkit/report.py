@@ -260,7 +260,8 @@ def section_rm(doc: Doc, run: Path) -> None:
         return
     train, evals = _split(records)
     png = _multi_plot([
-        ("Accuracy", [(train, "accuracy", "train"), (evals, "eval/accuracy", "eval")]),
+        ("Accuracy", [(train, "accuracy", "train"), (evals, "eval/accuracy", "eval"),
+                      (evals, "eval/longer_wins", "eval: longer answer wins")]),
         ("Margin r(chosen) − r(rejected)", [(train, "margin", "train"), (evals, "eval/margin", "eval")]),
         ("Loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
         ("Eval reward mean ± std", [(evals, "eval/reward_mean", "mean"), (evals, "eval/reward_std", "std")]),

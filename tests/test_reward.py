@@ -277,3 +277,22 @@ def test_lora_on_top_layers_only_with_all_linear(tiny_model_dir):
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert any("score" in n for n in trainable)
+
+
+def test_eval_reports_the_longer_answer_baseline(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.models import LoraConfig, ModelConfig, load_model
+    from rlhfkit.pairs import encode_pairs
+    from rlhfkit.templates import PromptFormat, TemplateConfig
+
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(enabled=False), kind="seq_cls")
+    fmt = PromptFormat(TemplateConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
+    rows = [{"prompt": "how tea?", "chosen": "tea is good and hot water", "rejected": "no"},  # chosen longer
+            {"prompt": "why bread?", "chosen": "bread dough oven", "rejected": "yes"},       # chosen longer
+            {"prompt": "how oven?", "chosen": "hot oven bread dough water", "rejected": "oven"},  # chosen longer
+            {"prompt": "why?", "chosen": "no", "rejected": "bread is good and hot"}]           # rejected longer
+    pairs = encode_pairs(rows, fmt, 64)
+    assert [len(p["chosen_ids"]) > len(p["rejected_ids"]) for p in pairs] == [True, True, True, False]
+    stats = reward.evaluate_pairs(model, pairs, tok.pad_token_id, batch_size=3)  # uneven batches: 3 + 1
+    assert stats["longer_wins"] == 0.75 and stats["pairs"] == 4

@@ -3,7 +3,8 @@
 Skeleton as every stage: config → pairs → model (seq-cls, full or LoRA; head always trained) →
 Trainer(collate, count, loss, evaluate, save_final).fit(). Loss −log σ(r_chosen − r_rejected [− m])
 (+ reward centering); the score is read at the last real token by attention mask
-(modeling.sequence_scores). Eval: accuracy with ties counted wrong, margin, reward mean/std.
+(modeling.sequence_scores). Eval: accuracy with ties counted wrong, margin, reward mean/std, and the
+accuracy of "the longer answer wins" on the same pairs as a baseline.
 """
 
 from __future__ import annotations
@@ -65,28 +66,32 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
     world = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
     dev = next(model.parameters()).device
-    # n, correct, ties, margin, loss, reward sum, reward sum of squares
-    sums = torch.zeros(7, dtype=torch.float64, device=dev)
+    # n, correct, ties, margin, loss, reward sum, reward sum of squares, chosen longer (in tokens)
+    sums = torch.zeros(8, dtype=torch.float64, device=dev)
     mine = pairs[rank::world]
     for i in range(0, len(mine), batch_size):
         batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
         c, r = (x.double() for x in pair_scores(model, batch))
         d = c - r
+        lengths = batch["attention_mask"].sum(1)
+        longer = (lengths[: len(c)] > lengths[len(c):]).sum().double()
         if margins is not None:
             margins += d.float().cpu().tolist()
         both = torch.cat([c, r])
         sums += torch.stack([torch.tensor(float(len(c)), dtype=torch.float64, device=dev), (d > 0).sum().double(),
-                             (d == 0).sum().double(), d.sum(), -F.logsigmoid(d).sum(), both.sum(), both.square().sum()])
+                             (d == 0).sum().double(), d.sum(), -F.logsigmoid(d).sum(), both.sum(), both.square().sum(), longer])
     if world > 1:
         sums = accelerator.reduce(sums, "sum")
     model.train(was_training)
-    n, correct, ties, margin, loss, rsum, rsq = sums.tolist()
+    n, correct, ties, margin, loss, rsum, rsq, longer = sums.tolist()
     if n == 0:
         return {}
     mean = rsum / (2 * n)
     var = max(rsq / (2 * n) - mean**2, 0.0) * (2 * n) / max(2 * n - 1, 1)
     return {"loss": loss / n, "accuracy": correct / n, "ties": ties / n, "margin": margin / n,
-            "reward_mean": mean, "reward_std": var**0.5, "pairs": int(n)}
+            "reward_mean": mean, "reward_std": var**0.5, "pairs": int(n),
+            # Baseline "the longer answer wins": Stack Exchange votes favour length (Singhal et al. 2023).
+            "longer_wins": longer / n}
 
 
 @torch.no_grad()
@@ -144,5 +149,6 @@ def run(cfg: RewardConfig) -> dict:
         atomic_write_json(trainer.out / "eval_margins.json", last_margins)
     if "eval_accuracy" in summary:
         print(f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
-              f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}")
+              f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}; "
+              f"'the longer answer wins' scores {summary['eval_longer_wins']:.3f} on them")
     return summary
