@@ -1,4 +1,4 @@
-"""Pieces every peer benchmark needs: machine and version facts, JSONL rows, a child's own peak RSS,
+"""Pieces every peer benchmark needs: machine and version facts, --configs parsing, JSONL rows, a child's own peak RSS,
 and lock-step turns between two workers. Imported as `from _common import …` (the scripts run as
 `python benchmarks/bench_x.py`, so this folder is on sys.path, in the parent and in its children)."""
 
@@ -31,6 +31,15 @@ def versions() -> dict:
     from importlib.metadata import version
 
     return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "rlhfkit")}
+
+
+def chosen_configs(ap, text: str, known) -> list[str]:
+    """The comma-separated --configs value as a list; an unknown name is an argparse error."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in known]
+    if bad:
+        ap.error(f"unknown configuration(s) {bad}; choose from {known}")
+    return names
 
 
 def read_rows(path) -> list[dict]:

@@ -73,7 +73,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Turns, machine, read_rows, versions, vm_hwm_mb
+from _common import Turns, chosen_configs, machine, read_rows, versions, vm_hwm_mb
 
 CONFIGS = ("rlhfkit", "trl")
 POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
@@ -473,10 +473,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in names if c not in CONFIGS]
-    if bad:
-        ap.error(f"unknown configuration(s) {bad}; choose from {CONFIGS}")
+    names = chosen_configs(ap, args.configs, CONFIGS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rlhfkit.models import resolve_default_model
 

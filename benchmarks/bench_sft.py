@@ -35,7 +35,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from _common import machine, read_rows, versions
+from _common import chosen_configs, machine, read_rows, versions
 
 CONFIGS = ("rlhfkit_packed", "trl_packed", "rlhfkit_unpacked", "trl_unpacked")
 POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
@@ -353,10 +353,7 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in names if c not in CONFIGS]
-    if bad:
-        ap.error(f"unknown configuration(s) {bad}; choose from {CONFIGS}")
+    names = chosen_configs(ap, args.configs, CONFIGS)
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         work = Path(tmp)
         data = work / "qa.jsonl"

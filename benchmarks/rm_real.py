@@ -38,7 +38,7 @@ def main() -> None:
 
     from rlhfkit.config import load_config
     from rlhfkit.models import LoraConfig, ModelConfig, load_model
-    from rlhfkit.pairs import encode_pairs, load_table
+    from rlhfkit.pairs import encode_pairs, load_table, normalise_pairs
     from rlhfkit.stages import data as data_stage
     from rlhfkit.stages import reward
     from rlhfkit.templates import PromptFormat
@@ -68,10 +68,11 @@ def main() -> None:
     # Held-out questions of the training sites; the length baseline on the left-out site.
     model, tok = load_model(ModelConfig(name=summary["out_dir"]), LoraConfig(enabled=False), kind="seq_cls")
     fmt = PromptFormat(cfg.template, tok)
-    in_dist = encode_pairs(_rows(load_table(str(out / "train_sites" / "rm_eval.parquet"), None))[: args.max_eval if args.max_eval > 0 else None],
-                           fmt, args.max_length, "in-dist", truncate=True)
+    in_dist_rows = normalise_pairs(load_table(str(out / "train_sites" / "rm_eval.parquet"), None))
+    in_dist = encode_pairs(in_dist_rows[: args.max_eval if args.max_eval > 0 else None], fmt, args.max_length,
+                           "in-dist", truncate=True)
     in_dist_eval = reward.evaluate_pairs(model, in_dist, tok.pad_token_id, 8)
-    left_rows = _rows(load_table(str(out / "left_out" / "rm_eval.parquet"), None))
+    left_rows = normalise_pairs(load_table(str(out / "left_out" / "rm_eval.parquet"), None))
     longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in left_rows) / len(left_rows)
     result = {
         "machine": machine(), "versions": versions(), "args": vars(args),
@@ -87,10 +88,6 @@ def main() -> None:
     print(f"\nleft-out site {args.leave_out}: accuracy {result['left_out'].get('accuracy', float('nan')):.3f} on "
           f"{result['left_out'].get('pairs')} pairs; in-distribution {in_dist_eval['accuracy']:.3f} on "
           f"{in_dist_eval['pairs']} pairs; 'longer wins' {longer:.3f}; trained {train_s / 60:.1f} min")
-
-
-def _rows(table) -> list[dict]:
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in table]
 
 
 if __name__ == "__main__":

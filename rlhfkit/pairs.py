@@ -51,7 +51,8 @@ def _col(cols, candidates, what) -> str:
     raise RlhfkitError(f"pair data has no {what} column (looked for {', '.join(candidates)}; columns: {sorted(cols)})")
 
 
-def _normalise(table) -> list[dict]:
+def normalise_pairs(table) -> list[dict]:
+    """Rows of any pair schema (prompt/question, chosen/response_j, rejected/response_k) as prompt/chosen/rejected."""
     cols = table.column_names if hasattr(table, "column_names") else list(table[0].keys())
     p, c, r = _col(cols, PROMPT_FIELDS, "prompt"), _col(cols, CHOSEN_FIELDS, "chosen"), _col(cols, REJECTED_FIELDS, "rejected")
     return [{"prompt": row[p], "chosen": row[c], "rejected": row[r]} for row in table]
@@ -78,12 +79,12 @@ def load_pairs(dc: PairDataConfig) -> tuple[list[dict], list[dict]]:
     if not dc.path:
         raise RlhfkitError("data.path is required: a folder or file of preference pairs")
     if dc.eval_path:
-        train = _normalise(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
-        held = _normalise(load_table(dc.eval_path, dc.eval_split if _has_split(dc.eval_path, dc.eval_split) else None))
+        train = normalise_pairs(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
+        held = normalise_pairs(load_table(dc.eval_path, dc.eval_split if _has_split(dc.eval_path, dc.eval_split) else None))
     elif _has_split(dc.path, dc.split) and _has_split(dc.path, dc.eval_split):
-        train, held = _normalise(load_table(dc.path, dc.split)), _normalise(load_table(dc.path, dc.eval_split))
+        train, held = normalise_pairs(load_table(dc.path, dc.split)), normalise_pairs(load_table(dc.path, dc.eval_split))
     else:
-        rows = _normalise(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
+        rows = normalise_pairs(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
         held = [r for r in rows if prompt_bucket(r["prompt"]) < dc.eval_fraction]
         train = [r for r in rows if prompt_bucket(r["prompt"]) >= dc.eval_fraction]
     if dc.max_samples > 0:

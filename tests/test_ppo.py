@@ -173,31 +173,37 @@ def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, ca
 
 
 def test_resume_is_bitwise(tiny_sft_dir, tmp_path):
-    from safetensors.torch import load_file
-
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"prompts.path={prompts}",
             "prompts.n_eval=4", "steps=6", "save_every=3", "batch_size=8", "lr=1e-2", "lora.target_modules=[all-linear]",
             "generation.response_min=4", "generation.response_max=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
             "ppo.score_norm=normalize"]
-    straight = tmp_path / "straight"
+    assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after=3, steps=6,
+                                      files=("adapter_model.safetensors", "value_head.safetensors"),
+                                      keys=("score", "kl", "kl_coef", "pg_loss", "vf_loss"))
+
+
+def assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after, steps, files, keys):
+    """`rlhfkit ppo` killed (SIGKILL) after step `kill_after` and resumed ends with the same final
+    files and logged metrics, bit for bit, as an uninterrupted run."""
+    from safetensors.torch import load_file
+
     run = lambda out, extra=(), env=None: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "rlhfkit.cli", "ppo", *args, f"out_dir={out}", *extra],
         capture_output=True, text=True, env={**os.environ, **(env or {})})
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
     p = run(straight)
     assert p.returncode == 0, p.stderr[-3000:]
-    killed = tmp_path / "killed"
-    assert run(killed, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "3"}).returncode == -9
+    assert run(killed, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": str(kill_after)}).returncode == -9
     p = run(killed, ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
-    for f in ("adapter_model.safetensors", "value_head.safetensors"):
+    for f in files:
         a, b = load_file(straight / "final" / f), load_file(killed / "final" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
-    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss")
     ra = [[r[k] for k in keys] for r in read_jsonl(straight / "metrics.jsonl") if "score" in r]
     rb = [[r[k] for k in keys] for r in read_jsonl(killed / "metrics.jsonl") if "score" in r]
-    assert ra == rb and len(ra) == 6
+    assert ra == rb and len(ra) == steps
 
 
 # --------------------------------------------------------------------------- critic initialised from the RM
@@ -303,27 +309,12 @@ def test_rm_critic_trains_and_is_saved_in_final(tiny_sft_dir, rm_dirs, tmp_path)
 
 
 def test_resume_with_rm_critic_is_bitwise(tiny_sft_dir, rm_dirs, tmp_path):
-    from safetensors.torch import load_file
-
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"critic={rm_dirs['adapter']}",
             f"prompts.path={prompts}", "prompts.n_eval=2", "steps=4", "save_every=2", "batch_size=4", "lr=1e-2",
             "lora.target_modules=[all-linear]", "generation.response_min=4", "generation.response_max=6",
             "ppo.mini_batch_size=2", "ppo.ppo_epochs=2"]
-    run = lambda out, extra=(), env=None: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "rlhfkit.cli", "ppo", *args, f"out_dir={out}", *extra],
-        capture_output=True, text=True, env={**os.environ, **(env or {})})
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    p = run(straight)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert run(killed, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"}).returncode == -9
-    p = run(killed, ["--resume"])
-    assert p.returncode == 0, p.stderr[-3000:]
-    for f in ("adapter_model.safetensors", "critic/adapter_model.safetensors"):
-        a, b = load_file(straight / "final" / f), load_file(killed / "final" / f)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
-    keys = ("score", "kl", "pg_loss", "vf_loss", "explained_variance")
-    ra = [[r[k] for k in keys] for r in read_jsonl(straight / "metrics.jsonl") if "score" in r]
-    rb = [[r[k] for k in keys] for r in read_jsonl(killed / "metrics.jsonl") if "score" in r]
-    assert ra == rb and len(ra) == 4
+    assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after=2, steps=4,
+                                      files=("adapter_model.safetensors", "critic/adapter_model.safetensors"),
+                                      keys=("score", "kl", "pg_loss", "vf_loss", "explained_variance"))

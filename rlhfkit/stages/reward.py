@@ -73,7 +73,7 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
         batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
         c, r = (x.double() for x in pair_scores(model, batch))
         d = c - r
-        lengths = batch["attention_mask"].sum(1)
+        lengths = batch["attention_mask"].sum(1)  # tokens the RM sees (after data.truncate, if on)
         longer = (lengths[: len(c)] > lengths[len(c):]).sum().double()
         if margins is not None:
             margins += d.float().cpu().tolist()
@@ -92,17 +92,6 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
             "reward_mean": mean, "reward_std": var**0.5, "pairs": int(n),
             # Baseline "the longer answer wins": Stack Exchange votes favour length (Singhal et al. 2023).
             "longer_wins": longer / n}
-
-
-@torch.no_grad()
-def pair_margins(model, pairs: list[dict], pad_id: int, batch_size: int) -> list[float]:
-    model.eval()
-    dev = next(model.parameters()).device
-    out: list[float] = []
-    for i in range(0, len(pairs), batch_size):
-        c, r = pair_scores(model, {k: v.to(dev) for k, v in collate_pairs(pairs[i : i + batch_size], pad_id).items()})
-        out += (c - r).float().cpu().tolist()
-    return out
 
 
 def run(cfg: RewardConfig) -> dict:
@@ -144,8 +133,9 @@ def run(cfg: RewardConfig) -> dict:
         from rlhfkit.io import atomic_write_json
 
         if len(last_margins) != len(eval_pairs):  # several processes each hold a shard: score them all here
-            last_margins[:] = pair_margins(trainer.accelerator.unwrap_model(trainer.model), eval_pairs,
-                                           tok.pad_token_id, cfg.eval_batch_size)
+            last_margins.clear()
+            evaluate_pairs(trainer.accelerator.unwrap_model(trainer.model), eval_pairs, tok.pad_token_id,
+                           cfg.eval_batch_size, margins=last_margins)
         atomic_write_json(trainer.out / "eval_margins.json", last_margins)
     if "eval_accuracy" in summary:
         print(f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
