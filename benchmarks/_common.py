@@ -1,4 +1,4 @@
-"""Pieces every peer benchmark needs: machine and version facts, --configs parsing, JSONL rows, a child's own peak RSS,
+"""Pieces every peer benchmark needs: machine and version facts, a step clock, --configs parsing, JSONL rows, a child's own peak RSS,
 and lock-step turns between two workers. Imported as `from _common import …` (the scripts run as
 `python benchmarks/bench_x.py`, so this folder is on sys.path, in the parent and in its children)."""
 
@@ -31,6 +31,44 @@ def versions() -> dict:
     from importlib.metadata import version
 
     return {p: version(p) for p in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "rlhfkit")}
+
+
+class StepClock:
+    """Wall and CPU time and load at each step's begin/end; the timed window runs from the end of the
+    last warm-up step to the end of the last step. Benchmarks subclass it to count their own units."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.t_begin: list[float] = []
+        self.t_end: list[float] = []
+        self.cpu_end: list[float] = []  # process CPU seconds (user+sys, all threads) at each step end
+        self.load: list[float] = []  # 1-min load average at each step end (other work on the machine)
+
+    def begin(self):
+        self.t_begin.append(time.perf_counter())
+
+    def end(self):
+        self.t_end.append(time.perf_counter())
+        t = os.times()
+        self.cpu_end.append(t.user + t.system)
+        self.load.append(os.getloadavg()[0])
+
+    def window(self) -> tuple[dict, list[float]]:
+        """(timing facts of the timed steps, each timed step's begin→end seconds)."""
+        w, n = self.warmup, len(self.t_end) - self.warmup
+        if n < 1:
+            raise SystemExit(f"only {len(self.t_end)} steps recorded; need more than the {w} warm-up steps")
+        if w < 1:
+            raise SystemExit("need at least one warm-up step (the timed window starts at its end)")
+        wall = self.t_end[-1] - self.t_end[w - 1]
+        inner = [e - b for b, e in zip(self.t_begin[w:], self.t_end[w:])]
+        return {
+            "timed_steps": n, "warmup_steps": w, "wall_s": wall, "s_per_step": wall / n,
+            "cpu_s": self.cpu_end[-1] - self.cpu_end[w - 1],
+            "load_avg_1m": [round(min(self.load[w:]), 2), round(max(self.load[w:]), 2)],
+            "step_s": [round(x, 3) for x in inner],
+            "step_cpu_s": [round(b - a, 2) for a, b in zip(self.cpu_end[w - 1 :], self.cpu_end[w:])],
+        }, inner
 
 
 def chosen_configs(ap, text: str, known) -> list[str]:

@@ -73,6 +73,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
 from _common import Turns, chosen_configs, machine, read_rows, versions, vm_hwm_mb
 
 CONFIGS = ("rlhfkit", "trl")
@@ -218,48 +219,26 @@ def trainable_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class StepClock:
-    """End-of-step timestamps, step times and the pairs / non-pad tokens of each step."""
+class StepClock(_common.StepClock):
+    """The common step clock plus the pairs / non-pad tokens / batch cells and loss of each step."""
 
     def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.t_begin: list[float] = []
-        self.t_end: list[float] = []
-        self.cpu_end: list[float] = []
-        self.load: list[float] = []
+        super().__init__(warmup)
         self.pairs: list[int] = []
         self.tokens: list[int] = []
         self.cells: list[int] = []
         self.losses: list[float] = []
 
-    def begin(self):
-        self.t_begin.append(time.perf_counter())
-
-    def end(self):
-        self.t_end.append(time.perf_counter())
-        t = os.times()
-        self.cpu_end.append(t.user + t.system)
-        self.load.append(os.getloadavg()[0])
-
     def summary(self) -> dict:
-        w, n = self.warmup, len(self.t_end) - self.warmup
-        if w < 1:
-            raise SystemExit("need at least one warm-up step (the timed window starts at its end)")
-        if n < 1:
-            raise SystemExit(f"only {len(self.t_end)} steps recorded; need more than the {w} warm-up steps")
-        wall = self.t_end[-1] - self.t_end[w - 1]
-        cpu = self.cpu_end[-1] - self.cpu_end[w - 1]
-        inner = [e - b for b, e in zip(self.t_begin[w:], self.t_end[w:])]
+        res, inner = self.window()
+        w, wall, cpu = res["warmup_steps"], res["wall_s"], res["cpu_s"]
         pairs, toks, cells = sum(self.pairs[w:]), sum(self.tokens[w:]), sum(self.cells[w:])
         return {
-            "timed_steps": n, "warmup_steps": w, "wall_s": wall, "s_per_step": wall / n,
+            **res,
             "pairs": pairs, "input_tokens": toks, "batch_cells": cells, "pad_fraction": 1 - toks / cells if cells else 0.0,
             "pairs_per_s_wall": pairs / wall, "tokens_per_s_wall": toks / wall,
             "pairs_per_s_steps": pairs / sum(inner), "tokens_per_s_steps": toks / sum(inner),
-            "cpu_s": cpu, "pairs_per_cpu_s": pairs / cpu,
-            "load_avg_1m": [round(min(self.load[w:]), 2), round(max(self.load[w:]), 2)],
-            "step_s": [round(x, 3) for x in inner],
-            "step_cpu_s": [round(b - a, 2) for a, b in zip(self.cpu_end[w - 1 :], self.cpu_end[w:])],
+            "pairs_per_cpu_s": pairs / cpu,
             "tokens_per_step_all": self.tokens, "pairs_per_step_all": self.pairs,
             "first_step_loss": self.losses[0] if self.losses else None,
             "losses": [round(x, 7) for x in self.losses],

@@ -35,6 +35,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import _common
 from _common import chosen_configs, machine, read_rows, versions
 
 CONFIGS = ("rlhfkit_packed", "trl_packed", "rlhfkit_unpacked", "trl_unpacked")
@@ -97,15 +98,11 @@ def build_data(pattern: str, n_rows: int, out: Path, seed: int = 0) -> dict:
 
 
 # --------------------------------------------------------------------------- timing / memory helpers
-class StepClock:
-    """End-of-step timestamps and the input tokens of each step."""
+class StepClock(_common.StepClock):
+    """The common step clock plus the input tokens of each step."""
 
     def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.t_begin: list[float] = []
-        self.t_end: list[float] = []
-        self.cpu_end: list[float] = []  # process CPU seconds (user+sys, all threads) at each step end
-        self.load: list[float] = []  # 1-min load average at each step end (other work on the machine)
+        super().__init__(warmup)
         self.tokens: list[int] = []  # non-pad input tokens per step
         self.cells: list[int] = []  # batch cells (B×T, pads included) per step
         self.rss_before_train_mb: float | None = None
@@ -113,44 +110,24 @@ class StepClock:
     def begin(self):
         if self.rss_before_train_mb is None:
             self.rss_before_train_mb = rss_mb()
-        self.t_begin.append(time.perf_counter())
-
-    def end(self):
-        self.t_end.append(time.perf_counter())
-        t = os.times()
-        self.cpu_end.append(t.user + t.system)
-        self.load.append(os.getloadavg()[0])
+        super().begin()
 
     def summary(self) -> dict:
-        w, n = self.warmup, len(self.t_end) - self.warmup
-        if n < 1:
-            raise SystemExit(f"only {len(self.t_end)} steps recorded; need more than the {w} warm-up steps")
-        if w < 1:
-            raise SystemExit("need at least one warm-up step (the timed window starts at its end)")
-        wall = self.t_end[-1] - self.t_end[w - 1]
-        cpu = self.cpu_end[-1] - self.cpu_end[w - 1]
+        res, inner = self.window()
+        w, n = res["warmup_steps"], res["timed_steps"]
         toks = sum(self.tokens[w : w + n])
         cells = sum(self.cells[w : w + n])
-        inner = [e - b for b, e in zip(self.t_begin[w:], self.t_end[w:])]
-        step_cpu = [b - a for a, b in zip(self.cpu_end[w - 1 :], self.cpu_end[w:])]
         step_tps = sorted(t / d for t, d in zip(self.tokens[w : w + n], inner))
         return {
-            "timed_steps": n,
-            "warmup_steps": w,
-            "wall_s": wall,
-            "s_per_step": wall / n,
+            **res,
             "input_tokens": toks,
             "batch_cells": cells,
             "pad_fraction": 1 - toks / cells if cells else 0.0,
-            "tokens_per_s": toks / wall,
-            "cpu_s": cpu,
-            "tokens_per_cpu_s": toks / cpu,
-            "load_avg_1m": [round(min(self.load[w:]), 2), round(max(self.load[w:]), 2)],
+            "tokens_per_s": toks / res["wall_s"],
+            "tokens_per_cpu_s": toks / res["cpu_s"],
             # Per-step view, for a machine shared with other work: the best step is the least disturbed one.
             "best_step_tokens_per_s": step_tps[-1],
             "median_step_tokens_per_s": step_tps[len(step_tps) // 2],
-            "step_s": [round(x, 3) for x in inner],
-            "step_cpu_s": [round(x, 2) for x in step_cpu],
             "tokens_per_step": self.tokens[w : w + n],
         }
 
