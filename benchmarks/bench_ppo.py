@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """PPO step throughput: rlhfkit `ppo` vs TRL-classic PPOTrainer (trl 0.11.4) on SmolLM2-135M (CPU, fp32).
 
-    python benchmarks/bench_ppo.py                       # rlhfkit + TRL, ppo_epochs 1 and 4, 2 warm-up + 4 timed steps
+    python benchmarks/bench_ppo.py                       # rlhfkit (eager, compiled generate) + TRL, ppo_epochs 1 and 4, 2 warm-up + 4 timed steps
     python benchmarks/bench_ppo.py --steps 6 --repeats 2 # more timed steps, alternate the four configs twice
     python benchmarks/bench_ppo.py --only rlhfkit:1 --profile   # one config, torch.profiler over one timed step
 
@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 CSV = Path("/work/shared/data/imdb/imdb_sample.csv")
 TRL_PY = Path("/work/trl-classic-venv/bin/python")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "trl")  # rlhfkit-compile: the same with generation.compile=true
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
 
 
@@ -125,7 +126,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
         "template": {"template": "{prompt}{response}"},
         "generation": {"response_min": args.rmin, "response_max": args.rmax, "top_k": 0, "top_p": 1.0,
-                       "min_new_tokens": 0, "accept_kl_bias": args.force_length},
+                       "min_new_tokens": 0, "accept_kl_bias": args.force_length, "compile": args.worker == "rlhfkit-compile"},
         "ppo": {"init_kl_coef": KL0, "adaptive_kl": True, "target_kl": TARGET_KL, "horizon": HORIZON,
                 "ppo_epochs": args.epochs, "mini_batch_size": args.mini_batch, "vf_coef": 0.1,
                 "cliprange": 0.2, "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95},
@@ -157,7 +158,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                       "forward_s": rec["time/forward"], "update_s": rec["time/update"],
                       "other_s": wall - sum(rec[k] for k in ("time/generate", "time/score", "time/forward", "time/update")),
                       "kl": rec["kl"], "score": rec["score"]})
-        print(f"[rlhfkit e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
+        print(f"[{args.worker} e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
               f"(gen {rec['time/generate']:.2f} fwd {rec['time/forward']:.2f} upd {rec['time/update']:.2f})", flush=True)
     return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
 
@@ -264,7 +265,7 @@ def worker_main(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     load0 = os.getloadavg()
-    fn = worker_rlhfkit if args.worker == "rlhfkit" else worker_trl
+    fn = worker_trl if args.worker == "trl" else worker_rlhfkit
     out = fn(args, work)
     timed = [s for s in out["steps"] if s["timed"]]
     wall = sum(s["wall_s"] for s in timed)
@@ -288,7 +289,7 @@ def worker_main(args) -> int:
 
 # --------------------------------------------------------------------------- parent
 def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
-    py = sys.executable if name == "rlhfkit" else str(TRL_PY)
+    py = str(TRL_PY) if name == "trl" else sys.executable
     result = tmp / f"result_{name}_e{epochs}_{time.time_ns()}.json"
     cmd = [py, str(Path(__file__).resolve()), "--worker", name, "--epochs", str(epochs), "--workload", str(workload),
            "--result", str(result), "--tmp", str(tmp), "--batch", str(args.batch), "--mini-batch", str(args.mini_batch),
@@ -298,7 +299,7 @@ def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
         cmd.append("--no-force-length")
     if args.profile:
         cmd.append("--profile")
-    env = {**os.environ, "PYTHONPATH": str(REPO) if name == "rlhfkit" else "", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "PYTHONPATH": "" if name == "trl" else str(REPO), "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
@@ -330,7 +331,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config")
     ap.add_argument("--json-out")
     # worker mode
-    ap.add_argument("--worker", choices=["rlhfkit", "trl"])
+    ap.add_argument("--worker", choices=["rlhfkit", "rlhfkit-compile", "trl"])
     ap.add_argument("--workload")
     ap.add_argument("--result")
     ap.add_argument("--tmp")
@@ -350,7 +351,7 @@ def main() -> int:
     work = make_workload(tok, args.warmup + args.steps, args.batch, args.qmin, args.qmax, args.rmin, args.rmax, args.seed)
     workload = tmp / "workload.json"
     workload.write_text(json.dumps(work))
-    configs = [(f, e) for e in args.epochs for f in ("rlhfkit", "trl")]
+    configs = [(f, e) for e in args.epochs for f in FRAMEWORKS]
     if args.only:
         configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.only]
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -369,12 +370,13 @@ def main() -> int:
     summary = {}
     for e in args.epochs:
         agg = {}
-        for name in ("rlhfkit", "trl"):
+        for name in FRAMEWORKS:
             rs = [x for x in results if x["framework"] == name and x["ppo_epochs"] == e and "error" not in x]
             if rs:
                 agg[name] = statistics.median(x["tokens_per_s"] for x in rs)
-        if len(agg) == 2:
-            summary[f"ppo_epochs={e}"] = {"rlhfkit_tok_s": agg["rlhfkit"], "trl_tok_s": agg["trl"], "ratio": agg["rlhfkit"] / agg["trl"]}
+        if "trl" in agg and len(agg) > 1:
+            summary[f"ppo_epochs={e}"] = {**{f"{k}_tok_s": v for k, v in agg.items()},
+                                          **{f"{k}/trl": v / agg["trl"] for k, v in agg.items() if k != "trl"}}
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": load_before, "loadavg_after": load_after},
@@ -388,8 +390,8 @@ def main() -> int:
     print(text)
     if args.json_out:
         Path(args.json_out).write_text(text)
-    line = "; ".join(f"{k}: rlhfkit {v['rlhfkit_tok_s']:.1f} tok/s vs TRL {v['trl_tok_s']:.1f} tok/s = {v['ratio']:.2f}x"
-                     for k, v in summary.items())
+    line = "; ".join(f"{k}: TRL {v['trl_tok_s']:.1f} tok/s, " + ", ".join(
+        f"{n} {v[n + '_tok_s']:.1f} tok/s = {v[n + '/trl']:.2f}x" for n in FRAMEWORKS if n + "/trl" in v) for k, v in summary.items())
     print(f"SUMMARY (load avg {load_before} -> {load_after}): {line or 'incomplete'}")
     return 0 if all("error" not in x for x in results) else 1
 

@@ -24,6 +24,8 @@ class SamplingConfig:
     """Forced minimum length (0 = off)."""
     batch_size: int = 16
     """Prompts generated at once."""
+    compile: bool = False
+    """Static KV cache + torch.compile of the decode step (see `compile_kwargs`)."""
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +38,24 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def compile_kwargs(policy, max_len: int) -> dict:
+    """`generate` kwargs for a static KV cache and a compiled decode step (transformers' CompileConfig).
+
+    The cache length is rounded up to a multiple of 64 so a run settles on one or two sizes: transformers
+    only ever grows it, and recompiles when it does. Off CUDA transformers
+    compiles only when asked (`_compile_all_devices`); CUDA gets CUDA graphs (mode reduce-overhead).
+    """
+    from transformers import CompileConfig
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    max_len = -(-max_len // 64) * 64
+    base._previous_max_cache_length = max(getattr(base, "_previous_max_cache_length", -1), max_len)
+    cuda = next(policy.parameters()).device.type == "cuda"
+    cc = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if cuda else "default")
+    cc._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": cc}
+
+
 @torch.no_grad()
 def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, device):
     """Sample responses; returns response ids (B, R) right-padded and their mask (B, R).
@@ -43,11 +63,12 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, devic
     One generate call per chunk with max_new_tokens = the chunk's largest sampled length; each row
     is then cut to its own length (the first L sampled tokens are distributed as sampling with max L).
     The mask keeps tokens up to and including the first EOS; everything after is masked out.
-    `g` carries top_k, top_p, temperature, min_new_tokens, batch_size (ppo.GenerationConfig).
+    `g` carries top_k, top_p, temperature, min_new_tokens, batch_size and compile (ppo.GenerationConfig).
     """
     was_training = policy.training
     policy.eval()
     chunk = g.batch_size or len(queries)
+    extra = compile_kwargs(policy, max(map(len, queries)) + max(max(lengths), getattr(g, "response_max", 0))) if getattr(g, "compile", False) else {}
     responses = []
     for i in range(0, len(queries), chunk):
         q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
@@ -55,7 +76,7 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, devic
             input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
             max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
             top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **extra,
         )
         for row, L in zip(out[:, q_ids.shape[1]:].tolist(), lengths[i : i + chunk]):
             row = row[:L]

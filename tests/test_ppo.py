@@ -159,6 +159,24 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
     assert resp.tolist() == [[7, eos, pad], [5, 6, 7]]
 
 
+def test_compiled_generation_samples_what_eager_samples(tiny_sft_dir, tmp_path):
+    """generation.compile (static cache + torch.compile) draws the same tokens as the eager dynamic-cache path
+    under one seed, across left-padded prompts of different lengths and a second call of another shape."""
+    from rlhfkit.generation import generate
+
+    model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "c", steps=1))
+    q = [tok("how tea hot?")["input_ids"], tok("why bread dough rise so slowly?")["input_ids"], tok("tea?")["input_ids"]]
+    runs = {}
+    for compiled in (False, True):
+        g = ppo.GenerationConfig(compile=compiled)
+        torch.manual_seed(3)
+        runs[compiled] = [generate(model.policy, tok, q, [9, 12, 5], g, "cpu"), generate(model.policy, tok, q[:2], [6, 6], g, "cpu")]
+    for (r0, m0), (r1, m1) in zip(runs[False], runs[True]):
+        assert torch.equal(r0, r1) and torch.equal(m0, m1)
+    base = model.policy.get_base_model()
+    assert base._previous_max_cache_length >= len(q[1]) + 12 and hasattr(base, "_compiled_call")  # static cache, compiled decode
+
+
 def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, capsys):
     for bad in ({"top_k": 50}, {"top_p": 0.9}, {"temperature": 0.7}, {"min_new_tokens": 8}):
         with pytest.raises(ConfigError, match="bias the KL penalty.*accept_kl_bias"):
