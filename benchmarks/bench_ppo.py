@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """PPO step throughput: rlhfkit `ppo` vs TRL-classic PPOTrainer (trl 0.11.4) on SmolLM2-135M (CPU, fp32).
 
-    python benchmarks/bench_ppo.py                       # rlhfkit (eager, compiled generate) + TRL, ppo_epochs 1 and 4, 2 warm-up + 4 timed steps
-    python benchmarks/bench_ppo.py --steps 6 --repeats 2 # more timed steps, alternate the four configs twice
+    python benchmarks/bench_ppo.py                       # FRAMEWORKS x ppo_epochs 1 and 4, 2 warm-up + 4 timed steps
+    python benchmarks/bench_ppo.py --steps 6 --repeats 2 # more timed steps, alternate the configs twice
     python benchmarks/bench_ppo.py --only rlhfkit:1 --profile   # one config, torch.profiler over one timed step
 
 Same for both frameworks (each (framework, ppo_epochs) config in its own child process, all in one
@@ -331,7 +331,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config")
     ap.add_argument("--json-out")
     # worker mode
-    ap.add_argument("--worker", choices=["rlhfkit", "rlhfkit-compile", "trl"])
+    ap.add_argument("--worker", choices=FRAMEWORKS)
     ap.add_argument("--workload")
     ap.add_argument("--result")
     ap.add_argument("--tmp")

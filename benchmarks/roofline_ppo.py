@@ -29,6 +29,8 @@ from pathlib import Path
 
 from _common import machine
 
+UPDATE_T = 110  # padded width of bench_ppo's mini-batches: longest query of the batch (≈ 60) + response (≈ 48)
+
 
 def rate(fn, reps: int) -> float:
     fn()
@@ -80,7 +82,7 @@ def main() -> int:
     c = {k: mc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}
     c["kv_dim"] = mc["num_key_value_heads"] * mc["hidden_size"] // mc["num_attention_heads"]
     s = bench["settings"]
-    r = kernel_rates(c["hidden_size"], c["intermediate_size"], s["mini_batch"] * 110, s["batch"])
+    r = kernel_rates(c["hidden_size"], c["intermediate_size"], s["mini_batch"] * UPDATE_T, s["batch"])
     out = {"machine": machine(), "threads": args.threads, "rates": r, "by_epochs": {}}
     for e in s["epochs"]:
         rows = [x for x in bench["results"] if x["ppo_epochs"] == e and "error" not in x]

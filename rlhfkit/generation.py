@@ -68,7 +68,9 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, devic
     was_training = policy.training
     policy.eval()
     chunk = g.batch_size or len(queries)
-    extra = compile_kwargs(policy, max(map(len, queries)) + max(max(lengths), getattr(g, "response_max", 0))) if getattr(g, "compile", False) else {}
+    extra = {}
+    if getattr(g, "compile", False):  # size the cache for the run's longest response (PPO), not this step's
+        extra = compile_kwargs(policy, max(map(len, queries)) + max(max(lengths), getattr(g, "response_max", 0)))
     responses = []
     for i in range(0, len(queries), chunk):
         q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)

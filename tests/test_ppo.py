@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from rlhfkit.io import read_jsonl
 from rlhfkit.modeling import forward_logprobs
 from rlhfkit.generation import pad_left
 from rlhfkit.stages import ppo
-from tests.conftest import WORDS
+from tests.conftest import WORDS, cli_env
 
 PROMPTS = [f"how {w} {x}?" for w in WORDS for x in WORDS[:3]]
 
@@ -209,7 +208,7 @@ def assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after, steps, files, 
 
     run = lambda out, extra=(), env=None: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "rlhfkit.cli", "ppo", *args, f"out_dir={out}", *extra],
-        capture_output=True, text=True, env={**os.environ, **(env or {})})
+        capture_output=True, text=True, env={**cli_env(), **(env or {})})
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     p = run(straight)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -287,6 +287,7 @@ class PPOTrainer(StageRun):
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
         model, dev = acc.unwrap_model(self.model), acc.device
         full_kl = p.kl_estimator == "full"
+        all_reduce = self._sum if acc.num_processes > 1 else None  # cross-rank sums for the masked statistics
         t = {}
 
         # 1. Rollout: sample responses from the current policy (left-padded queries, KV cache).
@@ -306,7 +307,7 @@ class PPOTrainer(StageRun):
         raw_scores = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32, device=dev)
         scores = raw_scores - p.reward_baseline
         if p.score_norm != "none":
-            mean, std = self.score_stats.update(scores, all_reduce=self._sum if acc.num_processes > 1 else None)
+            mean, std = self.score_stats.update(scores, all_reduce=all_reduce)
             scores = (scores - self.score_stats.mean) if p.score_norm == "normalize" else scores
             scores = scores / (self.score_stats.std + 1e-8)
         if p.score_clip > 0:
@@ -331,7 +332,7 @@ class PPOTrainer(StageRun):
         t0 = time.perf_counter()
         advantages, returns = rl.compute_gae(values, rewards, rmask, p.gamma, p.lam)
         if p.whiten_advantages:
-            advantages = rl.masked_whiten(advantages, rmask, all_reduce=self._sum if acc.num_processes > 1 else None)
+            advantages = rl.masked_whiten(advantages, rmask, all_reduce=all_reduce)
 
         # 6. Minibatch epochs: clipped surrogate + clipped value loss, guards on ratio and approx KL.
         B, mb = len(queries), p.mini_batch_size
@@ -395,8 +396,7 @@ class PPOTrainer(StageRun):
             "reward": glob(scores), "non_score_reward": glob(rl.masked_sum(non_score_reward, rmask, dim=1)),
             "kl": mean_kl, "kl_coef": self.kl_ctl.value,
             "response_length": glob(rmask.sum(1).float()),
-            "explained_variance": float(rl.explained_variance(
-                values, returns, rmask, all_reduce=self._sum if acc.num_processes > 1 else None)),
+            "explained_variance": float(rl.explained_variance(values, returns, rmask, all_reduce=all_reduce)),
             "skipped_minibatches": skipped,
             **{k: sum(v) / len(v) for k, v in stats.items()},
             **t,
