@@ -120,6 +120,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected a bool, got {value!r}")
     if tp is int:
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():  # a recipe var: "{layers}" -> "10"
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)

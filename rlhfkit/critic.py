@@ -15,10 +15,11 @@ import torch
 import yaml
 from torch import nn
 
+from rlhfkit.adapters import disable_dropout, save_model
 from rlhfkit.config import to_dict
 from rlhfkit.errors import ConfigError
 from rlhfkit.modeling import token_scores, unwrap
-from rlhfkit.models import LoraConfig, ModelConfig, adapter_base, is_adapter_dir, load_model
+from rlhfkit.models import LoraConfig, ModelConfig, load_model
 
 VALUE_HEAD, FROM_REWARD = "value_head", "rm"
 
@@ -38,10 +39,10 @@ def critic_source(critic: str, reward: str) -> str | None:
 class RewardModelCritic(nn.Module):
     """A 1-label sequence classifier (the RM, with trainable LoRA and score head) as a value function."""
 
-    def __init__(self, model, tokenizer, base_name: str):
+    def __init__(self, model, tokenizer, model_cfg: ModelConfig, lora: LoraConfig):
         super().__init__()
         self.model = model
-        self.tok, self.base_name = tokenizer, base_name
+        self.tok, self.model_cfg, self.lora = tokenizer, model_cfg, lora
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) -> values (B, T-1): values[:, t] reads position t, as the value head on the policy does."""
@@ -49,28 +50,24 @@ class RewardModelCritic(nn.Module):
 
     def save(self, out: Path) -> None:
         """An RM-style folder (adapter or full model + tokenizer), loadable as a reward model."""
-        from rlhfkit.stages.sft import save_model
-
-        save_model(self.model, self.tok, out, self.base_name)
+        save_model(self.model, self.tok, out, self.model_cfg, self.lora)
 
 
 def load_critic(path: str, model_cfg: ModelConfig, lora: LoraConfig, policy_tok, template) -> RewardModelCritic:
     """The RM at `path` made trainable: its own LoRA adapter continued (score head included), or a
     fresh LoRA (settings of `lora`) on a full/merged RM. Loaded like the policy (dtype, checkpointing)."""
-    cfg = replace(model_cfg, name=path, tokenizer=None, revision=None)
-    model, tok = load_model(cfg, replace(lora, continue_adapter=True), kind="seq_cls")
+    cfg, lora = replace(model_cfg, name=path, tokenizer=None, revision=None), replace(lora, continue_adapter=True)
+    model, tok = load_model(cfg, lora, kind="seq_cls")
     if not hasattr(unwrap(model), "score"):
         raise ConfigError(f"critic {path}: {type(unwrap(model)).__name__} has no per-token 'score' head "
                           f"(encoder RMs pool one [CLS] state); use critic='value_head'")
     if tok.get_vocab() != policy_tok.get_vocab():
         raise ConfigError(f"critic {path}: its tokenizer differs from the policy's, whose token ids it reads")
-    # Dropout off: rollout values (model in train mode) and first-epoch values must agree, as for the
-    # policy LoRA (Huang et al. 2024); an RM adapter is usually trained with dropout 0.1.
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
+    # Dropout off, as in the policy: rollout values and first-epoch values must agree (Huang et al. 2023);
+    # an RM adapter is usually trained with dropout 0.1.
+    disable_dropout(model)
     saved = Path(path) / "config.yaml"
     rm_template = (yaml.safe_load(saved.read_text()) or {}).get("template") if saved.exists() else None
     if rm_template is not None and rm_template != to_dict(template):
         print(f"[ppo] warning: critic {path} was trained with template {rm_template}, PPO uses {to_dict(template)}")
-    return RewardModelCritic(model, tok, adapter_base(path) if is_adapter_dir(path) else path)
+    return RewardModelCritic(model, tok, cfg, lora)

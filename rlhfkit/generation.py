@@ -3,11 +3,16 @@ of what was sampled."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.modeling import forward_logprobs
+from rlhfkit.modeling import forward_logprobs, unwrap
+
+# What a GenerationConfig may carry besides the sampling distribution itself; all else reshapes it.
+NEUTRAL_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+                "max_length", "max_new_tokens", "use_cache", "_from_model_config", "cache_implementation", "do_sample"}
 
 
 @dataclass
@@ -56,6 +61,30 @@ def compile_kwargs(policy, max_len: int) -> dict:
     return {"cache_implementation": "static", "compile_config": cc}
 
 
+_SAID: set[int] = set()  # configs already reported (once per model, not once per rollout)
+
+
+@contextlib.contextmanager
+def raw_sampling(policy, tok):
+    """Sample from the policy itself: transformers fills every generate() argument left unset from the
+    model's own generation_config, so a shipped repetition_penalty, no_repeat_ngram_size, suppress_tokens …
+    would reshape the distribution the KL estimate assumes. A clean config stands in during sampling."""
+    from transformers import GenerationConfig
+
+    hf = unwrap(policy)
+    saved = hf.generation_config
+    ignored = {k: v for k, v in (saved.to_diff_dict() if saved is not None else {}).items() if k not in NEUTRAL_KEYS}
+    if ignored and id(saved) not in _SAID:
+        print(f"[generate] the model's generation_config sets {ignored}: ignored, samples come from the policy itself")
+        _SAID.add(id(saved))
+    hf.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id)
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
 @torch.no_grad()
 def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, device):
     """Sample responses; returns response ids (B, R) right-padded and their mask (B, R).
@@ -74,12 +103,13 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g, devic
     responses = []
     for i in range(0, len(queries), chunk):
         q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
-        out = policy.generate(
-            input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
-            max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
-            top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **extra,
-        )
+        with raw_sampling(policy, tok):
+            out = policy.generate(
+                input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
+                max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
+                top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **extra,
+            )
         for row, L in zip(out[:, q_ids.shape[1]:].tolist(), lengths[i : i + chunk]):
             row = row[:L]
             if tok.eos_token_id in row:

@@ -6,6 +6,7 @@ silent RLHF bugs come from (off-by-one shifts, pooling on the pad id when pad ==
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -25,6 +26,17 @@ def unwrap(model):
     if hasattr(model, "get_base_model"):  # peft
         model = model.get_base_model()
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Eval mode (no dropout) inside the block; the previous train/eval mode is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

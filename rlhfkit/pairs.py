@@ -13,6 +13,7 @@ import torch
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.tables import load_table
+from rlhfkit.templates import cut_prompt
 
 PROMPT_FIELDS = ("prompt", "question")
 CHOSEN_FIELDS = ("chosen", "response_j")
@@ -35,9 +36,10 @@ class PairDataConfig:
     """Pairs whose chosen or rejected text is longer than this many tokens are dropped (counted),
     or cut to it when `truncate` is on."""
     truncate: bool = False
-    """Cut over-long pairs instead of dropping them: the prompt keeps its head and its last 16 tokens
-    (the template's answer cue) within half of max_length, each response keeps its head. Long Stack
-    Exchange answers are the norm, so dropping keeps only the short ones (a biased sample)."""
+    """Cut over-long pairs instead of dropping them: one cut of the prompt for both sides (its head and
+    its last 16 tokens, the template's answer cue; the budget the longer answer leaves, at least half of
+    max_length), then each response keeps its head. Long Stack Exchange answers are the norm, so
+    dropping keeps only the short ones (a biased sample)."""
     max_samples: int = -1
     """Use at most this many training pairs (-1: all)."""
     max_eval_samples: int = -1
@@ -96,27 +98,27 @@ def load_pairs(dc: PairDataConfig) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
-PROMPT_TAIL = 16  # tokens kept from the end of a cut prompt: the template's "Answer:" cue
-
-
 def truncate_sequence(ids: list[int], mask: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Cut a (prompt + response) sequence to max_length tokens: a prompt longer than half the budget
-    keeps its head and its last PROMPT_TAIL tokens; the response keeps its head."""
+    """One (prompt + response) sequence cut to max_length, as one side of truncate_pair."""
     if len(ids) <= max_length:
         return ids, mask
-    n_prompt = mask.index(1) if 1 in mask else len(ids)
-    prompt, response = ids[:n_prompt], ids[n_prompt:]
-    budget = max(max_length - len(response), max_length // 2)
-    if len(prompt) > budget:
-        tail = min(PROMPT_TAIL, budget // 2)
-        prompt = prompt[: budget - tail] + (prompt[-tail:] if tail else [])
-    response = response[: max_length - len(prompt)]
-    return prompt + response, [0] * len(prompt) + [1] * len(response)
+    n = mask.index(1) if 1 in mask else len(ids)
+    return truncate_pair(ids[:n], ids[n:], ids[n:], max_length)[0]
+
+
+def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int):
+    """Cut one comparison to max_length tokens per side, conditioning both sides on the *same* prompt:
+    the prompt gets the budget the longer answer leaves (at least half of max_length; templates.cut_prompt),
+    then each answer keeps its head (as TRL's DPO tokenize_row). Returns the two (ids, response mask)."""
+    budget = max(max_length - max(len(chosen), len(rejected)), max_length // 2)
+    prompt = cut_prompt(prompt, budget)
+    room = max_length - len(prompt)
+    return tuple((prompt + resp[:room], [0] * len(prompt) + [1] * len(resp[:room])) for resp in (chosen, rejected))
 
 
 def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", truncate: bool = False) -> list[dict]:
     """Token ids + response masks of chosen and rejected; empty pairs are dropped, over-long ones are
-    dropped or (truncate) cut by truncate_sequence."""
+    dropped or (truncate) cut by truncate_pair."""
     out, too_long, cut, bad = [], 0, 0, 0
     for r in rows:
         if not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected")) or not r["chosen"] or not r["rejected"]:
@@ -129,8 +131,8 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
                 too_long += 1
                 continue
             cut += 1
-            (c_ids, c_mask), (r_ids, r_mask) = (truncate_sequence(c_ids, c_mask, max_length),
-                                                truncate_sequence(r_ids, r_mask, max_length))
+            n = c_mask.index(1) if 1 in c_mask else len(c_ids)  # both sides share these prompt tokens
+            (c_ids, c_mask), (r_ids, r_mask) = truncate_pair(c_ids[:n], c_ids[n:], r_ids[n:], max_length)
         out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask})
     if too_long or bad:
         print(f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens and {bad} malformed pairs "

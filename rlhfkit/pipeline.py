@@ -159,7 +159,7 @@ def _write_marker(run_dir: Path, name: str, data: dict) -> None:
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        print(f"With no RECIPE, runs the embedded default: {DEFAULT_RECIPE.name} (offline, ≈ 20 min on 2 CPU cores).")
+        print(f"With no RECIPE, runs the embedded default: {DEFAULT_RECIPE.name} (offline, ≈ 30 min on 2 CPU cores).")
         return 0
     recipe_path = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     rest = argv[1:] if recipe_path else argv

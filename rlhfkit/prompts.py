@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.tables import load_table
+from rlhfkit.templates import PROMPT_TAIL, cut_prompt
 
 PROMPT_FIELDS = ("prompt", "query", "question", "text")
 RESOURCES = Path(__file__).resolve().parent / "resources"
@@ -30,6 +31,11 @@ class PromptDataConfig:
     """Eval prompts held out from `path` when eval_path is None."""
     max_prompts: int = -1
     """Use at most this many training prompts (-1: all)."""
+    max_length: int = 512
+    """Longest templated prompt, in tokens (StackLLaMA kept queries under 512): longer ones are cut
+    (`truncate`) or dropped, counted either way, never passed through."""
+    truncate: bool = True
+    """Cut an over-long prompt to its head and its answer cue (templates.cut_prompt) instead of dropping it."""
 
 
 def read_prompts(path: str, split: str | None, field: str | None) -> list[str]:
@@ -75,3 +81,26 @@ def load_prompts(cfg: PromptDataConfig, seed: int = 0) -> tuple[list[str], list[
     if cfg.max_prompts > 0:
         prompts = prompts[: cfg.max_prompts]
     return prompts, eval_prompts
+
+
+def encode_prompts(prompts: list[str], fmt, cfg: PromptDataConfig, stage: str) -> tuple[list[str], list[list[int]], dict]:
+    """Templated token ids of `prompts`, each at most cfg.max_length long: over-long ones are cut or
+    (truncate=false) dropped. Returns (kept prompts, their ids, {"prompts_cut": n, "prompts_dropped": n})."""
+    if cfg.max_length < 2 * PROMPT_TAIL:
+        raise RlhfkitError(f"prompts.max_length={cfg.max_length}: too short to keep a prompt's head and answer cue")
+    kept, queries, cut, dropped = [], [], 0, 0
+    for p in prompts:
+        ids = fmt.encode_prompt(p)
+        if len(ids) > cfg.max_length:
+            if not cfg.truncate:
+                dropped += 1
+                continue
+            ids, cut = cut_prompt(ids, cfg.max_length), cut + 1
+        kept.append(p)
+        queries.append(ids)
+    if cut or dropped:
+        print(f"[{stage}] {cut} prompts cut and {dropped} dropped: longer than prompts.max_length={cfg.max_length} tokens "
+              f"(kept {len(kept)} of {len(prompts)})")
+    if prompts and not kept:
+        raise RlhfkitError(f"every prompt is longer than prompts.max_length={cfg.max_length} tokens")
+    return kept, queries, {"prompts_cut": cut, "prompts_dropped": dropped}

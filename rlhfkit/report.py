@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from typing import Any, Iterable
+from typing import Any
 
 from rlhfkit.io import atomic_write_bytes
 from rlhfkit.report_render import (  # noqa: F401  (re-exported)

@@ -37,12 +37,17 @@ class RewardModelScorer(Scorer):
                                           trainable=False, verbose=False)
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
+        saved = Path(path) / "config.yaml"
+        trained = (yaml.safe_load(saved.read_text()) or {}) if saved.exists() else {}
         if template is None:  # score with the template the RM was trained on
-            saved = Path(path) / "config.yaml"
-            tcfg = yaml.safe_load(saved.read_text()).get("template", {}) if saved.exists() else {}
-            template = TemplateConfig(**tcfg)
+            template = TemplateConfig(**trained.get("template", {}))
         self.fmt = PromptFormat(template, self.tok)
         self.batch_size = batch_size
+        # Inputs longer than the RM was trained on (or than its positions) are cut as its training pairs
+        # were (pairs.truncate_sequence): prompt head + answer cue, response head. Counted in n_cut.
+        limits = [(trained.get("data") or {}).get("max_length"), getattr(self.model.config, "max_position_embeddings", None)]
+        self.max_length = min((int(x) for x in limits if x), default=None)
+        self.n_cut = 0
 
     @torch.no_grad()
     def __call__(self, prompts, responses) -> list[float]:
@@ -53,7 +58,7 @@ class RewardModelScorer(Scorer):
         out: list[float] = []
         pad = self.tok.pad_token_id
         for i in range(0, len(prompts), self.batch_size):
-            seqs = [self.fmt.encode(p, r)[0] for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
+            seqs = [self._encode(p, r) for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
             T = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), T), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -62,6 +67,16 @@ class RewardModelScorer(Scorer):
                 mask[j, : len(s)] = 1
             out += sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
         return out
+
+
+    def _encode(self, prompt: str, response: str) -> list[int]:
+        from rlhfkit.pairs import truncate_sequence
+
+        ids, mask = self.fmt.encode(prompt, response)
+        if self.max_length and len(ids) > self.max_length:
+            self.n_cut += 1
+            ids, _ = truncate_sequence(ids, mask, self.max_length)
+        return ids
 
 
 class PipelineScorer(Scorer):

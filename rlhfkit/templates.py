@@ -12,6 +12,16 @@ from dataclasses import dataclass
 from rlhfkit.errors import ConfigError
 
 STACKLLAMA_TEMPLATE = "Question: {prompt}\n\nAnswer: {response}"
+PROMPT_TAIL = 16  # tokens kept from the end of a cut prompt: the template's "Answer:" cue
+
+
+def cut_prompt(ids: list[int], budget: int) -> list[int]:
+    """A templated prompt's token ids cut to `budget`: its head and its last PROMPT_TAIL tokens (the
+    answer cue, so the model still sees where its answer starts)."""
+    if len(ids) <= budget:
+        return ids
+    tail = min(PROMPT_TAIL, budget // 2)
+    return ids[: budget - tail] + (ids[-tail:] if tail else [])
 
 
 @dataclass

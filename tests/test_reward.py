@@ -227,7 +227,8 @@ def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp
 
 
 def test_truncate_sequence_keeps_prompt_head_and_cue_and_response_head():
-    from rlhfkit.pairs import PROMPT_TAIL, truncate_sequence
+    from rlhfkit.pairs import truncate_sequence
+    from rlhfkit.templates import PROMPT_TAIL
 
     # prompt 300 tokens (ids 0..299), response 400 (ids 1000..1399), budget 256:
     # the prompt gets half (128 = head 112 + its last 16), the response the other 128.

@@ -40,8 +40,9 @@ from typing import Literal
 import torch
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.adapters import disable_dropout, save_model
 from rlhfkit.losses import DPO_LOSS_TYPES, dpo_loss
-from rlhfkit.modeling import sequence_logprobs
+from rlhfkit.modeling import eval_mode, sequence_logprobs
 from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
 from rlhfkit.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.templates import PromptFormat, TemplateConfig
@@ -122,22 +123,6 @@ def _peft(model):
     while hasattr(model, "module"):
         model = model.module
     return model if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def disable_dropout(model) -> None:
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 # --------------------------------------------------------------------------- reference
@@ -298,8 +283,6 @@ def _load_ref_model(cfg: DPOConfig, tok):
 
 
 def run(cfg: DPOConfig) -> dict:
-    from rlhfkit.stages.sft import save_model
-
     torch.manual_seed(cfg.train.seed)
     model, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
     if cfg.disable_dropout:
@@ -337,7 +320,7 @@ def run(cfg: DPOConfig) -> dict:
         loss=lambda m, micro: micro_loss(m, micro, reference, cfg.beta, cfg.loss_type, cfg.label_smoothing),
         evaluate=(lambda m: evaluate_pairs(m, eval_pairs, "eval", reference, cfg, tok.pad_token_id, trainer.accelerator))
         if eval_pairs else None,
-        save_final=lambda m, out: save_model(m, tok, out, cfg.model.name),
+        save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
     )
     if source.kind == "model" and not (cfg.model.load_in_8bit or cfg.model.load_in_4bit):  # quantized: placed at load
         source.model.to(trainer.accelerator.device)

@@ -17,11 +17,11 @@ import torch
 
 from rlhfkit.config import save_config
 from rlhfkit.detectors import detect
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.generation import SamplingConfig, generate, response_logprobs
 from rlhfkit.io import append_jsonl, atomic_write_json, prepare_out_dir
 from rlhfkit.models import LoraConfig, ModelConfig, load_model
-from rlhfkit.prompts import PromptDataConfig, load_prompts, read_prompts
+from rlhfkit.prompts import PromptDataConfig, encode_prompts, load_prompts, read_prompts
 from rlhfkit.scoring import load_scorer
 from rlhfkit.templates import PromptFormat, TemplateConfig
 
@@ -84,14 +84,18 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
     for name, path in models:
         model, tok = load_model(ModelConfig(name=path), LoraConfig(enabled=False), trainable=False, verbose=False)
         fmt = PromptFormat(cfg.template, tok)
-        queries = [fmt.encode_prompt(p) for p in prompts]
+        kept, queries, bounded = encode_prompts(prompts, fmt, cfg.prompts, f"eval {name}")
+        if len(kept) != len(prompts):
+            if per_model:  # every model must answer the same prompts
+                raise RlhfkitError(f"{name}: its tokenizer drops other prompts than {models[0][0]}'s; set prompts.truncate=true")
+            prompts = kept
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             resp, rmask = generate(model, tok, queries, [cfg.generation.max_new_tokens] * len(queries), cfg.generation, "cpu")
         texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
         logp = response_logprobs(model, queries, resp, rmask, tok.pad_token_id).sum(1)
         samples[name] = {"texts": texts, "queries": queries, "resp": resp, "rmask": rmask, "logp": logp, "tok": tok}
-        per_model[name] = {"perplexity": _perplexity(model, tok, cfg) if cfg.perplexity_data else None}
+        per_model[name] = {"perplexity": _perplexity(model, tok, cfg) if cfg.perplexity_data else None, **bounded}
         del model
 
     ref, ref_tok = load_model(ModelConfig(name=ref_path), LoraConfig(enabled=False), trainable=False, verbose=False)
@@ -130,6 +134,7 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
     last = models[-1][0]
     metrics = {
         "prompts": len(prompts),
+        "rm_inputs_cut": getattr(rm_scorer, "n_cut", None),  # (prompt, response) texts longer than the RM's max_length
         "models": {n: {k: v for k, v in m.items() if k != "flags"} for n, m in per_model.items()},
         "win_rate": win,
         "detectors": {n: m["flags"] for n, m in per_model.items()},

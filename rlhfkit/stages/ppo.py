@@ -5,6 +5,8 @@ The update reads as a numbered story (as vwxyzjn's summarize_from_feedback_detai
   6 minibatch epochs (clipped policy + value losses)   7 log.
 Reference = the same weights with the adapter disabled (fresh LoRA) or a frozen copy of the starting
 adapter (continued LoRA), so KL at step 0 is exactly 0 and no second copy of the base exists.
+Every dropout is off and the no-grad forwards run in eval mode (as TRL-classic; Huang et al. 2023), so
+the first mini-batch's ratio is 1 before any update. Prompts are bounded by prompts.max_length.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from rlhfkit.critic import VALUE_HEAD, critic_source, load_critic
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.generation import generate, pad_left, response_logprobs
 from rlhfkit.io import append_jsonl, atomic_write_text
-from rlhfkit.modeling import ScalarHead, forward_logprobs
+from rlhfkit.adapters import disable_dropout, save_model
+from rlhfkit.modeling import ScalarHead, eval_mode, forward_logprobs
 from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
-from rlhfkit.prompts import PromptDataConfig, load_prompts
+from rlhfkit.prompts import PromptDataConfig, encode_prompts, load_prompts
 from rlhfkit.scoring import load_scorer
 from rlhfkit.templates import PromptFormat, TemplateConfig
 from rlhfkit.training import StageConfig, StageRun
@@ -110,7 +113,8 @@ class PPOConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     """Policy start: a base/merged model, or an SFT adapter folder (merged, or continued with lora.continue_adapter)."""
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))
-    """Policy LoRA (dropout 0 by default: dropout makes the first ratio ≠ 1; Huang et al. 2024)."""
+    """Policy LoRA. PPO turns every dropout off (LoRA's, a continued adapter's, the base's): with it the
+    first ratio is ≠ 1 and the KL penalty noisy (Huang et al. 2023), so lora.dropout is not used here."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
     """Prompt template (keep it the same as SFT and the RM)."""
     prompts: PromptDataConfig = field(default_factory=PromptDataConfig)
@@ -224,6 +228,10 @@ def build_policy(cfg: PPOConfig):
         for n, p in policy.named_parameters():
             if f".{REF_ADAPTER}." in n:
                 p.requires_grad_(False)
+    n_drop = disable_dropout(policy)
+    if n_drop or cfg.lora.dropout > 0:
+        print(f"[ppo] dropout off in every forward ({n_drop} dropout layers/attention rates were > 0"
+              + (f"; lora.dropout={cfg.lora.dropout} is not used" if cfg.lora.dropout > 0 else "") + ")")
     critic = None if rm_path is None else load_critic(rm_path, cfg.model, cfg.lora, tok, cfg.template)
     model = PolicyWithValue(policy, "adapter" if continuing else "disable_adapter", critic)
     tok.padding_side = "left"
@@ -247,7 +255,9 @@ class PPOTrainer(StageRun):
             self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
         if not self.prompts:
             raise RlhfkitError("no training prompts")
-        self.queries = [self.fmt.encode_prompt(q) for q in self.prompts]
+        self.prompts, self.queries, self.prompt_stats = encode_prompts(self.prompts, self.fmt, cfg.prompts, "ppo")
+        self.eval_prompts, self.eval_queries, _ = (encode_prompts(self.eval_prompts, self.fmt, cfg.prompts, "ppo eval")
+                                                   if self.eval_prompts else ([], [], {}))
         from rlhfkit.training import StepPlan
 
         self.plan = StepPlan(len(self.prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
@@ -317,7 +327,7 @@ class PPOTrainer(StageRun):
         # 3. KL-penalised reward: old log-probs and values, reference log-probs, −β·KL_t per token.
         #    Every forward keeps only the R response positions (the queries are left-padded before them).
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             old = model(input_ids, attention_mask, return_logits=full_kl, keep=R)
             with model.as_reference() as ref_model:
                 ref = forward_logprobs(ref_model, input_ids, attention_mask, return_logits=full_kl, keep=R)
@@ -398,6 +408,7 @@ class PPOTrainer(StageRun):
             "response_length": glob(rmask.sum(1).float()),
             "explained_variance": float(rl.explained_variance(values, returns, rmask, all_reduce=all_reduce)),
             "skipped_minibatches": skipped,
+            **({"rm_inputs_cut": self.scorer.n_cut} if hasattr(self.scorer, "n_cut") else {}),
             **{k: sum(v) / len(v) for k, v in stats.items()},
             **t,
         }
@@ -414,16 +425,17 @@ class PPOTrainer(StageRun):
             return {}
         acc, model = self.accelerator, self.accelerator.unwrap_model(self.model)
         prompts = self.eval_prompts[acc.process_index :: acc.num_processes]
+        queries = self.eval_queries[acc.process_index :: acc.num_processes]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 7919)
-            queries = [self.fmt.encode_prompt(q) for q in prompts]
             lengths = [self.cfg.generation.response_max] * len(queries)
             resp, rmask = generate(model.policy, self.tok, queries, lengths, self.cfg.generation, acc.device)
         responses = self._decode(resp, rmask)
         rewards = self.scorer(prompts, responses)
-        logp = response_logprobs(model.policy, queries, resp, rmask, self.tok.pad_token_id)
-        with model.as_reference() as ref_model:
-            ref_logp = response_logprobs(ref_model, queries, resp, rmask, self.tok.pad_token_id)
+        with eval_mode(model):
+            logp = response_logprobs(model.policy, queries, resp, rmask, self.tok.pad_token_id)
+            with model.as_reference() as ref_model:
+                ref_logp = response_logprobs(ref_model, queries, resp, rmask, self.tok.pad_token_id)
         seq_kl = (logp - ref_logp).sum(1)
         n = torch.tensor(float(len(prompts)), device=acc.device)
         result = {
@@ -476,7 +488,7 @@ class PPOTrainer(StageRun):
             self.log({"step": self.step, **{f"eval/{k}": v for k, v in after.items()}})
         self.save_final(self._save_policy)
         summary = {"stage": "ppo", "steps": self.step, "last_score": record.get("score"), "last_kl": record.get("kl"),
-                   "out_dir": str(self.out / "final")}
+                   "out_dir": str(self.out / "final"), **self.prompt_stats}
         if acc.is_main_process and after:
             summary.update(self._before_after())
         if cfg.report_to:
@@ -487,13 +499,12 @@ class PPOTrainer(StageRun):
         from safetensors.torch import save_file
 
         model = self.accelerator.unwrap_model(self.model)
-        model.policy.save_pretrained(out, selected_adapters=["default"])
+        save_model(model.policy, self.tok, out, self.cfg.model, self.cfg.lora, selected_adapters=["default"])
         if model.critic is None:
             save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors"))
         else:  # an RM-style folder, whose config.yaml gives the template it scores with
             model.critic.save(out / "critic")
             save_config(self.cfg, out / "critic" / "config.yaml")
-        self.tok.save_pretrained(out)
 
     def _before_after(self) -> dict:
         """Seed-003-style table: the same eval prompts before and after PPO, with rewards."""

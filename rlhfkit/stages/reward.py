@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhfkit.adapters import save_model
 from rlhfkit.losses import pairwise_reward_loss
 from rlhfkit.modeling import sequence_scores
 from rlhfkit.models import LoraConfig, ModelConfig, load_model
@@ -95,8 +96,6 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
 
 
 def run(cfg: RewardConfig) -> dict:
-    from rlhfkit.stages.sft import save_model
-
     torch.manual_seed(cfg.train.seed)
     model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls")
     fmt = PromptFormat(cfg.template, tok)
@@ -125,7 +124,7 @@ def run(cfg: RewardConfig) -> dict:
         count=lambda batch: batch["input_ids"].shape[0] // 2,
         loss=loss,
         evaluate=evaluate if eval_pairs else None,
-        save_final=lambda m, out: save_model(m, tok, out, cfg.model.name),
+        save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
     )
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")

@@ -18,7 +18,8 @@ import torch
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.modeling import causal_lm_nll_sum
-from rlhfkit.models import DEFAULT_HUB_ID, LoraConfig, ModelConfig, load_model
+from rlhfkit.adapters import save_model
+from rlhfkit.models import LoraConfig, ModelConfig, load_model
 from rlhfkit.packing import Sample, collate_packed, collate_padded, count_targets, pack
 from rlhfkit.tables import load_table
 from rlhfkit.templates import PromptFormat, TemplateConfig
@@ -157,18 +158,6 @@ def check_packing(model) -> None:
 
 
 # --------------------------------------------------------------------------- stage
-def save_model(model, tokenizer, out: Path, base_name: str) -> None:
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    adapter_cfg = out / "adapter_config.json"
-    if adapter_cfg.exists():  # record a portable base name, not this machine's cache path
-        cfg = json.loads(adapter_cfg.read_text())
-        from rlhfkit.models import _is_default
-
-        cfg["base_model_name_or_path"] = DEFAULT_HUB_ID if _is_default(base_name) else cfg["base_model_name_or_path"]
-        adapter_cfg.write_text(json.dumps(cfg, indent=2))
-
-
 def run(cfg: SFTConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     dc = cfg.data
@@ -222,7 +211,7 @@ def run(cfg: SFTConfig) -> dict:
 
     trainer = Trainer(cfg, "sft", model, len(items), collate=lambda ix: collate_items([items[i] for i in ix]),
                       count=count_targets, loss=loss, evaluate=evaluate if eval_items else None,
-                      save_final=lambda m, out: save_model(m, tok, out, cfg.model.name))
+                      save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora))
     before = None
     if eval_items and not (cfg.resume and trainer._checkpoints()):
         before = evaluate(trainer.eval_model)
