@@ -2,6 +2,7 @@
 
     rlhfkit sft --config sft.yaml train.lr=1e-4 --model.name path/to/model --out_dir runs/sft
     rlhfkit sft --help              # every field with its doc and default
+    rlhfkit sft … --debug           # a failing command also prints the traceback behind its one-line error
 
 A stage module exposes `CONFIG` (its dataclass), `run(cfg) -> dict`, and optionally `POSITIONAL`:
 the config fields that bare positional arguments fill, in order (the last one takes the rest when
@@ -15,6 +16,7 @@ import importlib.util
 import json
 import os
 import sys
+import traceback
 import typing
 
 from rlhfkit.config import _merge, config_help, flag_takes_value, load_config, parse_overrides
@@ -116,6 +118,8 @@ def _main(argv: list[str] | None) -> int:
     module = importlib.import_module(STAGES[name][0])
     if hasattr(module, "main"):  # commands with their own argument handling (e.g. report, chat)
         return module.main(args)
+    debug = "--debug" in args  # show the traceback behind a one-line error
+    args = [a for a in args if a != "--debug"]
     if "-h" in args or "--help" in args:
         print(f"usage: rlhfkit {name} {' '.join(f'[{p.upper()}]' for p in getattr(module, 'POSITIONAL', []))} "
               f"[--config FILE] [key=value ...]\n\n{STAGES[name][1]}\n\noptions:")
@@ -127,6 +131,8 @@ def _main(argv: list[str] | None) -> int:
         cfg = load_config(module.CONFIG, config_path, merged)
         summary = module.run(cfg)
     except RlhfkitError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"rlhfkit {name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

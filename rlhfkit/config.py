@@ -216,17 +216,29 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> dict[str, Any]:
+    """A YAML mapping from `path`, or a ConfigError naming the file (and line) — never a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(cls: type, yaml_path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None):
     """Build `cls` from an optional YAML file plus overrides (dotted strings or a nested dict)."""
-    data: dict[str, Any] = {}
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
+    data: dict[str, Any] = read_yaml(yaml_path, "config file") if yaml_path is not None else {}
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         data = _merge(data, extra)

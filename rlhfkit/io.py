@@ -20,6 +20,34 @@ from typing import Any, Iterator
 from rlhfkit.errors import RlhfkitError
 
 
+PATH_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gguf", ".yaml", ".yml", ".xml",
+                 ".7z", ".gz", ".bz2", ".zip", ".safetensors", ".bin", ".pt"}
+
+
+def missing_path(name: str, what: str) -> RlhfkitError | None:
+    """An immediate "not found" for a `name` that looks like a local path (a file extension, a leading
+    . / ~, or a first component that is a local folder, as in runs/tiny_modl) and does not exist — so a
+    typo is never sent to the Hub to time out. None when it exists or may be a hub id (org/name)."""
+    import difflib
+
+    path = Path(name).expanduser()
+    if path.exists():
+        return None
+    parts = Path(name).parts
+    local = (name.startswith((".", "/", "~")) or path.suffix.lower() in PATH_SUFFIXES or name.count("/") > 1
+             or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir()))
+    if not local:
+        return None
+    hint = ""
+    if path.parent.is_dir():
+        close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1, cutoff=0.6)
+        hint = f" (did you mean {path.parent / close[0]}?)" if close else ""
+    else:
+        parent = next((p for p in path.parents if p.is_dir()), Path("."))
+        hint = f" ({path.parent} does not exist; {parent} does)"
+    return RlhfkitError(f"{what} not found: {name}{hint}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync, then rename over it (normal permissions)."""
     path = Path(path)
@@ -68,29 +96,90 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def prepare_out_dir(path: Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create `path` for a stage run.
+OWNER_FILE = ".rlhfkit"  # written into every out_dir rlhfkit creates: proof of authorship
+LOCK_FILE = ".lock"
+_OWN_EARLY = {OWNER_FILE, LOCK_FILE, "config.yaml"}  # what a stage writes before it can fail on input
 
-    An existing non-empty directory is an error unless `resume` (keep it) or `overwrite` (wipe it).
+
+def written_by_rlhfkit(path: Path) -> bool:
+    return (Path(path) / OWNER_FILE).is_file()
+
+
+def _contents(path: Path) -> list[Path]:
+    """What is in `path` beyond its lock file, and beyond a config.yaml that rlhfkit wrote there before
+    failing on bad input (so the corrected rerun is not blocked)."""
+    ignore = _OWN_EARLY if written_by_rlhfkit(path) else {LOCK_FILE}
+    return [p for p in path.iterdir() if p.name not in ignore]
+
+
+def prepare_out_dir(path: Path, overwrite: bool = False, resume: bool = False, owner: str = "rlhfkit") -> Path:
+    """Create `path` for a stage run and mark it as rlhfkit's (OWNER_FILE).
+
+    An existing non-empty directory is an error unless `resume` (keep it) or `overwrite` (wipe it; the
+    lock file stays, since the caller holds it).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RlhfkitError(f"output path {path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and _contents(path):
         if resume:
             return path
         if not overwrite:
             raise RlhfkitError(
                 f"output directory {path} is not empty: pass --overwrite to replace it or --resume to continue it"
             )
-        shutil.rmtree(path)
+    if path.exists():
+        for p in path.iterdir():
+            if p.name != LOCK_FILE:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / OWNER_FILE, {"owner": owner, "pid": os.getpid()})
     return path
 
 
+def lock_dir(path: Path):
+    """Hold an exclusive lock on `path` (created if needed) for as long as the returned file stays open
+    (the process's lifetime): a second writer is refused at once with the holder's pid."""
+    import fcntl
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fh = open(path / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise RlhfkitError(f"{path} is in use by another rlhfkit process (pid {holder}): wait for it to finish, "
+                           f"or use another out_dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file below `folder` and the folders themselves, so a rename publishes whole files."""
+    for root, _, files in os.walk(folder):
+        for f in files:
+            fsync_path(Path(root) / f)
+        fsync_path(Path(root))
+
+
 @contextlib.contextmanager
-def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path`, on error it is removed.
+def atomic_dir(path: Path, overwrite: bool = False, mark: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it is fsynced and replaces `path`, on error it is
+    removed. `mark` writes OWNER_FILE into it (a run-directory stage output: proof of authorship).
 
     Use for outputs that must appear whole or not at all (a dataset folder, a merged model).
     """
@@ -105,6 +194,9 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if mark:
+        atomic_write_json(tmp / OWNER_FILE, {"owner": mark, "pid": os.getpid()})
+    fsync_tree(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -112,3 +204,4 @@ def atomic_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+    fsync_path(path.parent)

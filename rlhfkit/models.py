@@ -22,6 +22,7 @@ import torch
 
 from rlhfkit.adapters import ADAPTER_FILE, is_adapter_dir, read_adapter_config, set_lora_dropout
 from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.io import missing_path
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,9 @@ def resolve_model_path(name: str) -> str:
         if not ((path / "config.json").exists() or (path / ADAPTER_FILE).exists()):
             raise RlhfkitError(f"{path} holds neither config.json nor {ADAPTER_FILE}: not a model folder")
         return str(path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise RlhfkitError(f"model path not found: {name}")
+    missing = missing_path(name, "model path")
+    if missing is not None:
+        raise missing
     return name  # hub id: transformers reports a missing/unreachable one itself
 
 

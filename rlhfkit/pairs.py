@@ -13,7 +13,7 @@ import torch
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.tables import load_table
-from rlhfkit.templates import cut_prompt
+from rlhfkit.templates import cut_prompt, same_text
 
 PROMPT_FIELDS = ("prompt", "question")
 CHOSEN_FIELDS = ("chosen", "response_j")
@@ -119,10 +119,13 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
 def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", truncate: bool = False) -> list[dict]:
     """Token ids + response masks of chosen and rejected; empty pairs are dropped, over-long ones are
     dropped or (truncate) cut by truncate_pair."""
-    out, too_long, cut, bad = [], 0, 0, 0
+    out, too_long, cut, bad, same = [], 0, 0, 0, 0
     for r in rows:
         if not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected")) or not r["chosen"] or not r["rejected"]:
             bad += 1
+            continue
+        if same_text(r["chosen"], r["rejected"]):  # a tie in disguise: nothing to learn
+            same += 1
             continue
         c_ids, c_mask = fmt.encode(r["prompt"], r["chosen"])
         r_ids, r_mask = fmt.encode(r["prompt"], r["rejected"])
@@ -134,9 +137,10 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
             n = c_mask.index(1) if 1 in c_mask else len(c_ids)  # both sides share these prompt tokens
             (c_ids, c_mask), (r_ids, r_mask) = truncate_pair(c_ids[:n], c_ids[n:], r_ids[n:], max_length)
         out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask})
-    if too_long or bad:
-        print(f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens and {bad} malformed pairs "
-              f"(kept {len(out)} of {len(rows)})")
+    if too_long or bad or same:
+        print(f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens, {bad} malformed pairs and "
+              f"{same} whose chosen == rejected (kept {len(out)} of {len(rows)})")
+
     if cut:
         print(f"[{stage}] cut {cut} of {len(rows)} pairs to {max_length} tokens")
     return out

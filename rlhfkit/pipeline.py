@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.config import _merge, load_config, parse_overrides, to_dict
+from rlhfkit.config import _merge, load_config, parse_overrides, read_yaml, to_dict
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.io import atomic_write_json, atomic_write_text
+from rlhfkit.io import LOCK_FILE, atomic_write_json, atomic_write_text, lock_dir, written_by_rlhfkit
 
 STAGE_MODULES = {
     "data": "rlhfkit.stages.data", "feedback": "rlhfkit.stages.feedback", "sft": "rlhfkit.stages.sft",
@@ -56,9 +56,7 @@ def _subst(node, values: dict):
 
 def load_recipe(path: str | Path | None, overrides: list[str]) -> dict:
     path = Path(path) if path else DEFAULT_RECIPE
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    recipe = read_yaml(path, "recipe")
     recipe = _merge(recipe, parse_overrides(overrides))
     stages = recipe.get("stages")
     if not stages or not isinstance(stages, list):
@@ -91,14 +89,19 @@ def _stage_config(name: str, section: dict, out: Path):
 
 def _fingerprint(cfg, upstream: str) -> str:
     data = to_dict(cfg) if cfg is not None else {}
-    for k in ("out_dir", "overwrite", "resume"):
+    for k in ("out_dir", "overwrite", "resume", "allow_config_change"):
         data.pop(k, None)
     return hashlib.sha256((upstream + json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
 
 
+def _foreign(out: Path) -> bool:
+    """`out` holds something (beyond a lock file)."""
+    return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+
+
 def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
     run_dir = Path(recipe["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_dir(run_dir)  # noqa: F841  (held until this process ends: one `rlhfkit run` per run_dir)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump({k: v for k, v in recipe.items() if k != "_path"}, sort_keys=False))
     upstream, summaries, rerun_rest = "", {}, overwrite
     for name in recipe["stages"]:
@@ -120,8 +123,9 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
             elif marker.get("status") == "running":
                 resume = name in RESUMABLE
                 print(f"[run] {name}: interrupted earlier — " + ("resuming" if resume else "starting again"))
-        elif out.exists() and any(out.iterdir()) and not rerun_rest:
-            raise RlhfkitError(f"{out} exists but was not written by `rlhfkit run`: pass --overwrite")
+        if not overwrite and _foreign(out) and marker is None and not written_by_rlhfkit(out):
+            # whatever the earlier stages did: a folder rlhfkit did not write is never wiped without --overwrite
+            raise RlhfkitError(f"{out} exists but was not written by `rlhfkit run`: move it away or pass --overwrite")
         if cfg is not None:
             if hasattr(cfg, "resume"):
                 cfg.resume = resume
@@ -163,12 +167,16 @@ def main(argv: list[str]) -> int:
         return 0
     recipe_path = argv[0] if argv and not argv[0].startswith("-") and "=" not in argv[0] else None
     rest = argv[1:] if recipe_path else argv
-    overwrite = "--overwrite" in rest
-    rest = [a for a in rest if a != "--overwrite"]
+    overwrite, debug = "--overwrite" in rest, "--debug" in rest
+    rest = [a for a in rest if a not in ("--overwrite", "--debug")]
     try:
         recipe = load_recipe(recipe_path, rest)
         summaries = run_recipe(recipe, overwrite=overwrite)
     except RlhfkitError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"rlhfkit run: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

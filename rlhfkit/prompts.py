@@ -47,7 +47,12 @@ def read_prompts(path: str, split: str | None, field: str | None) -> list[str]:
     if p.suffix == ".txt":
         if not p.is_file():
             raise RlhfkitError(f"prompt file not found: {p}")
-        prompts = [line.rstrip("\n") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = p.read_bytes()[: exc.start].count(b"\n") + 1
+            raise RlhfkitError(f"{p}: line {line} is not UTF-8 text; save the prompts file as UTF-8") from None
+        prompts = [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     else:
         try:
             table = load_table(path, split)

@@ -7,6 +7,7 @@ Python callable. `load_scorer(spec)` picks the right one.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -106,10 +107,21 @@ class CallableScorer(Scorer):
         self.fn, self.name = fn, getattr(fn, "__name__", "callable")
 
     def __call__(self, prompts, responses) -> list[float]:
-        scores = self.fn(list(prompts), list(responses))
-        scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
+        try:
+            scores = self.fn(list(prompts), list(responses))
+        except Exception as exc:  # the user's code: say whose it is, not a traceback into ours
+            raise RlhfkitError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from exc
+        try:
+            scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
+        except TypeError:
+            raise RlhfkitError(f"reward function {self.name} returned {type(scores).__name__}, not a sequence of "
+                               f"numbers") from None
         if len(scores) != len(prompts):
             raise RlhfkitError(f"reward function {self.name} returned {len(scores)} scores for {len(prompts)} samples")
+        for i, s in enumerate(scores):  # a string "1.5" or None is a bug in the function, not a score
+            if isinstance(s, (bool, str, bytes)) or not isinstance(s, numbers.Real):
+                raise RlhfkitError(f"reward function {self.name} returned {s!r} (a {type(s).__name__}) for sample {i}; "
+                                   f"scores must be numbers")
         return [float(s) for s in scores]
 
 

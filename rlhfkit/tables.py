@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import missing_path
 
 _FILE_BUILDERS = {
     ".jsonl": "json",
@@ -16,6 +17,25 @@ _FILE_BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
+
+
+def check_jsonl(path: Path) -> None:
+    """Name the first row of a JSONL file that is not UTF-8 or not a JSON object (datasets' own error
+    says neither); a truncated last line is such a row."""
+    import json
+
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise RlhfkitError(f"{path}: row {n} is not UTF-8 (byte {exc.start} of the line)") from None
+            except json.JSONDecodeError as exc:
+                raise RlhfkitError(f"{path}: row {n} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise RlhfkitError(f"{path}: row {n} is a JSON {type(row).__name__}, not an object")
 
 
 def _builder_for(path: Path) -> str | None:
@@ -38,10 +58,12 @@ def load_table(source: str | Path, split: str | None = None):
             raise RlhfkitError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
         if path.stat().st_size == 0:
             raise RlhfkitError(f"{path}: file is empty")
+        if path.suffix == ".jsonl":
+            check_jsonl(path)
         try:
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except (ValueError, OSError) as exc:  # e.g. a 0-row Parquet file, a corrupt file
-            raise RlhfkitError(f"{path}: cannot read as {builder}: {exc}") from exc
+        except Exception as exc:  # e.g. a 0-row Parquet file, a corrupt file: one line, naming the file
+            raise RlhfkitError(f"{path}: cannot read as {builder}: {str(exc).splitlines()[0][:300]}") from exc
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = datasets.load_from_disk(str(path))
@@ -59,7 +81,10 @@ def load_table(source: str | Path, split: str | None = None):
         if len(files) == 1:
             return load_table(files[0])
         raise RlhfkitError(f"{path}: folder holds {len(files)} data files; name a split or a file")
-    if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+    missing = missing_path(str(source), "data source")
+    if missing is not None:  # a mistyped local path, not a hub id: say so now, not after a hub time-out
+        raise missing
+    if str(source).count("/") == 1:
         try:
             return datasets.load_dataset(str(source), split=split or "train")
         except Exception as exc:  # offline, missing, gated: surface the hub's own reason

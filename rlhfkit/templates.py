@@ -24,6 +24,11 @@ def cut_prompt(ids: list[int], budget: int) -> list[int]:
     return ids[: budget - tail] + (ids[-tail:] if tail else [])
 
 
+def same_text(a: str, b: str) -> bool:
+    """Equal after whitespace normalisation: a chosen == rejected pair of this kind has nothing to prefer."""
+    return " ".join(a.split()) == " ".join(b.split())
+
+
 @dataclass
 class TemplateConfig:
     template: str = STACKLLAMA_TEMPLATE

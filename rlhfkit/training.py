@@ -3,8 +3,9 @@
 Each optimizer step takes a fixed set of items (a deterministic function of seed and step), splits
 them over ranks and micro-batches, and normalises the summed loss by the unit count of the *whole*
 step (tokens or pairs, across ranks). That makes grad accumulation 1×8 == 8×1 and N processes ==
-one process, and makes resume exact: accelerate restores model/optimizer/scheduler/RNG state and
-the step number alone decides which items come next.
+one process, and makes resume exact: a checkpoint restores trainable weights, optimizer, scheduler
+and RNG state (rlhfkit/checkpoint.py: tensors and JSON, never a pickle) and the step number alone
+decides which items come next.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from rlhfkit.config import save_config, to_dict
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import append_jsonl, atomic_write_json, atomic_write_text, prepare_out_dir, read_jsonl
+from rlhfkit import checkpoint
+from rlhfkit.config import read_yaml, save_config, to_dict
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.io import append_jsonl, atomic_write_text, fsync_path, fsync_tree, lock_dir, prepare_out_dir, read_jsonl
 
 CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -64,6 +66,20 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb."""
 
+    def __post_init__(self):
+        check_positive(self, ("lr", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "log_every"))
+        check_positive(self, ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every"), zero_ok=True)
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 (from epochs) or ≥ 1, got {self.max_steps}")
+
+
+def check_positive(cfg, names: tuple[str, ...], zero_ok: bool = False) -> None:
+    """ValueError naming the first field of `names` that is not > 0 (≥ 0 with zero_ok), or not finite."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+            raise ValueError(f"{name} must be {'≥' if zero_ok else '>'} 0, got {v}")
+
 
 @dataclass
 class StageConfig:
@@ -72,7 +88,9 @@ class StageConfig:
     overwrite: bool = False
     """Replace a non-empty out_dir."""
     resume: bool = False
-    """Continue from the newest checkpoint in out_dir."""
+    """Continue from the newest complete checkpoint in out_dir."""
+    allow_config_change: bool = False
+    """Let --resume continue a run whose saved config differs in more than run-length keys."""
 
 
 # --------------------------------------------------------------------------- data plan
@@ -129,56 +147,102 @@ class StageRun:
                                        cpu=not torch.cuda.is_available(), mixed_precision="no",
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         set_seed(seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
-        if self.accelerator.is_main_process:
-            prepare_out_dir(self.out, overwrite=cfg.overwrite, resume=cfg.resume)
-            save_config(cfg, self.out / "config.yaml")
-        self.accelerator.wait_for_everyone()
-        self.accelerator.register_save_state_pre_hook(_save_trainable_hook)
-        self.accelerator.register_load_state_pre_hook(_load_trainable_hook)
         self.metrics_path = self.out / "metrics.jsonl"
         self.step = 0
+        self.scheduler = None
+        # Decided before anything is written, so a refused resume leaves the folder as it was.
+        self.resume_from = self._pick_checkpoint() if cfg.resume else None
+        self._lock = None
+        if self.accelerator.is_main_process:
+            self._lock = lock_dir(self.out)  # one writer per out_dir; released when the process ends
+            if cfg.resume:
+                saved = json.loads((self.resume_from / "trainer_state.json").read_text()) if self.resume_from else {}
+                _check_resume_config(cfg, self.out / "config.yaml", saved.get("processes", 1),
+                                     self.accelerator.num_processes)
+            prepare_out_dir(self.out, overwrite=cfg.overwrite, resume=cfg.resume, owner=stage)
+            if cfg.resume and self.resume_from is None:  # nothing to resume: a clean start, not a second run appended
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    (self.out / name).unlink(missing_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.accelerator.wait_for_everyone()
         if report_to:
             self.accelerator.init_trackers(stage, config=_flat(to_dict(cfg)))
+
+    def fit(self) -> dict:
+        """Run the stage (`_fit`); the out_dir lock is released when it ends, however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _checkpoints(self) -> list[Path]:
         d = self.out / CKPT_DIR
         found = [p for p in d.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name)] if d.exists() else []
         return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
+    def _pick_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint (a damaged newest one is reported and skipped); None when
+        there is none and the run has not finished; an error when it has (never retrain over final/)."""
+        ckpts, problems = self._checkpoints(), []
+        for ck in reversed(ckpts):
+            problem = checkpoint.check(ck, with_scheduler=isinstance(self, Trainer))
+            if problem is None:
+                for p in problems:
+                    print(f"[{self.stage}] skipping a damaged checkpoint: {p}")
+                return ck
+            problems.append(problem)
+        if problems:
+            raise RlhfkitError(f"--resume: no complete checkpoint in {self.out / CKPT_DIR} ({'; '.join(problems)})")
+        if (self.out / FINAL_DIR).exists():
+            raise RlhfkitError(f"--resume: {self.out} has no checkpoint and the run has finished ({FINAL_DIR}/ exists): "
+                               f"nothing to resume; pass --overwrite to train again")
+        print(f"[{self.stage}] --resume: no checkpoint in {self.out / CKPT_DIR}; starting from step 0")
+        return None
+
     def save_checkpoint(self, extra: dict | None = None) -> Path:
-        """accelerate state (trainable weights, optimizer, scheduler, RNG) + trainer_state.json."""
+        """Trainable weights, optimizer, scheduler, per-rank RNG and trainer_state.json (checkpoint.py),
+        every file fsynced before the folder is renamed into place."""
         acc = self.accelerator
         final = self.out / CKPT_DIR / f"step-{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
         if acc.is_main_process:
-            atomic_write_json(tmp / "trainer_state.json", {"step": self.step, "stage": self.stage, **(extra or {})})
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        checkpoint.write_rank_files(tmp, acc.process_index)
+        if acc.is_main_process:
+            checkpoint.write_shared_files(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                          {"step": self.step, "stage": self.stage, "processes": acc.num_processes,
+                                           **(extra or {})})
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            fsync_tree(tmp)
             os.replace(tmp, final)
+            fsync_path(final.parent)  # the rename itself
             for old in self._checkpoints()[: -max(1, self.keep)]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
     def maybe_resume(self) -> dict | None:
-        """Load the newest checkpoint when cfg.resume; returns its trainer_state (None if fresh)."""
-        if not self.cfg.resume:
+        """Load the checkpoint chosen at start-up when cfg.resume; returns its trainer_state (None if fresh)."""
+        if self.resume_from is None:
             return None
-        ckpts = self._checkpoints()
-        if not ckpts:
-            if self.accelerator.is_main_process:
-                print(f"[{self.stage}] --resume: no checkpoint in {self.out / CKPT_DIR}; starting from step 0")
-            return None
-        self.accelerator.load_state(str(ckpts[-1]))
-        state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
+        acc = self.accelerator
+        state = checkpoint.load(self.resume_from, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
+                                acc.process_index)
         self.step = int(state["step"])
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             # Records past the checkpoint came from the interrupted run: they will be redone.
             kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= self.step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-            print(f"[{self.stage}] resumed from {ckpts[-1]} (step {self.step})")
+            print(f"[{self.stage}] resumed from {self.resume_from} (step {self.step})")
         return state
 
     def log(self, record: dict) -> None:
@@ -231,7 +295,6 @@ class Trainer(StageRun):
         # Not passed to prepare(): accelerate would step it once per process per optimizer step.
         self.scheduler = get_scheduler(self.tc.lr_scheduler, optimizer, self.tc.warmup_steps, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler)
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
         if acc.is_main_process:
@@ -287,7 +350,7 @@ class Trainer(StageRun):
             record["grad_norm"] = float(grad_norm)
         return record
 
-    def fit(self) -> dict:
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         self.maybe_resume()
@@ -323,35 +386,28 @@ class Trainer(StageRun):
         return summary
 
 # --------------------------------------------------------------------------- helpers
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Only what training changes (LoRA, heads, unfrozen blocks): checkpoints stay small."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+# Keys a resume may change: how long to run and how often to save or log, not what is trained.
+RUN_LENGTH_KEYS = {"out_dir", "overwrite", "resume", "allow_config_change", "steps", "save_every", "eval_every",
+                   "keep_checkpoints", "report_to", "train.max_steps", "train.epochs", "train.save_every",
+                   "train.eval_every", "train.keep_checkpoints", "train.log_every", "train.report_to"}
 
 
-def _save_trainable_hook(models, weights, output_dir):
-    from accelerate import PartialState
-    from safetensors.torch import save_file
-
-    if PartialState().is_main_process:  # DDP replicas are identical: one writer
-        for i, model in enumerate(models):
-            save_file(trainable_state(model), os.path.join(output_dir, f"trainable_{i}.safetensors"))
-    weights.clear()  # accelerate would otherwise write every frozen base weight too
-
-
-def _load_trainable_hook(models, input_dir):
-    from safetensors.torch import load_file
-
-    for i, model in enumerate(models):
-        state = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-            raise RlhfkitError(f"checkpoint does not match the model's trainable weights (missing {missing}, unexpected {extra})")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, t in state.items():
-                params[n].copy_(t)
-    models.clear()
+def _check_resume_config(cfg, saved: Path, saved_world: int, world: int) -> None:
+    """Refuse a resume whose config differs from the saved one in anything but run-length keys. The
+    per-process batch may change with the process count as long as the global batch stays the same."""
+    if cfg.allow_config_change or not saved.exists():
+        return
+    old = _flat(read_yaml(saved, "saved config"))
+    new = _flat(to_dict(cfg))
+    changed = sorted(k for k in set(old) | set(new) if k not in RUN_LENGTH_KEYS and old.get(k) != new.get(k))
+    for key in ("train.batch_size", "batch_size"):
+        if key in changed and isinstance(old.get(key), int) and old[key] * saved_world == new[key] * world:
+            changed.remove(key)
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(f"--resume: the config differs from {saved} in {diffs}"
+                          + (f" (+{len(changed) - 6} more)" if len(changed) > 6 else "")
+                          + "; pass --allow-config-change to resume anyway")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

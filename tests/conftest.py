@@ -59,8 +59,8 @@ def make_corpus(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+def build_tiny_tokenizer(out: Path) -> Path:
+    """A byte-level BPE (vocab 400) trained on make_corpus, pad == eos, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,18 +74,16 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     tok.train_from_iterator(text, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
-    out = tmp_path_factory.mktemp("tiny_tok")
     fast.save_pretrained(out)
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+def build_tiny_model(out: Path, tokenizer_dir: Path) -> Path:
     """A randomly initialised 2-layer Llama (hidden 64) saved like any HF model folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -93,10 +91,19 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
-    out = tmp_path_factory.mktemp("tiny_model")
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -269,7 +269,7 @@ def test_parquet_format_and_load_table(tmp_path):
     out = tmp_path / "out"
     build_stackexchange(TINY, out, format="parquet", fractions=ONLY["rm_train"])
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.yaml", "rl_prompts.parquet", "rm_eval.parquet", "rm_train.parquet", "sft.parquet", "stats.json"]
+        ".rlhfkit", "config.yaml", "rl_prompts.parquet", "rm_eval.parquet", "rm_train.parquet", "sft.parquet", "stats.json"]
     rows = list(load_table(out, split="rm_train"))
     assert len(rows) == 17 and rows[0]["chosen"] == A2 and rows[0]["prompt"] == Q1
     empty = pq.read_table(out / "sft.parquet")  # empty splits keep their schema

@@ -24,6 +24,7 @@ from rlhfkit.data.jobs import Job
 from rlhfkit.data.scoring import count_pairs, pick_sft_answer, sample_pairs
 from rlhfkit.data.splits import assign_split
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.templates import same_text
 
 HH_SEP = "\n\nAssistant:"
 SCHEMA_COLUMNS = {
@@ -181,6 +182,9 @@ class HFReader:
                     continue
                 if not prompt.strip() or not chosen.strip() or not rejected.strip():
                     self.skipped["empty_text"] += 1
+                    continue
+                if same_text(chosen, rejected):  # nothing to prefer
+                    self.skipped["identical_pair"] += 1
                     continue
                 qid = _as_int(batch["qid"][i]) if has_qid else None
                 key = qid if qid is not None else prompt

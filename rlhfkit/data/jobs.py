@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 from rlhfkit.data.markdown import convert_lists
 from rlhfkit.data.writer import LengthFilter, SplitWriter
+from rlhfkit.templates import same_text
 
 _BATCH_CHARS = 1 << 20
 _BATCH_JOBS = 256
@@ -157,6 +158,9 @@ class Emitter:
                 chosen, rejected = answers[c], answers[r]
                 if not chosen or not rejected:
                     self.skipped["empty_answer"] += 1
+                    continue
+                if same_text(chosen, rejected):  # nothing to prefer: an RM can only learn a tie from it
+                    self.skipped["identical_pair"] += 1
                     continue
                 if self._filtered(split, prompt, [chosen, rejected], cache):
                     continue

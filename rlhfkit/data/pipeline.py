@@ -42,7 +42,7 @@ def build(cfg: DataConfig, log: Callable[[str], None] | None = None) -> dict:
         converter()  # env RLHFKIT_MARKDOWN: fail here, not in a worker process
     except (ValueError, ImportError) as exc:
         raise RlhfkitError(str(exc)) from None
-    with atomic_dir(Path(cfg.out_dir), overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, mark="data") as tmp:
         scratch = tmp / ".scratch"
         scratch.mkdir()
         writer = SplitWriter(tmp, cfg.format)

@@ -73,9 +73,12 @@ class SiteScan:
             self.q_off.append(off)
             self.q_len.append(n)
         elif type_id == 2:
+            if not attrs.get("Score", "").strip():  # no votes recorded: scoring it as 0 would invent a preference
+                self.skipped["answer_without_score"] += 1
+                return
             try:
                 parent = int(attrs["ParentId"])
-                votes = int(attrs.get("Score") or 0)
+                votes = int(attrs["Score"])
             except (KeyError, ValueError):
                 self.skipped["malformed_row"] += 1
                 return

@@ -19,7 +19,7 @@ from rlhfkit.config import save_config
 from rlhfkit.detectors import detect
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.generation import SamplingConfig, generate, response_logprobs
-from rlhfkit.io import append_jsonl, atomic_write_json, prepare_out_dir
+from rlhfkit.io import append_jsonl, atomic_write_json, lock_dir, prepare_out_dir
 from rlhfkit.models import LoraConfig, ModelConfig, load_model
 from rlhfkit.prompts import PromptDataConfig, encode_prompts, load_prompts, read_prompts
 from rlhfkit.scoring import load_scorer
@@ -70,7 +70,8 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
         raise ConfigError("models: give at least one model (name=path or path)")
     if not cfg.rm and rm is None:
         raise ConfigError("rm: a reward model or scorer is required")
-    out = prepare_out_dir(Path(cfg.out_dir), overwrite=cfg.overwrite)
+    lock = lock_dir(Path(cfg.out_dir))  # noqa: F841  (one writer per out_dir, until this process ends)
+    out = prepare_out_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, owner="eval")
     save_config(cfg, out / "config.yaml")
     rm_scorer = load_scorer(rm if rm is not None else cfg.rm)
     judge_scorer = load_scorer(judge if judge is not None else cfg.judge) if (judge is not None or cfg.judge) else None

@@ -121,7 +121,7 @@ def run(cfg: FeedbackConfig) -> dict:
         "rl_prompts": len(rl_prompts), "eval_prompts": len(eval_idx),
         "sample_score_mean": sum(scores) / len(scores), "rater": rater.name,
     }
-    with atomic_dir(Path(cfg.out_dir), overwrite=cfg.overwrite) as tmp:
+    with atomic_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, mark="feedback") as tmp:
         splits.save_to_disk(str(tmp))
         atomic_write_json(tmp / "stats.json", stats)
         save_config(cfg, tmp / "config.yaml")

@@ -33,7 +33,7 @@ from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, 
 from rlhfkit.prompts import PromptDataConfig, encode_prompts, load_prompts
 from rlhfkit.scoring import load_scorer
 from rlhfkit.templates import PromptFormat, TemplateConfig
-from rlhfkit.training import StageConfig, StageRun
+from rlhfkit.training import StageConfig, StageRun, check_positive
 
 REF_ADAPTER = "reference"
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
@@ -105,6 +105,10 @@ class PPOHyperConfig:
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
 
+    def __post_init__(self):
+        check_positive(self, ("mini_batch_size", "ppo_epochs", "grad_accum", "horizon", "cliprange"))
+        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl", "max_grad_norm"), zero_ok=True)
+
 
 @dataclass
 class PPOConfig(StageConfig):
@@ -145,6 +149,10 @@ class PPOConfig(StageConfig):
     """Step checkpoints to keep."""
     report_to: list[str] = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb."""
+
+    def __post_init__(self):
+        check_positive(self, ("steps", "batch_size", "lr", "keep_checkpoints"))
+        check_positive(self, ("eval_every", "save_every"), zero_ok=True)
 
 
 CONFIG = PPOConfig
@@ -448,7 +456,7 @@ class PPOTrainer(StageRun):
                 append_jsonl(self.samples_path, {"step": self.step, "tag": tag, "prompt": q, "response": r, "reward": s})
         return result
 
-    def fit(self) -> dict:
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator

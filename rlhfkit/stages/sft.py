@@ -213,7 +213,7 @@ def run(cfg: SFTConfig) -> dict:
                       count=count_targets, loss=loss, evaluate=evaluate if eval_items else None,
                       save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora))
     before = None
-    if eval_items and not (cfg.resume and trainer._checkpoints()):
+    if eval_items and trainer.resume_from is None:
         before = evaluate(trainer.eval_model)
         trainer.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
         print(f"[sft] before training: eval loss {before['loss']:.4f}, perplexity {before['perplexity']:.2f}")
