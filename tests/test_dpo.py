@@ -242,7 +242,7 @@ def test_precomputed_and_separate_reference_match_adapter_reference(tiny_model_d
     assert abs(lp[0] - la[0]) <= 1e-6 and abs(ls[0] - la[0]) <= 1e-6
     assert lp[1] == pytest.approx(la[1], abs=1e-5) and ls[1] == pytest.approx(la[1], abs=1e-5)
 
-    cache = torch.load(pre / dpo.REF_CACHE, weights_only=True)
+    cache, _ = dpo.load_ref_cache(pre / dpo.REF_CACHE)
     assert cache["train"].shape[1] == 2 and cache["eval"].shape == (s_pre["eval_pairs"], 2)
     assert cache["train"].shape[0] + cache["eval"].shape[0] == 240
     assert torch.isfinite(cache["train"]).all() and (cache["train"] < 0).all()

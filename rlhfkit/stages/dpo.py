@@ -13,7 +13,7 @@ Where the reference log-probs come from (`Reference`):
   starts with B = 0, so that *is* the starting policy, at no extra memory. The default.
 * "model": a frozen separate model (`ref_model`), loaded with trainable=False.
 * "cache": log-probs computed once before the first update (`precompute_ref`) over every train and
-  eval pair and saved to out_dir/ref_logps.pt, so --resume reuses them. Saves the reference forward
+  eval pair and saved to out_dir/ref_logps.safetensors, so --resume reuses them. Saves the reference forward
   on every step.
 
 Every on-the-fly reference pass runs under torch.no_grad() with the model in eval mode (dropout off),
@@ -40,6 +40,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.io import fsync_path
 from rlhfkit.adapters import disable_dropout, save_model
 from rlhfkit.losses import DPO_LOSS_TYPES, dpo_loss
 from rlhfkit.modeling import eval_mode, sequence_logprobs
@@ -48,14 +49,14 @@ from rlhfkit.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pair
 from rlhfkit.templates import PromptFormat, TemplateConfig
 from rlhfkit.training import StageConfig, TrainConfig, Trainer
 
-REF_CACHE = "ref_logps.pt"
+REF_CACHE = "ref_logps.safetensors"
 STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
 
 
 @dataclass
 class DPOConfig(StageConfig):
     out_dir: str = "runs/dpo"
-    """Output directory of this stage (config.yaml, metrics.jsonl, checkpoints/, final/, ref_logps.pt)."""
+    """Output directory of this stage (config.yaml, metrics.jsonl, checkpoints/, final/, ref_logps.safetensors)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Policy to start from: usually the SFT output (an adapter folder is merged and a fresh LoRA
     trained on top, unless lora.continue_adapter)."""
@@ -80,7 +81,7 @@ class DPOConfig(StageConfig):
     sigmoid only."""
     precompute_ref: bool = False
     """Compute the reference log-probs of every train/eval pair once before training (saved in
-    out_dir/ref_logps.pt, reused by --resume) instead of a reference forward on every step."""
+    out_dir/ref_logps.safetensors, reused by --resume) instead of a reference forward on every step."""
     disable_dropout: bool = True
     """Set every dropout probability of the policy to 0 (as TRL): the policy and reference
     log-probs then differ only by the weights. The reference pass always runs with dropout off."""
@@ -241,8 +242,19 @@ def _fingerprint(cfg: DPOConfig, ref_kind: str, pairs: list[dict], eval_pairs: l
     return h.hexdigest()
 
 
+def load_ref_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The cached (train, eval) reference log-probs and their metadata; a damaged file reads as no cache."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in ("train", "eval")}, fh.metadata() or {}
+    except Exception:  # unreadable or from another version: recompute rather than fail
+        return {}, {}
+
+
 def precomputed_reference(trainer, source: Reference, cfg: DPOConfig, pairs, eval_pairs, pad_id: int) -> Reference:
-    """Load out_dir/ref_logps.pt when it matches these pairs and reference, else compute and save it.
+    """Load out_dir/ref_logps.safetensors when it matches these pairs and reference, else compute and save it.
 
     Runs before Trainer.fit(), i.e. before any checkpoint is loaded: the policy still holds its
     starting weights, so a recomputation is correct even on --resume.
@@ -251,11 +263,11 @@ def precomputed_reference(trainer, source: Reference, cfg: DPOConfig, pairs, eva
     path = Path(cfg.out_dir) / REF_CACHE
     fp = _fingerprint(cfg, source.kind, pairs, eval_pairs)
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("fingerprint") == fp:
+        saved, meta = load_ref_cache(path)
+        if meta.get("fingerprint") == fp:
             if acc.is_main_process:
                 print(f"[dpo] reusing reference log-probs from {path}")
-            return Reference("cache", source.average, cache={"train": saved["train"], "eval": saved["eval"]})
+            return Reference("cache", source.average, cache=saved)
         if acc.is_main_process:
             print(f"[dpo] {path} was computed for other pairs or another reference; recomputing")
     if acc.is_main_process:
@@ -266,8 +278,11 @@ def precomputed_reference(trainer, source: Reference, cfg: DPOConfig, pairs, eva
         "eval": compute_reference_logps(model, eval_pairs, source, pad_id, cfg.eval_batch_size, acc),
     }
     if acc.is_main_process:
+        from safetensors.torch import save_file
+
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"fingerprint": fp, **table}, tmp)
+        save_file({k: v.contiguous() for k, v in table.items()}, str(tmp), metadata={"fingerprint": fp})
+        fsync_path(tmp)
         os.replace(tmp, path)
     acc.wait_for_everyone()
     return Reference("cache", source.average, cache=table)
