@@ -425,8 +425,8 @@ PROBES: list[Callable[[World], Row]] = [
 ]
 
 
-def table(rows: list[Row]) -> str:
-    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+def table(rows: list[Row], root: Path | None = None) -> str:
+    cell = lambda s: (s.replace(str(root), "…") if root else s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| what the user does | exit | what they see | what is kept | checks |", "|---|---|---|---|---|"]
     for r in rows:
         seen = r.outcome.line if r.outcome.code else "(runs; " + next(
@@ -453,7 +453,7 @@ def main() -> int:
         pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(120, seed=5)))
         world = World(model, corpus, pairs, tmp / "probes")
         rows = [probe(world) for probe in PROBES]
-    print(table(rows))
+        print(table(rows, tmp))
     failed = [(r.does, w) for r in rows for w, ok in r.checks if not ok]
     for does, what in failed:
         print(f"FAILED: {does}: {what}", file=sys.stderr)
