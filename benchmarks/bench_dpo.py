@@ -51,9 +51,9 @@ HH_TEMPLATE = "{prompt}{response}"  # hh prompts already end in "\n\nAssistant:"
 
 # --------------------------------------------------------------------------- data
 def stackexchange_pairs(tmp: Path) -> list[dict]:
-    from rlhfkit.config import load_config
+    from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import data as data_stage
-    from rlhfkit.tables import load_table
+    from rlhfkit.inputs.tables import load_table
 
     cfg = load_config(data_stage.CONFIG, overrides={"paths": [str(COFFEE)], "out_dir": str(tmp / "se"), "format": "parquet"})
     data_stage.run(cfg)
@@ -82,10 +82,10 @@ def prepare(tmp: Path, n_pairs: int, max_length: int, seed: int) -> dict:
     order rlhfkit's StepPlan draws them, text already templated)."""
     from transformers import AutoTokenizer
 
-    from rlhfkit.models import resolve_default_model
-    from rlhfkit.pairs import encode_pairs
-    from rlhfkit.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
-    from rlhfkit.training import StepPlan
+    from rlhfkit.models.loading import resolve_default_model
+    from rlhfkit.inputs.pairs import encode_pairs
+    from rlhfkit.inputs.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
+    from rlhfkit.runtime.training import StepPlan
 
     source, template = None, None
     if COFFEE.exists():
@@ -129,9 +129,9 @@ def _encode_each(rows, fmt, max_length):
 # --------------------------------------------------------------------------- lock-step
 # --------------------------------------------------------------------------- workers
 def worker_rlhfkit(a) -> dict:
-    from rlhfkit.config import load_config
-    from rlhfkit.io import read_jsonl
-    from rlhfkit.models import resolve_default_model
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.runtime.io import read_jsonl
+    from rlhfkit.models.loading import resolve_default_model
     from rlhfkit.stages import dpo
 
     out = Path(a.tmp) / "out_rlhfkit"
@@ -145,7 +145,7 @@ def worker_rlhfkit(a) -> dict:
                   "save_every": 0, "log_every": 1},
         "beta": 0.1, "loss_type": "sigmoid", "precompute_ref": a.precompute_ref,
     })
-    from rlhfkit.training import Trainer
+    from rlhfkit.runtime.training import Trainer
 
     turns, step_s = Turns(a.lockstep, "rlhfkit"), []
     original = Trainer.train_step
@@ -173,7 +173,7 @@ def worker_trl(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from rlhfkit.models import resolve_default_model
+    from rlhfkit.models.loading import resolve_default_model
 
     torch.manual_seed(a.seed)
     path = str(resolve_default_model(verbose=False))

@@ -19,7 +19,7 @@ invocation, alternated rlhfkit/TRL so both see the same background load):
     both; sampling top_k=0, top_p=1.0, temperature 1, KV cache, all 8 rollouts in one generate call
     (TRL: generate(batch_size=8)); with --force-length (default) EOS is suppressed
     (min_new_tokens = max_new_tokens = L) so both process exactly the same number of tokens;
-  * reward: rlhfkit.raters.vader_positive semantics (VADER compound of query + response -> [0, 1]),
+  * reward: rlhfkit.rewards.raters.vader_positive semantics (VADER compound of query + response -> [0, 1]),
     milliseconds per batch for both.
 
 Timing: wall clock of the whole PPO iteration (generate + decode + score + step) per step, after
@@ -115,8 +115,8 @@ def rss_gb() -> float:
 # --------------------------------------------------------------------------- rlhfkit worker
 def worker_rlhfkit(args, work: dict) -> dict:
 
-    from rlhfkit import rl
-    from rlhfkit.config import load_config
+    from rlhfkit.algorithms import rl
+    from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import ppo
 
     tmp = Path(args.tmp)

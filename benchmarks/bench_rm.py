@@ -88,7 +88,7 @@ LOSS_TOL = 1e-4
 def se_pairs(pattern: str, out: Path, seed: int) -> tuple[list[dict], dict]:
     """Every answer pair of the Stack Exchange dumps matched by `pattern`, through rlhfkit's data stage."""
     from rlhfkit.data import build_stackexchange
-    from rlhfkit.tables import load_table
+    from rlhfkit.inputs.tables import load_table
 
     files = sorted(glob.glob(pattern))
     if not files:
@@ -105,9 +105,9 @@ def prepare(args, work: Path, model_path: str) -> dict:
     rlhfkit's token ids, in the order rlhfkit's StepPlan draws them)."""
     from transformers import AutoTokenizer
 
-    from rlhfkit.models import ModelConfig, load_tokenizer
-    from rlhfkit.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
-    from rlhfkit.training import StepPlan
+    from rlhfkit.models.loading import ModelConfig, load_tokenizer
+    from rlhfkit.inputs.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
+    from rlhfkit.runtime.training import StepPlan
 
     rows, info = se_pairs(args.posts, work / "se", args.data_seed)
     tok = load_tokenizer(ModelConfig(name=model_path))
@@ -253,8 +253,8 @@ def batch_counts(batch: dict) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------- rlhfkit child
 def run_rlhfkit(args, work: Path) -> dict:
-    import rlhfkit.training as training
-    from rlhfkit.config import load_config
+    import rlhfkit.runtime.training as training
+    from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import reward
 
     clock, turns, info = StepClock(args.warmup), Turns(args.turn_dir, "rlhfkit"), {}
@@ -454,7 +454,7 @@ def main(argv=None) -> int:
 
     names = chosen_configs(ap, args.configs, CONFIGS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from rlhfkit.models import resolve_default_model
+    from rlhfkit.models.loading import resolve_default_model
 
     info_machine, t_start = machine(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_rm_") as tmp:

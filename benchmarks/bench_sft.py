@@ -154,9 +154,9 @@ def batch_tokens(batch: dict) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- rlhfkit child
 def run_rlhfkit(args, packed: bool, workdir: Path) -> dict:
-    import rlhfkit.training as training
-    from rlhfkit.config import load_config
-    from rlhfkit.io import read_jsonl
+    import rlhfkit.runtime.training as training
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.runtime.io import read_jsonl
     from rlhfkit.stages.sft import SFTConfig, run
 
     clock = StepClock(args.warmup)
@@ -222,7 +222,7 @@ def run_trl(args, packed: bool, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from rlhfkit.models import resolve_default_model
+    from rlhfkit.models.loading import resolve_default_model
 
     rows = read_rows(args.data)
     if not packed:

@@ -36,12 +36,12 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/rm_real")
     args = ap.parse_args()
 
-    from rlhfkit.config import load_config
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
-    from rlhfkit.pairs import encode_pairs, load_table, normalise_pairs
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.inputs.pairs import encode_pairs, load_table, normalise_pairs
     from rlhfkit.stages import data as data_stage
     from rlhfkit.stages import reward
-    from rlhfkit.templates import PromptFormat
+    from rlhfkit.inputs.templates import PromptFormat
 
     out = Path(args.out)
     train_sites = [s for s in SITES if s != args.leave_out]

@@ -10,7 +10,7 @@ Prompts: the first 4 words of every review in /work/shared/data/imdb/imdb_sample
 removed), one per line, written to --work-dir (outside the repo; the data is never copied into it).
 32 openers (a seeded shuffle) are held out for evaluation; training openers equal to a held-out one
 are dropped, so eval prompts are unseen. Template "{prompt}{response}" (raw continuation), reward
-`rlhfkit.raters:vader_positive` (VADER compound of opener + continuation, mapped to [0, 1]).
+`rlhfkit.rewards.raters:vader_positive` (VADER compound of opener + continuation, mapped to [0, 1]).
 
 The run itself is `rlhfkit ppo --config recipes/ppo_sentiment.yaml prompts.path=… prompts.eval_path=…
 out_dir=… overwrite=true [overrides]` in a child process; wall time, the load average before/after

@@ -28,11 +28,11 @@ def _jsonl(path: Path) -> list[dict]:
 
 def rm_on(rm_dir: Path, rows: list[dict]) -> dict:
     """Accuracy of the RM at `rm_dir` on prompt/chosen/rejected rows, as its stage scores held-out pairs."""
-    from rlhfkit.config import load_config
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
-    from rlhfkit.pairs import encode_pairs
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.inputs.pairs import encode_pairs
     from rlhfkit.stages import reward
-    from rlhfkit.templates import PromptFormat
+    from rlhfkit.inputs.templates import PromptFormat
 
     cfg = load_config(reward.CONFIG, rm_dir / "config.yaml")
     model, tok = load_model(ModelConfig(name=str(rm_dir)), LoraConfig(enabled=False), kind="seq_cls", trainable=False,
@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--max-left-out", type=int, default=-1, help="score at most this many left-out pairs (-1: all)")
     args = ap.parse_args()
 
-    from rlhfkit.config import load_config
-    from rlhfkit.pairs import load_table, normalise_pairs
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.inputs.pairs import load_table, normalise_pairs
     from rlhfkit.stages import data as data_stage
     from rlhfkit.stages import reward
 

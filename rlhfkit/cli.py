@@ -19,27 +19,24 @@ import sys
 import traceback
 import typing
 
-from rlhfkit.config import _merge, config_help, flag_takes_value, load_config, parse_overrides
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.runtime.config import merge_dicts, config_help, flag_takes_value, load_config, parse_overrides
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.stages import STAGES
 
-STAGES: dict[str, tuple[str, str]] = {
-    "data": ("rlhfkit.stages.data", "build preference / SFT / prompt splits from Stack Exchange dumps or HF schemas"),
-    "sft": ("rlhfkit.stages.sft", "supervised fine-tuning / domain pre-training with packing"),
-    "feedback": ("rlhfkit.stages.feedback", "simulated feedback: a rater labels pairs of the policy's own samples"),
-    "rm": ("rlhfkit.stages.reward", "train a reward model on preference pairs"),
-    "ppo": ("rlhfkit.stages.ppo", "PPO against a reward model, classifier or Python function"),
-    "dpo": ("rlhfkit.stages.dpo", "DPO / IPO on preference pairs"),
-    "merge": ("rlhfkit.stages.merge", "merge a LoRA adapter into a plain Hugging Face model"),
-    "eval": ("rlhfkit.stages.evaluate", "compare models on held-out prompts"),
-    "run": ("rlhfkit.pipeline", "run a whole recipe (data → sft → rm → ppo → eval → report)"),
-    "report": ("rlhfkit.report", "write report.html / report.md for a run directory"),
-    "chat": ("rlhfkit.chat", "chat with a model in the browser (Gradio)"),
+# Commands that are not stages: they take their own arguments (main(argv)).
+APPS: dict[str, tuple[str, str]] = {
+    "run": ("rlhfkit.apps.runner", "run a whole recipe (data → sft → rm → ppo → eval → report)"),
+    "chat": ("rlhfkit.apps.chat", "chat with a model in the browser (Gradio)"),
 }
+
+
+def _commands() -> dict[str, tuple[str, str]]:
+    return {**{name: (s.module, s.doc) for name, s in STAGES.items()}, **APPS}
 
 
 def _usage() -> str:
     lines = ["usage: rlhfkit <command> [--config FILE] [key=value | --key value ...]", "", "commands:"]
-    for name, (module, doc) in STAGES.items():
+    for name, (module, doc) in _commands().items():
         if importlib.util.find_spec(module) is not None:
             lines.append(f"  {name:<8} {doc}")
     lines.append("\n`rlhfkit <command> --help` lists that command's options.")
@@ -112,22 +109,23 @@ def _main(argv: list[str] | None) -> int:
         print(__version__)
         return 0
     name, args = argv[0], argv[1:]
-    if name not in STAGES or importlib.util.find_spec(STAGES[name][0]) is None:
+    commands = _commands()
+    if name not in commands or importlib.util.find_spec(commands[name][0]) is None:
         print(f"rlhfkit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[name][0])
+    module = importlib.import_module(commands[name][0])
     if hasattr(module, "main"):  # commands with their own argument handling (e.g. report, chat)
         return module.main(args)
     debug = "--debug" in args  # show the traceback behind a one-line error
     args = [a for a in args if a != "--debug"]
     if "-h" in args or "--help" in args:
         print(f"usage: rlhfkit {name} {' '.join(f'[{p.upper()}]' for p in getattr(module, 'POSITIONAL', []))} "
-              f"[--config FILE] [key=value ...]\n\n{STAGES[name][1]}\n\noptions:")
+              f"[--config FILE] [key=value ...]\n\n{commands[name][1]}\n\noptions:")
         print(config_help(module.CONFIG))
         return 0
     try:
         config_path, positional, overrides = _split_args(module, args)
-        merged = _merge(positional, parse_overrides(overrides))
+        merged = merge_dicts(positional, parse_overrides(overrides))
         cfg = load_config(module.CONFIG, config_path, merged)
         summary = module.run(cfg)
     except RlhfkitError as exc:

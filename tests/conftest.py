@@ -124,7 +124,7 @@ def shared_data(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny model after a short full SFT on make_corpus: answers end in 'is good.' / 'is bad.'."""
-    from rlhfkit.config import load_config
+    from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import sft
 
     base = tmp_path_factory.mktemp("tiny_sft")

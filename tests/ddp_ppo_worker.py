@@ -10,7 +10,7 @@ import torch
 import rlhfkit.stages.ppo as ppo
 
 
-def fed_generate(policy, tok, queries, lengths, g, device):
+def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0):
     """Responses that depend only on the query: the same rollouts whatever the process count."""
     rows = [[(sum(q) * (j + 7)) % 300 + 3 for j in range(6)] for q in queries]
     resp = torch.tensor(rows)

@@ -220,7 +220,7 @@ def damaged_newest_checkpoint(w: World) -> Row:
 
 
 def second_writer_is_refused(w: World) -> Row:
-    from rlhfkit.io import lock_dir
+    from rlhfkit.runtime.io import lock_dir
 
     d = w.dir("locked")
     holder = lock_dir(d)  # another rlhfkit process holding this out_dir (same flock semantics)
@@ -314,10 +314,10 @@ def _ppo(w: World, out: Path, *extra, cwd=None) -> Outcome:
 def prompts_not_utf8(w: World) -> Row:
     d = w.dir("prompts")
     (d / "p.txt").write_bytes(b"how tea?\nwhy caf\xe9?\nhow bread?\n")
-    o = _ppo(w, d / "out", f"prompts.path={d / 'p.txt'}", "reward=rlhfkit.raters:vader_positive")
+    o = _ppo(w, d / "out", f"prompts.path={d / 'p.txt'}", "reward=rlhfkit.rewards.raters:vader_positive")
     row = Row("PPO prompts: a .txt file whose line 2 is not UTF-8", o, "nothing that blocks the corrected rerun")
     _one_line(row, 1, r"p\.txt: line 2 is not UTF-8")
-    again = _ppo(w, d / "out", f"prompts.path={d / 'p.txt'}", "reward=rlhfkit.raters:vader_positive")
+    again = _ppo(w, d / "out", f"prompts.path={d / 'p.txt'}", "reward=rlhfkit.rewards.raters:vader_positive")
     row.check("rerun not blocked by a leftover out_dir", "is not empty" not in again.err and again.code == 1)
     return row
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from rlhfkit import chat
+from rlhfkit.apps import chat
 from tests.browser import chromium, free_port, require_chromium, screenshot, wait_for
 
 

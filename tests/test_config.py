@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from rlhfkit.cli import main
-from rlhfkit.config import config_help, field_docs, load_config, parse_overrides, save_config
-from rlhfkit.errors import ConfigError
+from rlhfkit.runtime.config import config_help, field_docs, load_config, parse_overrides, save_config
+from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.stages.sft import SFTConfig
 
 

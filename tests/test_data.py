@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from rlhfkit.cli import main
-from rlhfkit.config import load_config
+from rlhfkit.runtime.config import load_config
 from rlhfkit.data import (
     DataConfig,
     SplitFractions,
@@ -32,8 +32,8 @@ from rlhfkit.data import (
     sample_pairs,
 )
 from rlhfkit.data.options import SPLITS
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.tables import load_table
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.inputs.tables import load_table
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "stackexchange"
 TINY = FIXTURES / "tiny.stackexchange.com" / "Posts.xml"

@@ -10,8 +10,8 @@ import pytest
 from rlhfkit.cli import main
 from rlhfkit.data import build_hf, detect_schema, split_hh
 from rlhfkit.data.options import SPLITS
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.tables import load_table
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.inputs.tables import load_table
 
 ONLY = {s: {t: float(t == s) for t in SPLITS} for s in SPLITS}
 

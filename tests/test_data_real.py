@@ -20,7 +20,7 @@ import pytest
 from rlhfkit.cli import main
 from rlhfkit.data import build_hf, build_stackexchange
 from rlhfkit.data.options import SPLITS
-from rlhfkit.tables import load_table
+from rlhfkit.inputs.tables import load_table
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # <repo>/../shared
 ALL_RM = {"sft": 0.0, "rm_train": 1.0, "rm_eval": 0.0, "rl_prompts": 0.0}

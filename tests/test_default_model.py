@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.network]
 @pytest.fixture(scope="module")
 def default_dir():
     """Resolve with the hub marked unreachable; reuses the user cache if it already holds it."""
-    from rlhfkit.models import resolve_default_model
+    from rlhfkit.models.loading import resolve_default_model
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
@@ -26,7 +26,7 @@ def default_dir():
 def test_default_model_resolves_offline_and_answers(default_dir):
     import torch
 
-    from rlhfkit.models import ModelConfig, load_model
+    from rlhfkit.models.loading import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(), trainable=False, verbose=False)
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30

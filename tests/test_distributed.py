@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.io import read_jsonl
-from rlhfkit.training import StepPlan
+from rlhfkit.runtime.io import read_jsonl
+from rlhfkit.runtime.training import StepPlan
 from tests.conftest import REPO
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))

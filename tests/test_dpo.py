@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
-from rlhfkit.io import read_jsonl
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.errors import ConfigError
+from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.stages import dpo
 
 from tests.conftest import WORDS, cli_env
@@ -89,7 +89,7 @@ def test_config_rejects_bad_combinations_and_documents_fields():
         load_config(dpo.DPOConfig, overrides=["beta=0"])
     with pytest.raises(ConfigError):
         load_config(dpo.DPOConfig, overrides=["loss_type=kto"])
-    from rlhfkit.config import field_docs
+    from rlhfkit.runtime.config import field_docs
 
     docs = field_docs(dpo.DPOConfig)
     import dataclasses
@@ -113,9 +113,9 @@ def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
-    from rlhfkit.pairs import encode_pairs
-    from rlhfkit.templates import PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.inputs.pairs import encode_pairs
+    from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = preference_rows(5, seed=7)
@@ -288,9 +288,9 @@ def test_continue_adapter_and_full_finetune_reference_is_starting_policy(tiny_mo
     assert read_jsonl(full / "metrics.jsonl")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
 
     # the bare base (adapter disabled) would have been a different reference
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
-    from rlhfkit.pairs import encode_pairs, load_pairs
-    from rlhfkit.templates import PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.inputs.pairs import encode_pairs, load_pairs
+    from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
     cfg = dpo_cfg(start, pair_file, tmp_path / "unused")
     policy, tok = load_model(ModelConfig(name=str(start)), LoraConfig(continue_adapter=True), verbose=False)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from rlhfkit.detectors import detect, fence_count, repeated_ngram_fraction
-from rlhfkit.config import load_config
+from rlhfkit.rewards.detectors import detect, fence_count, repeated_ngram_fraction
+from rlhfkit.runtime.config import load_config
 from rlhfkit.stages import evaluate
 
 NORMAL = [

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rlhfkit.config import load_config
+from rlhfkit.runtime.config import load_config
 from rlhfkit.stages import feedback
-from rlhfkit.tables import load_table
+from rlhfkit.inputs.tables import load_table
 from tests.test_ppo import PROMPTS, good_count  # noqa: F401  (rater used by spec string)
 
 

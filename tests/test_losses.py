@@ -1,11 +1,11 @@
-"""Numeric tests for rlhfkit.losses (reward-model and DPO-family losses)."""
+"""Numeric tests for rlhfkit.algorithms.losses (reward-model and DPO-family losses)."""
 
 import math
 
 import pytest
 import torch
 
-from rlhfkit.losses import dpo_loss, pairwise_reward_loss, sequence_logps
+from rlhfkit.algorithms.losses import dpo_loss, pairwise_reward_loss, sequence_logps
 
 DT = torch.float64
 LOG1P_EXP_M1 = math.log(1 + math.exp(-1))  # -log sigma(1) = 0.31326168751822286

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.data import build_stackexchange, markdown
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "stackexchange" / "tiny.stackexchange.com" / "Posts.xml"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stackexchange"

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import load_recipe
+from rlhfkit.runtime.errors import ConfigError
+from rlhfkit.apps.runner import load_recipe
 from tests.conftest import REPO
 from tests.test_reward import preference_pairs
 
@@ -33,7 +33,7 @@ def _run(run_dir, model, pairs, env=None, extra=()):
 
 def test_recipe_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"\[sft\] unknown config key 'train.lrr'"):
-        from rlhfkit.pipeline import _stage_config
+        from rlhfkit.apps.runner import _stage_config
 
         recipe = load_recipe(RECIPE, ["sft.train.lrr=1"])
         _stage_config("sft", recipe["sft"], tmp_path)
@@ -84,7 +84,7 @@ def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_model_dir, p
 def test_shipped_recipes_validate_against_stage_configs(recipe, tmp_path):
     """Every stage section of a shipped recipe loads into its typed config: a renamed field in a
     stage must break this test, not a user's first `rlhfkit run` ten minutes in."""
-    from rlhfkit.pipeline import _stage_config
+    from rlhfkit.apps.runner import _stage_config
 
     r = load_recipe(REPO / recipe if recipe else None, [f"run_dir={tmp_path}"])
     loaded = {}

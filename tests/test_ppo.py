@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.config import load_config
-from rlhfkit.errors import ConfigError
-from rlhfkit.io import read_jsonl
-from rlhfkit.modeling import forward_logprobs
-from rlhfkit.generation import pad_left
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.errors import ConfigError
+from rlhfkit.runtime.io import read_jsonl
+from rlhfkit.models.forward import forward_logprobs
+from rlhfkit.models.generation import pad_left
 from rlhfkit.stages import ppo
 from tests.conftest import WORDS, cli_env
 
@@ -152,7 +152,7 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
         return torch.cat([input_ids, fake], 1)
 
     model.policy.generate = fake_generate
-    from rlhfkit.generation import generate
+    from rlhfkit.models.generation import generate
     resp, rmask = generate(model.policy, tok, q, [4, 3], ppo.GenerationConfig(), "cpu")
     assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]  # up to and including EOS; row 2 cut to its length 3
     assert resp.tolist() == [[7, eos, pad], [5, 6, 7]]
@@ -161,7 +161,7 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
 def test_compiled_generation_samples_what_eager_samples(tiny_sft_dir, tmp_path):
     """generation.compile (static cache + torch.compile) draws the same tokens as the eager dynamic-cache path
     under one seed, across left-padded prompts of different lengths and a second call of another shape."""
-    from rlhfkit.generation import generate
+    from rlhfkit.models.generation import generate
 
     model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "c", steps=1))
     q = [tok("how tea hot?")["input_ids"], tok("why bread dough rise so slowly?")["input_ids"], tok("tea?")["input_ids"]]
@@ -259,7 +259,7 @@ def _critic_values(model, fmt, prompts, responses, pad_id):
 
 
 def test_critic_option_needs_an_rm_folder(tmp_path):
-    from rlhfkit.critic import critic_source
+    from rlhfkit.models.critic import critic_source
 
     assert critic_source("value_head", "") is None
     assert critic_source("rm", str(tmp_path)) == critic_source(str(tmp_path), "") == str(tmp_path)
@@ -275,7 +275,7 @@ TEXTS = (PROMPTS[:4], ["tea is good.", "bad", "the coffee is hot and good.", ""]
 @pytest.mark.parametrize("kind", ["adapter", "full"])
 def test_rm_critic_starts_as_the_reward_model(tiny_sft_dir, rm_dirs, tmp_path, kind):
     """Ouyang et al. 2022: the value function starts as the RM, so V(text) at step 0 is its score."""
-    from rlhfkit.modeling import sequence_scores
+    from rlhfkit.models.forward import sequence_scores
 
     cfg = ppo_cfg(tiny_sft_dir, tmp_path / "c", steps=1, reward=str(rm_dirs[kind]), critic="rm")
     trainer = ppo.PPOTrainer(cfg, prompts=PROMPTS[:8], eval_prompts=[])
@@ -300,7 +300,7 @@ def test_rm_critic_starts_as_the_reward_model(tiny_sft_dir, rm_dirs, tmp_path, k
 def test_rm_critic_trains_and_is_saved_in_final(tiny_sft_dir, rm_dirs, tmp_path):
     from safetensors.torch import load_file
 
-    from rlhfkit.scoring import load_scorer
+    from rlhfkit.rewards.scoring import load_scorer
 
     out = tmp_path / "run"
     cfg = ppo_cfg(tiny_sft_dir, out, steps=3, batch_size=8, reward=str(rm_dirs["adapter"]), critic="rm",

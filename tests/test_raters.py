@@ -1,6 +1,6 @@
 """Offline raters give ordered, bounded scores (the gold judge of the sentiment task)."""
 
-from rlhfkit.raters import vader_positive, vader_positive_response
+from rlhfkit.rewards.raters import vader_positive, vader_positive_response
 
 
 def test_vader_orders_positive_above_negative_and_stays_in_unit_interval():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit import report
+from rlhfkit.apps import report
 from tests.browser import PNG_SIGNATURE, chromium, screenshot
 
 # Prompts/responses with characters that must be escaped (and one that would run script if not).

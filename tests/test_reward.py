@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.config import load_config
-from rlhfkit.io import read_jsonl
-from rlhfkit.modeling import sequence_scores
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.io import read_jsonl
+from rlhfkit.models.forward import sequence_scores
 from rlhfkit.stages import reward
 from tests.conftest import WORDS
 
@@ -62,7 +62,7 @@ def test_rm_learns_preference_rule_to_95_percent_held_out(trained_rm):
 
 
 def test_held_out_prompts_never_trained_on(pair_file):
-    from rlhfkit.pairs import PairDataConfig, load_pairs
+    from rlhfkit.inputs.pairs import PairDataConfig, load_pairs
 
     train, held = load_pairs(PairDataConfig(path=str(pair_file), eval_fraction=0.2))
     assert held and train
@@ -72,7 +72,7 @@ def test_held_out_prompts_never_trained_on(pair_file):
 def test_score_same_alone_and_in_left_or_right_padded_batches(trained_rm):
     """Read at the last real token by attention mask: padding side and batch mates change nothing,
     even though pad == eos and every text ends in eos."""
-    from rlhfkit.scoring import RewardModelScorer
+    from rlhfkit.rewards.scoring import RewardModelScorer
 
     out, _ = trained_rm
     scorer = RewardModelScorer(str(out / "final"), batch_size=4)
@@ -98,7 +98,7 @@ def test_score_same_alone_and_in_left_or_right_padded_batches(trained_rm):
 
 
 def test_scorer_matches_training_template_and_orders_pairs(trained_rm):
-    from rlhfkit.scoring import load_scorer
+    from rlhfkit.rewards.scoring import load_scorer
 
     out, _ = trained_rm
     scorer = load_scorer(str(out / "final"))
@@ -132,8 +132,8 @@ def test_lora_rm_resume_is_bitwise(tiny_model_dir, pair_file, tmp_path):
 
 
 def test_callable_and_spec_errors():
-    from rlhfkit.errors import RlhfkitError
-    from rlhfkit.scoring import load_scorer
+    from rlhfkit.runtime.errors import RlhfkitError
+    from rlhfkit.rewards.scoring import load_scorer
 
     s = load_scorer(lambda ps, rs: [len(r) for r in rs])
     assert s(["a", "b"], ["xx", "yyy"]) == [2.0, 3.0]
@@ -150,9 +150,9 @@ def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp
     from transformers import AutoTokenizer
 
     from rlhfkit.data import build_stackexchange
-    from rlhfkit.pairs import load_pairs
-    from rlhfkit.scoring import RewardModelScorer
-    from rlhfkit.tables import load_table
+    from rlhfkit.inputs.pairs import load_pairs
+    from rlhfkit.rewards.scoring import RewardModelScorer
+    from rlhfkit.inputs.tables import load_table
     from tests.conftest import shared_data
 
     # the three smallest dumps: 0.8, 1.8 and 2.6 MB (1.5 s for the data stage)
@@ -227,8 +227,8 @@ def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp
 
 
 def test_truncate_sequence_keeps_prompt_head_and_cue_and_response_head():
-    from rlhfkit.pairs import truncate_sequence
-    from rlhfkit.templates import PROMPT_TAIL
+    from rlhfkit.inputs.pairs import truncate_sequence
+    from rlhfkit.inputs.templates import PROMPT_TAIL
 
     # prompt 300 tokens (ids 0..299), response 400 (ids 1000..1399), budget 256:
     # the prompt gets half (128 = head 112 + its last 16), the response the other 128.
@@ -250,8 +250,8 @@ def test_truncate_sequence_keeps_prompt_head_and_cue_and_response_head():
 def test_encode_pairs_drops_or_cuts_over_long_pairs(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from rlhfkit.pairs import encode_pairs
-    from rlhfkit.templates import PromptFormat, TemplateConfig
+    from rlhfkit.inputs.pairs import encode_pairs
+    from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
     fmt = PromptFormat(TemplateConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
     rows = [{"prompt": "how tea water? " * 20, "chosen": "tea is good. " * 30, "rejected": "no"},
@@ -268,7 +268,7 @@ def test_encode_pairs_drops_or_cuts_over_long_pairs(tiny_model_dir):
 def test_lora_on_top_layers_only_with_all_linear(tiny_model_dir):
     """lora.num_layers_unfrozen with the 'all-linear' shorthand (peft refuses the pair as such):
     adapters on every linear layer of the top blocks, none below, head trainable."""
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
     model, _ = load_model(ModelConfig(name=str(tiny_model_dir)),
                           LoraConfig(target_modules=["all-linear"], num_layers_unfrozen=1), kind="seq_cls")
@@ -283,9 +283,9 @@ def test_lora_on_top_layers_only_with_all_linear(tiny_model_dir):
 def test_eval_reports_the_longer_answer_baseline(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
-    from rlhfkit.pairs import encode_pairs
-    from rlhfkit.templates import PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.inputs.pairs import encode_pairs
+    from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
     model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(enabled=False), kind="seq_cls")
     fmt = PromptFormat(TemplateConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))

@@ -1,4 +1,4 @@
-"""Numeric tests for rlhfkit.rl (PPO math)."""
+"""Numeric tests for rlhfkit.algorithms.rl (PPO math)."""
 
 import math
 import threading
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from rlhfkit.rl import (
+from rlhfkit.algorithms.rl import (
     KL_KINDS,
     AdaptiveKLController,
     FixedKLController,

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.config import load_config
-from rlhfkit.io import read_jsonl
-from rlhfkit.modeling import IGNORE_INDEX, causal_lm_nll_sum, shift_labels
-from rlhfkit.packing import Sample, collate_packed, pack
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.io import read_jsonl
+from rlhfkit.algorithms.losses import IGNORE_INDEX, shift_labels
+from rlhfkit.models.forward import causal_lm_nll_sum
+from rlhfkit.inputs.packing import Sample, collate_packed, pack
 from rlhfkit.stages import sft
 from tests.conftest import cli_env
 
@@ -183,8 +184,8 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tiny_corpus, tmp
 def test_unpacked_completion_only_masks_prompt(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from rlhfkit.packing import collate_padded
-    from rlhfkit.templates import PromptFormat, TemplateConfig
+    from rlhfkit.inputs.packing import collate_padded
+    from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     fmt = PromptFormat(TemplateConfig(), tok)

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.config import load_config
-from rlhfkit.io import read_jsonl
-from rlhfkit.modeling import eval_mode, forward_logprobs, sequence_scores, unwrap
-from rlhfkit.models import LoraConfig, ModelConfig, load_model
-from rlhfkit.training import StageRun
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.io import read_jsonl
+from rlhfkit.models.forward import eval_mode, forward_logprobs, sequence_scores, unwrap
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.runtime.training import StageRun
 from tests.conftest import REPO, WORDS, cli_env
 from tests.test_ppo import PROMPTS, good_count, ppo_cfg
 from tests.test_reward import preference_pairs
@@ -148,7 +148,7 @@ def test_stage_output_reloads_as_the_trained_model(chain, tiny_model_dir, sft_ad
 
 
 def test_rm_cannot_continue_a_causal_lm_adapter(sft_adapter, pair_path, tmp_path):
-    from rlhfkit.errors import ConfigError
+    from rlhfkit.runtime.errors import ConfigError
     from rlhfkit.stages import reward
 
     with pytest.raises(ConfigError, match="causal-LM adapter"):
@@ -172,7 +172,7 @@ def _dropout_base(tiny_sft_dir: Path, tmp: Path) -> Path:
 def test_ppo_runs_without_dropout(where, tiny_sft_dir, sft_adapter, tmp_path, monkeypatch):
     """With dropout > 0 anywhere, the first mini-batch of every step sees ratio exactly 1 (clipfrac 0)
     and KL at step 0 is exactly 0 (Huang et al. 2023: disable dropout)."""
-    from rlhfkit import rl
+    from rlhfkit.algorithms import rl
     from rlhfkit.stages import ppo
 
     if where == "lora":
@@ -212,7 +212,7 @@ def test_ppo_runs_without_dropout(where, tiny_sft_dir, sft_adapter, tmp_path, mo
 
 
 def test_disable_dropout_finds_lora_module_and_attention_rates(tiny_sft_dir, tmp_path):
-    from rlhfkit.adapters import disable_dropout
+    from rlhfkit.models.adapters import disable_dropout
 
     model, _ = load_model(ModelConfig(name=str(_dropout_base(tiny_sft_dir, tmp_path))), LoraConfig(dropout=0.2))
     attn = [m for m in model.modules() if hasattr(m, "attention_dropout")]
@@ -248,7 +248,7 @@ def test_truncated_pair_shares_identical_prompt_tokens():
     """Worked numbers: prompt 300, chosen 50, rejected 200 tokens, max_length 256. The prompt gets the
     budget the longer answer leaves, max(256 − 200, 128) = 128: its first 112 tokens + last 16. Chosen
     keeps all 50; rejected is cut to 256 − 128 = 128. Per-side cutting gave chosen a 206-token prompt."""
-    from rlhfkit.pairs import encode_pairs
+    from rlhfkit.inputs.pairs import encode_pairs
 
     (pair,) = encode_pairs([{"prompt": "p", "chosen": "c", "rejected": "r"}], _IdFormat(300, 50, 200), 256, truncate=True)
     n_c, n_r = pair["chosen_mask"].index(1), pair["rejected_mask"].index(1)
@@ -260,7 +260,7 @@ def test_truncated_pair_shares_identical_prompt_tokens():
 
 def test_over_long_prompts_are_cut_or_dropped_and_counted(tiny_sft_dir, tmp_path):
     from rlhfkit.stages import ppo
-    from rlhfkit.templates import PROMPT_TAIL
+    from rlhfkit.inputs.templates import PROMPT_TAIL
 
     long = "how " + " ".join(WORDS * 3) + "?"
     cfg = ppo_cfg(tiny_sft_dir, tmp_path / "cut", steps=1, prompts={"max_length": 48})
@@ -279,8 +279,8 @@ def test_over_long_prompts_are_cut_or_dropped_and_counted(tiny_sft_dir, tmp_path
 
 
 def test_reward_model_scorer_cuts_inputs_longer_than_it_was_trained_on(sft_adapter, pair_path, tmp_path):
-    from rlhfkit.pairs import truncate_sequence
-    from rlhfkit.scoring import RewardModelScorer
+    from rlhfkit.inputs.pairs import truncate_sequence
+    from rlhfkit.rewards.scoring import RewardModelScorer
     from rlhfkit.stages import reward
 
     reward.run(load_config(reward.RewardConfig, overrides={
@@ -303,7 +303,7 @@ def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_
     i.e. the sampler's per-token log-probs equal forward_logprobs; the model's own config does not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit.generation import SamplingConfig, generate, pad_left, response_logprobs
+    from rlhfkit.models.generation import FixedLengthSampling, generate, pad_left, response_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_sft_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_sft_dir)
@@ -323,7 +323,7 @@ def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_
 
     model.generate = spy
     torch.manual_seed(0)
-    resp, rmask = generate(model, tok, queries, [12] * len(queries), SamplingConfig(max_new_tokens=12), "cpu")
+    resp, rmask = generate(model, tok, queries, [12] * len(queries), FixedLengthSampling(max_new_tokens=12), "cpu")
     assert sampler_vs_policy(resp, rmask, steps[-1]) <= 1e-4
     assert model.generation_config.repetition_penalty == 1.3  # restored after sampling
 

@@ -38,7 +38,7 @@ def build_hf(source, out_dir: str, **options) -> dict:
 
 
 def _config(source: str, paths, out_dir: str, options: dict) -> DataConfig:
-    from rlhfkit.config import load_config
+    from rlhfkit.runtime.config import load_config
 
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__") else paths)]
     return load_config(DataConfig, overrides={"source": source, "paths": paths, "out_dir": str(out_dir), **options})

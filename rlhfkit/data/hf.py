@@ -23,8 +23,8 @@ from typing import Iterator
 from rlhfkit.data.jobs import Job
 from rlhfkit.data.scoring import count_pairs, pick_sft_answer, sample_pairs
 from rlhfkit.data.splits import assign_split
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.templates import same_text
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.inputs.templates import same_text
 
 HH_SEP = "\n\nAssistant:"
 SCHEMA_COLUMNS = {

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 from rlhfkit.data.markdown import convert_lists
 from rlhfkit.data.writer import LengthFilter, SplitWriter
-from rlhfkit.templates import same_text
+from rlhfkit.inputs.templates import same_text
 
 _BATCH_CHARS = 1 << 20
 _BATCH_JOBS = 256

@@ -14,8 +14,8 @@ from rlhfkit.data.markdown import converter, converter_description
 from rlhfkit.data.options import SPLITS, DataConfig
 from rlhfkit.data.posts import extract_posts, find_dumps
 from rlhfkit.data.writer import LengthFilter, SplitWriter
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_dir, atomic_write_json
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import atomic_dir, atomic_write_json
 
 _AUTO_WORKERS_BYTES = 32 << 20  # below this, converter processes cost more than they save
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".bz2", ".xz", ".zst")
@@ -31,7 +31,7 @@ def _workers(cfg: DataConfig, input_bytes: int) -> int:
 
 def build(cfg: DataConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the data stage described by `cfg`; returns the stats (also written to out_dir/stats.json)."""
-    from rlhfkit.config import save_config
+    from rlhfkit.runtime.config import save_config
 
     say = log or (lambda msg: None)
     t0 = time.time()
@@ -104,7 +104,7 @@ def _stackexchange(cfg: DataConfig, emitter: Emitter, scratch: Path, pool: Conve
 # --------------------------------------------------------------------------- HF schemas
 def _hf(cfg: DataConfig, emitter: Emitter, pool: ConverterPool, say) -> list[dict]:
     from rlhfkit.data.hf import HFReader
-    from rlhfkit.tables import load_table
+    from rlhfkit.inputs.tables import load_table
 
     inputs = []
     for source in cfg.paths:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from xml.parsers import expat
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 POST_TYPES = {
     1: "question",

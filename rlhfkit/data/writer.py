@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from rlhfkit.data.options import SPLITS
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 _S, _I = pa.string(), pa.int64()
 SCHEMAS: dict[str, pa.Schema] = {

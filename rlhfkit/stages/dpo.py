@@ -39,15 +39,15 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import fsync_path
-from rlhfkit.adapters import disable_dropout, save_model
-from rlhfkit.losses import DPO_LOSS_TYPES, dpo_loss
-from rlhfkit.modeling import eval_mode, sequence_logprobs
-from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
-from rlhfkit.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
-from rlhfkit.templates import PromptFormat, TemplateConfig
-from rlhfkit.training import StageConfig, TrainConfig, Trainer
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import fsync_path
+from rlhfkit.models.adapters import disable_dropout, save_model
+from rlhfkit.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
+from rlhfkit.models.forward import eval_mode, sequence_logprobs
+from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 REF_CACHE = "ref_logps.safetensors"
 STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")

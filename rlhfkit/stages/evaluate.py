@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import save_config
-from rlhfkit.detectors import detect
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.generation import SamplingConfig, generate, response_logprobs
-from rlhfkit.io import append_jsonl, atomic_write_json, lock_dir, prepare_out_dir
-from rlhfkit.models import LoraConfig, ModelConfig, load_model
-from rlhfkit.prompts import PromptDataConfig, encode_prompts, load_prompts, read_prompts
-from rlhfkit.scoring import load_scorer
-from rlhfkit.templates import PromptFormat, TemplateConfig
+from rlhfkit.runtime.config import save_config
+from rlhfkit.rewards.detectors import detect
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.models.generation import FixedLengthSampling, generate, response_logprobs
+from rlhfkit.runtime.io import append_jsonl, atomic_write_json, lock_dir, prepare_out_dir
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.inputs.prompts import PromptDataConfig, encode_prompts, load_prompts, read_prompts
+from rlhfkit.rewards.scoring import load_scorer
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
 OVEROPT_EPS = 0.01  # a gold-judge change smaller than this counts as flat
 
@@ -46,7 +46,7 @@ class EvalConfig:
     """Held-out prompts (prompts.path with prompts.max_prompts)."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
     """Prompt template (the one the models were trained with)."""
-    generation: SamplingConfig = field(default_factory=lambda: SamplingConfig())
+    generation: FixedLengthSampling = field(default_factory=lambda: FixedLengthSampling())
     """Sampling settings."""
     perplexity_data: str | None = None
     """Held-out prompt/response or text file for perplexity (SFT data formats)."""
@@ -166,7 +166,7 @@ def _win_rate(a: list[float], b: list[float]) -> float:
 
 
 def _perplexity(model, tok, cfg: EvalConfig) -> float:
-    from rlhfkit.packing import collate_padded
+    from rlhfkit.inputs.packing import collate_padded
     from rlhfkit.stages.sft import SFTDataConfig, encode_rows, eval_perplexity, load_rows
 
     rows = load_rows(cfg.perplexity_data, None)

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import save_config
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.generation import SamplingConfig, generate
-from rlhfkit.io import atomic_dir, atomic_write_json
-from rlhfkit.models import LoraConfig, ModelConfig, load_model
-from rlhfkit.prompts import read_prompts
-from rlhfkit.scoring import load_scorer
-from rlhfkit.templates import PromptFormat, TemplateConfig
+from rlhfkit.runtime.config import save_config
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.models.generation import FixedLengthSampling, generate
+from rlhfkit.runtime.io import atomic_dir, atomic_write_json
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.inputs.prompts import read_prompts
+from rlhfkit.rewards.scoring import load_scorer
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
 
 @dataclass
@@ -37,7 +37,7 @@ class FeedbackConfig:
     """Prompt template (the one PPO will use)."""
     prompts: str = "builtin:review_openers"
     """Prompts: .txt (one per line), a table, or builtin:review_openers."""
-    rater: str = "rlhfkit.raters:vader_positive"
+    rater: str = "rlhfkit.rewards.raters:vader_positive"
     """The simulated labeller: any scorer spec ('module:function', RM folder, 'pipeline:<model>:<label>')."""
     samples_per_prompt: int = 2
     """Responses sampled per prompt; every pair with different rater scores becomes a preference."""
@@ -51,7 +51,7 @@ class FeedbackConfig:
     """Prompts held out from everything, for the final gold-judge evaluation."""
     rm_eval_fraction: float = 0.15
     """Share of labelled prompts whose pairs go to rm_eval."""
-    generation: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=32, batch_size=32))
+    generation: FixedLengthSampling = field(default_factory=lambda: FixedLengthSampling(max_new_tokens=32, batch_size=32))
     """Sampling settings."""
     seed: int = 0
     """Seed for the prompt split and sampling."""

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 from pathlib import Path
 
-from rlhfkit.config import save_config
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import atomic_dir
-from rlhfkit.models import ADAPTER_FILE, LoraConfig, ModelConfig, load_model
+from rlhfkit.runtime.config import save_config
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import atomic_dir
+from rlhfkit.models.loading import ADAPTER_FILE, LoraConfig, ModelConfig, load_model
 
 
 @dataclass

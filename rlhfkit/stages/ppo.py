@@ -21,45 +21,35 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rlhfkit import rl
-from rlhfkit.config import save_config
-from rlhfkit.critic import VALUE_HEAD, critic_source, load_critic
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.generation import generate, pad_left, response_logprobs
-from rlhfkit.io import append_jsonl, atomic_write_text
-from rlhfkit.adapters import disable_dropout, save_model
-from rlhfkit.modeling import ScalarHead, eval_mode, forward_logprobs
-from rlhfkit.models import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
-from rlhfkit.prompts import PromptDataConfig, encode_prompts, load_prompts
-from rlhfkit.scoring import load_scorer
-from rlhfkit.templates import PromptFormat, TemplateConfig
-from rlhfkit.training import StageConfig, StageRun, check_positive
+from rlhfkit.algorithms import rl
+from rlhfkit.runtime.config import save_config
+from rlhfkit.models.critic import VALUE_HEAD, critic_source, load_critic
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
+from rlhfkit.runtime.io import append_jsonl, atomic_write_text
+from rlhfkit.models.adapters import disable_dropout, save_model
+from rlhfkit.models.forward import ScalarHead, eval_mode, forward_logprobs
+from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.inputs.prompts import PromptDataConfig, encode_prompts, load_prompts
+from rlhfkit.rewards.scoring import load_scorer
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.runtime.training import StageConfig, StageRun, check_positive
 
 REF_ADAPTER = "reference"
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(SamplingConfig):
+    """Rollout sampling: the shared sampling knobs, a length sampler, and the KL-bias guard."""
+
     response_min: int = 32
     """Length sampler: each rollout's max new tokens is drawn uniformly from [response_min, response_max]."""
     response_max: int = 64
     """Upper end of the length sampler."""
-    top_k: int = 0
-    """0 = no top-k truncation (unbiased KL)."""
-    top_p: float = 1.0
-    """1.0 = no nucleus truncation (unbiased KL)."""
-    temperature: float = 1.0
-    """1.0 samples from the policy itself (unbiased KL)."""
-    min_new_tokens: int = 0
-    """Forced minimum length (suppresses EOS): biases the KL estimate, refused unless accept_kl_bias."""
     accept_kl_bias: bool = False
-    """Allow settings above that make samples come from a distribution other than the policy."""
-    batch_size: int = 0
-    """Rollouts generated at once (0 = all of a step's rollouts)."""
-    compile: bool = False
-    """Static KV cache + torch.compile of the decode step: ~1 min compile on CPU, then generate ~15% faster
-    there (benchmarks/bench_ppo.py); on CUDA it runs as CUDA graphs. Off by default: short runs lose."""
+    """Allow top_k/top_p/temperature/min_new_tokens settings that make samples come from a distribution
+    other than the policy (they bias the KL estimate; refused otherwise)."""
 
 
 @dataclass
@@ -266,7 +256,7 @@ class PPOTrainer(StageRun):
         self.prompts, self.queries, self.prompt_stats = encode_prompts(self.prompts, self.fmt, cfg.prompts, "ppo")
         self.eval_prompts, self.eval_queries, _ = (encode_prompts(self.eval_prompts, self.fmt, cfg.prompts, "ppo eval")
                                                    if self.eval_prompts else ([], [], {}))
-        from rlhfkit.training import StepPlan
+        from rlhfkit.runtime.training import StepPlan
 
         self.plan = StepPlan(len(self.prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
         params = [q for q in model.parameters() if q.requires_grad]
@@ -287,11 +277,8 @@ class PPOTrainer(StageRun):
         n, out = len(self.prompts), []
         for i in range(step * G, (step + 1) * G):
             epoch, k = divmod(i, n)
-            out.append(self.plan._order(epoch)[k])
+            out.append(self.plan.order(epoch)[k])
         return out[acc.process_index :: acc.num_processes]
-
-    def _sum(self, x: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(x, "sum") if self.accelerator.num_processes > 1 else x
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
         acc = self.accelerator
@@ -305,13 +292,13 @@ class PPOTrainer(StageRun):
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
         model, dev = acc.unwrap_model(self.model), acc.device
         full_kl = p.kl_estimator == "full"
-        all_reduce = self._sum if acc.num_processes > 1 else None  # cross-rank sums for the masked statistics
+        all_reduce = self.sum_across if acc.num_processes > 1 else None  # cross-rank sums for the masked statistics
         t = {}
 
         # 1. Rollout: sample responses from the current policy (left-padded queries, KV cache).
         t0 = time.perf_counter()
         lengths = self.length_sampler.sample(len(queries), generator=gen).tolist()
-        resp, rmask = generate(model.policy, self.tok, queries, lengths, cfg.generation, dev)
+        resp, rmask = generate(model.policy, self.tok, queries, lengths, cfg.generation, dev, cfg.generation.response_max)
         q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
         input_ids = torch.cat([q_ids, resp], 1).to(dev)
         attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
@@ -373,10 +360,10 @@ class PPOTrainer(StageRun):
                         # Token means over the *global* mini-batch (DDP averages the rank gradients),
                         # and guard decisions taken on global numbers so every rank takes the same one.
                         n_tok = m.sum().float()
-                        glob_tok = self._sum(n_tok.clone()).clamp(min=1)
+                        glob_tok = self.sum_across(n_tok.clone()).clamp(min=1)
                         share = n_tok * acc.num_processes / glob_tok
-                        pg_stats["ratio"] = self._sum(pg_stats["ratio"].detach() * n_tok) / glob_tok
-                        pg_stats["approxkl"] = self._sum(pg_stats["approxkl"].detach() * n_tok) / glob_tok
+                        pg_stats["ratio"] = self.sum_across(pg_stats["ratio"].detach() * n_tok) / glob_tok
+                        pg_stats["approxkl"] = self.sum_across(pg_stats["approxkl"].detach() * n_tok) / glob_tok
                         loss = (pg_loss + p.vf_coef * vf_loss) * share
                         if float(pg_stats["ratio"]) > p.ratio_threshold:  # a blown-up ratio: skip, don't step on it
                             skipped += 1
@@ -387,7 +374,7 @@ class PPOTrainer(StageRun):
                         local = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, "clipfrac": pg_stats["clipfrac"],
                                  "vf_clipfrac": vf_stats["vf_clipfrac"]}
                         names = list(local)
-                        glob = self._sum(torch.stack([torch.as_tensor(local[k]).detach().float() for k in names]) * n_tok) / glob_tok
+                        glob = self.sum_across(torch.stack([torch.as_tensor(local[k]).detach().float() for k in names]) * n_tok) / glob_tok
                         logged = {**dict(zip(names, glob.tolist())), "approxkl": float(pg_stats["approxkl"]),
                                   "ratio": float(pg_stats["ratio"])}
                     for name, v in logged.items():
@@ -407,7 +394,7 @@ class PPOTrainer(StageRun):
         # 7. Log: global means (across processes) of what the PPO literature logs; adapt β.
         n = torch.tensor(float(B), device=dev)
         seq_kl = rl.masked_sum(kl, rmask, dim=1)
-        glob = lambda x: (self._sum(x.sum().detach()) / self._sum(n)).item()  # noqa: E731
+        glob = lambda x: (self.sum_across(x.sum().detach()) / self.sum_across(n)).item()  # noqa: E731
         mean_kl = glob(seq_kl)
         record = {
             "score": glob(raw_scores), "score_std": math.sqrt(max(glob(raw_scores ** 2) - glob(raw_scores) ** 2, 0.0)),
@@ -420,9 +407,9 @@ class PPOTrainer(StageRun):
             **{k: sum(v) / len(v) for k, v in stats.items()},
             **t,
         }
-        tokens = self._sum(attention_mask.sum().float()).item()
+        tokens = self.sum_across(attention_mask.sum().float()).item()
         record["tokens_per_s"] = tokens / max(sum(t.values()), 1e-9)
-        self.kl_ctl.update(mean_kl, int(self._sum(n).item()))
+        self.kl_ctl.update(mean_kl, int(self.sum_across(n).item()))
         return record
 
     # ------------------------------------------------------------------ eval / loop
@@ -437,7 +424,8 @@ class PPOTrainer(StageRun):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed + 7919)
             lengths = [self.cfg.generation.response_max] * len(queries)
-            resp, rmask = generate(model.policy, self.tok, queries, lengths, self.cfg.generation, acc.device)
+            resp, rmask = generate(model.policy, self.tok, queries, lengths, self.cfg.generation, acc.device,
+                                   self.cfg.generation.response_max)
         responses = self._decode(resp, rmask)
         rewards = self.scorer(prompts, responses)
         with eval_mode(model):
@@ -447,9 +435,9 @@ class PPOTrainer(StageRun):
         seq_kl = (logp - ref_logp).sum(1)
         n = torch.tensor(float(len(prompts)), device=acc.device)
         result = {
-            "reward": (self._sum(torch.tensor(sum(rewards), device=acc.device)) / self._sum(n)).item(),
-            "kl": (self._sum(seq_kl.sum()) / self._sum(n)).item(),
-            "response_length": (self._sum(rmask.sum().float().to(acc.device)) / self._sum(n)).item(),
+            "reward": (self.sum_across(torch.tensor(sum(rewards), device=acc.device)) / self.sum_across(n)).item(),
+            "kl": (self.sum_across(seq_kl.sum()) / self.sum_across(n)).item(),
+            "response_length": (self.sum_across(rmask.sum().float().to(acc.device)) / self.sum_across(n)).item(),
         }
         if acc.is_main_process:
             for q, r, s in zip(prompts, responses, rewards):
@@ -534,7 +522,7 @@ class PPOTrainer(StageRun):
 
 
 def _read(path: Path) -> list[dict]:
-    from rlhfkit.io import read_jsonl
+    from rlhfkit.runtime.io import read_jsonl
 
     return read_jsonl(path)
 
@@ -554,7 +542,7 @@ def train(reward_fn=None, prompts=None, eval_prompts=None, config=None, **overri
 
     reward_fn(prompts, responses) -> scores; config is a PPOConfig, a nested dict or dotted overrides.
     """
-    from rlhfkit.config import load_config
+    from rlhfkit.runtime.config import load_config
 
     if isinstance(config, PPOConfig):
         cfg = config

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhfkit.adapters import save_model
-from rlhfkit.losses import pairwise_reward_loss
-from rlhfkit.modeling import sequence_scores
-from rlhfkit.models import LoraConfig, ModelConfig, load_model
-from rlhfkit.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
-from rlhfkit.templates import PromptFormat, TemplateConfig
-from rlhfkit.training import StageConfig, TrainConfig, Trainer
+from rlhfkit.models.adapters import save_model
+from rlhfkit.algorithms.losses import pairwise_reward_loss
+from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 
 @dataclass
@@ -129,7 +129,7 @@ def run(cfg: RewardConfig) -> dict:
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")
     if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins for the report's histogram
-        from rlhfkit.io import atomic_write_json
+        from rlhfkit.runtime.io import atomic_write_json
 
         if len(last_margins) != len(eval_pairs):  # several processes each hold a shard: score them all here
             last_margins.clear()

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.modeling import causal_lm_nll_sum
-from rlhfkit.adapters import save_model
-from rlhfkit.models import LoraConfig, ModelConfig, load_model
-from rlhfkit.packing import Sample, collate_packed, collate_padded, count_targets, pack
-from rlhfkit.tables import load_table
-from rlhfkit.templates import PromptFormat, TemplateConfig
-from rlhfkit.training import StageConfig, TrainConfig, Trainer
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.models.forward import causal_lm_nll_sum
+from rlhfkit.models.adapters import save_model
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.inputs.packing import Sample, collate_packed, collate_padded, count_targets, pack
+from rlhfkit.inputs.tables import load_table
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 BUILTIN_CORPUS = "builtin:qa"
 PROMPT_FIELDS = ("prompt", "question")

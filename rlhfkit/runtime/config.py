@@ -25,7 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from rlhfkit.errors import ConfigError
+from rlhfkit.runtime.errors import ConfigError
 
 _MISSING = object()
 
@@ -155,7 +155,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         f = fields[key]
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
             # Override on top of this stage's own default (e.g. SFT's train.lr), not the class defaults.
-            value = _merge(dataclasses.asdict(f.default_factory()), value)
+            value = merge_dicts(dataclasses.asdict(f.default_factory()), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
@@ -206,11 +206,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -241,7 +241,7 @@ def load_config(cls: type, yaml_path: str | os.PathLike | None = None, overrides
     data: dict[str, Any] = read_yaml(yaml_path, "config file") if yaml_path is not None else {}
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-        data = _merge(data, extra)
+        data = merge_dicts(data, extra)
     return _build(cls, data)
 
 
@@ -251,7 +251,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from rlhfkit.io import atomic_write_text
+    from rlhfkit.runtime.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 ADAPTER_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -132,7 +132,7 @@ def save_model(model, tokenizer, out: Path, model_cfg, lora_cfg, selected_adapte
 
     When training started from an adapter folder that was merged (not continued), the parent is
     folded into the saved adapter (see the module docstring)."""
-    from rlhfkit.models import DEFAULT_HUB_ID, is_default, resolve_model_path
+    from rlhfkit.models.loading import DEFAULT_HUB_ID, is_default, resolve_model_path
 
     kwargs = {"selected_adapters": selected_adapters} if selected_adapters else {}
     model.save_pretrained(out, **kwargs)

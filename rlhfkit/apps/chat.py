@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import missing_path
 
 # Before gradio is imported anywhere: no telemetry, no version check against the network.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -35,7 +37,7 @@ RUN_STAGES = ("ppo", "dpo", "sft")
 EMPTY_REPLY = "(the model ended its reply without producing any text)"
 
 
-class ChatError(Exception):
+class ChatError(RlhfkitError):
     """A model argument or option that cannot be used (printed without a traceback)."""
 
 
@@ -43,8 +45,9 @@ class ChatError(Exception):
 def resolve_model(name: str) -> str:
     """A run directory → its best final model (ppo, then dpo, then sft); anything else unchanged."""
     path = Path(name).expanduser()
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise ChatError(f"model path not found: {name}")
+    missing = missing_path(name, "model path")  # the loader's own rule for a mistyped local path
+    if missing is not None:
+        raise ChatError(str(missing))
     if not path.is_dir():
         return name  # hub id, default model name, .gguf file: the loader resolves (or rejects) it
     if (path / "config.json").exists() or (path / "adapter_config.json").exists():
@@ -320,7 +323,7 @@ def load(model_or_run: str, *, dtype: str = "float32", device: str = "auto"):
     """(model, tokenizer, model_dir) for MODEL_OR_RUN, in eval mode on `device`."""
     import torch
 
-    from rlhfkit.models import LoraConfig, ModelConfig, load_model
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
     target = resolve_model(model_or_run)
     model, tokenizer = load_model(ModelConfig(name=target, dtype=dtype), LoraConfig(enabled=False), trainable=False,
@@ -357,8 +360,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: need --max-new-tokens ≥ 1, --temperature ≥ 0, 0 < --top-p ≤ 1 and a port in 0..65535",
               file=sys.stderr)
         return 2
-    from rlhfkit.errors import RlhfkitError
-
     try:
         chat_target = resolve_model(args.model)  # cheap checks first: no gradio import, no model load
     except ChatError as exc:
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         template = resolve_template(target, tokenizer, args.template)
         app = build_app(model, tokenizer, template=template, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, top_p=args.top_p, title=args.title)
-    except (ChatError, RlhfkitError) as exc:
+    except RlhfkitError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     except OSError as exc:  # transformers: hub id not found / not reachable, unreadable files

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import yaml
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 
 class Scorer:
@@ -30,8 +30,8 @@ class RewardModelScorer(Scorer):
     """A reward-model folder written by `rlhfkit rm` (its final/ dir, or a merged copy)."""
 
     def __init__(self, path: str, batch_size: int = 16, device: str | torch.device | None = None, template=None):
-        from rlhfkit.models import LoraConfig, ModelConfig, load_model
-        from rlhfkit.templates import PromptFormat, TemplateConfig
+        from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+        from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
         self.name = f"rm:{path}"
         self.model, self.tok = load_model(ModelConfig(name=str(path)), LoraConfig(enabled=False), kind="seq_cls",
@@ -52,7 +52,7 @@ class RewardModelScorer(Scorer):
 
     @torch.no_grad()
     def __call__(self, prompts, responses) -> list[float]:
-        from rlhfkit.modeling import sequence_scores
+        from rlhfkit.models.forward import sequence_scores
 
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -71,7 +71,7 @@ class RewardModelScorer(Scorer):
 
 
     def _encode(self, prompt: str, response: str) -> list[int]:
-        from rlhfkit.pairs import truncate_sequence
+        from rlhfkit.inputs.pairs import truncate_sequence
 
         ids, mask = self.fmt.encode(prompt, response)
         if self.max_length and len(ids) > self.max_length:
@@ -140,7 +140,7 @@ def load_scorer(spec, **kwargs) -> Scorer:
         return PipelineScorer(parts[1], parts[2], **kwargs)
     if Path(spec).exists():
         return RewardModelScorer(spec, **kwargs)
-    if ":" in spec:  # importable function, e.g. rlhfkit.raters:vader_positive
+    if ":" in spec:  # importable function, e.g. rlhfkit.rewards.raters:vader_positive
         import importlib
 
         module, _, attr = spec.partition(":")

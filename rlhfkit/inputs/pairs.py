@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.tables import load_table
-from rlhfkit.templates import cut_prompt, same_text
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.inputs.tables import load_table
+from rlhfkit.inputs.templates import cut_prompt, same_text
 
 PROMPT_FIELDS = ("prompt", "question")
 CHOSEN_FIELDS = ("chosen", "response_j")

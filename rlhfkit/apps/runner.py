@@ -22,19 +22,19 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.config import _merge, load_config, parse_overrides, read_yaml, to_dict
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.io import LOCK_FILE, atomic_write_json, atomic_write_text, lock_dir, written_by_rlhfkit
+from rlhfkit.runtime.config import merge_dicts, load_config, parse_overrides, read_yaml, to_dict
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.stages import STAGES
+from rlhfkit.runtime.io import LOCK_FILE, atomic_write_json, atomic_write_text, lock_dir, written_by_rlhfkit
 
-STAGE_MODULES = {
-    "data": "rlhfkit.stages.data", "feedback": "rlhfkit.stages.feedback", "sft": "rlhfkit.stages.sft",
-    "rm": "rlhfkit.stages.reward", "ppo": "rlhfkit.stages.ppo", "dpo": "rlhfkit.stages.dpo",
-    "eval": "rlhfkit.stages.evaluate", "report": "rlhfkit.report",
-}
-RESUMABLE = {"sft", "rm", "ppo", "dpo"}
 MARKERS = ".stages"  # <run_dir>/.stages/<stage>.json: outside the stage dirs, which stages may wipe
-DEFAULT_RECIPE = Path(__file__).resolve().parent / "resources" / "default_recipe.yaml"
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "resources" / "default_recipe.yaml"
 TOP_KEYS = {"run_dir", "vars", "stages", "description"}
+
+
+def recipe_stages() -> list[str]:
+    """The stages a recipe may list (the shared registry, `rlhfkit.stages.STAGES`)."""
+    return [name for name, s in STAGES.items() if s.in_recipes]
 
 
 def _fill(text: str, values: dict) -> str:
@@ -57,16 +57,16 @@ def _subst(node, values: dict):
 def load_recipe(path: str | Path | None, overrides: list[str]) -> dict:
     path = Path(path) if path else DEFAULT_RECIPE
     recipe = read_yaml(path, "recipe")
-    recipe = _merge(recipe, parse_overrides(overrides))
+    recipe = merge_dicts(recipe, parse_overrides(overrides))
     stages = recipe.get("stages")
     if not stages or not isinstance(stages, list):
-        raise ConfigError(f"{path}: 'stages' must list the stages to run ({', '.join(STAGE_MODULES)})")
+        raise ConfigError(f"{path}: 'stages' must list the stages to run ({', '.join(recipe_stages())})")
     for key in recipe:
-        if key not in TOP_KEYS and key not in STAGE_MODULES:
-            raise ConfigError(f"{path}: unknown recipe key '{key}' (stages: {', '.join(STAGE_MODULES)}; also {sorted(TOP_KEYS)})")
+        if key not in TOP_KEYS and key not in recipe_stages():
+            raise ConfigError(f"{path}: unknown recipe key '{key}' (stages: {', '.join(recipe_stages())}; also {sorted(TOP_KEYS)})")
     for s in stages:
-        if s not in STAGE_MODULES:
-            raise ConfigError(f"{path}: unknown stage '{s}' (known: {', '.join(STAGE_MODULES)})")
+        if s not in recipe_stages():
+            raise ConfigError(f"{path}: unknown stage '{s}' (known: {', '.join(recipe_stages())})")
     run_dir = recipe.get("run_dir") or "runs/" + path.stem
     values = {**{k: str(v) for k, v in (recipe.get("vars") or {}).items()}, "run_dir": run_dir}
     values = {k: _fill(v, values) for k, v in values.items()}
@@ -77,7 +77,7 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> dict:
 
 
 def _stage_config(name: str, section: dict, out: Path):
-    module = importlib.import_module(STAGE_MODULES[name])
+    module = importlib.import_module(STAGES[name].module)
     if not hasattr(module, "CONFIG"):
         return module, None
     section = {**section, "out_dir": str(out)}
@@ -121,7 +121,7 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
                 print(f"[run] {name}: {why} changed since it ran — re-running {name} and every stage after it")
                 rerun_rest = True
             elif marker.get("status") == "running":
-                resume = name in RESUMABLE
+                resume = STAGES[name].resumable
                 print(f"[run] {name}: interrupted earlier — " + ("resuming" if resume else "starting again"))
         if not overwrite and _foreign(out) and marker is None and not written_by_rlhfkit(out):
             # whatever the earlier stages did: a folder rlhfkit did not write is never wiped without --overwrite

@@ -15,11 +15,11 @@ import torch
 import yaml
 from torch import nn
 
-from rlhfkit.adapters import disable_dropout, save_model
-from rlhfkit.config import to_dict
-from rlhfkit.errors import ConfigError
-from rlhfkit.modeling import token_scores, unwrap
-from rlhfkit.models import LoraConfig, ModelConfig, load_model
+from rlhfkit.models.adapters import disable_dropout, save_model
+from rlhfkit.runtime.config import to_dict
+from rlhfkit.runtime.errors import ConfigError
+from rlhfkit.models.forward import token_scores, unwrap
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
 VALUE_HEAD, FROM_REWARD = "value_head", "rm"
 

@@ -3,12 +3,12 @@
 Reads whatever the stages left in RUN_DIR (every file is optional; a missing one is named, a torn
 last line of a metrics file that is still being written is skipped) and writes
 
-    RUN_DIR/report.html   self-contained: inline CSS, every plot a base64 PNG, no external URL
+    RUN_DIR/report.html   self-contained: inline render.CSS, every plot a base64 PNG, no external URL
     RUN_DIR/report.md     the same content; plots beside it in RUN_DIR/report_files/*.png
 
 Sections: data stats, SFT loss/perplexity, reward-model accuracy/margins, PPO score/KL/β,
 reward-vs-KL, timings, before/after samples, DPO, evaluation (per-model table, win rates,
-detectors, over-optimisation verdict), environment and each stage's config.yaml.
+detectors, over-optimisation verdict), render.environment and each stage's config.yaml.
 
 Plots use matplotlib's Agg canvas on private Figure objects (no pyplot state). Every file is
 written to a temp name and renamed, so a reader never sees a half-written report.
@@ -27,40 +27,15 @@ from pathlib import Path
 
 from typing import Any
 
-from rlhfkit.io import atomic_write_bytes
-from rlhfkit.report_render import (  # noqa: F401  (re-exported)
-    _num,
-    _series,
-    _has,
-    _last,
-    _mean,
-    FILES_DIR,
-    Block,
-    CSS,
-    Doc,
-    _MD_SPECIAL,
-    _clip,
-    _e,
-    _figure,
-    _line,
-    _multi_plot,
-    _png,
-    _style,
-    _version,
-    environment,
-    fmt,
-    gpu_name,
-    md_cell,
-    md_text,
-    render_html,
-    render_md,
-)
+from rlhfkit.runtime.io import atomic_write_bytes
+from rlhfkit.apps import report_render as render
+from rlhfkit.runtime.errors import RlhfkitError
 
 STAGE_DIRS = ("data", "sft", "rm", "ppo", "dpo", "eval")
 PROG = "rlhfkit report"
 
 
-class ReportError(Exception):
+class ReportError(RlhfkitError):
     """A run directory that cannot be reported on (missing, not a directory, not a run)."""
 
 
@@ -113,12 +88,12 @@ def _split(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def _notes(doc: Doc, notes: list[str]) -> None:
+def _notes(doc: render.Doc, notes: list[str]) -> None:
     for n in notes:
         doc.note(n)
 
 
-def section_overview(doc: Doc, run: Path) -> None:
+def section_overview(doc: render.Doc, run: Path) -> None:
     doc.h2("Overview", "overview")
     rows = []
     expected = {
@@ -155,11 +130,11 @@ def _flat_numbers(stats: dict) -> list[list[Any]]:
         if isinstance(v, (int, float, str, bool)) or v is None:
             rows.append([k, v])
         elif isinstance(v, dict) and v and all(isinstance(x, (int, float, str, bool)) or x is None for x in v.values()):
-            rows.append([k, " · ".join(f"{kk} {fmt(vv)}" for kk, vv in v.items())])
+            rows.append([k, " · ".join(f"{kk} {render.fmt(vv)}" for kk, vv in v.items())])
     return rows
 
 
-def section_data(doc: Doc, run: Path) -> None:
+def section_data(doc: render.Doc, run: Path) -> None:
     # The default recipe makes its pairs with the feedback stage (simulated rater) instead of `data`.
     source = "feedback" if (run / "feedback").is_dir() and not (run / "data").is_dir() else "data"
     doc.h2("Data" if source == "data" else "Data (simulated feedback)", "data")
@@ -185,14 +160,14 @@ def section_data(doc: Doc, run: Path) -> None:
         doc.warn(f"Partial input kept up to an error: {p.get('reason', p) if isinstance(p, dict) else p}")
     hist = stats.get("score_histogram")
     if isinstance(hist, dict) and hist:
-        pts = sorted(((float(k), float(v)) for k, v in hist.items() if _num(v) is not None and _is_number(k)))
+        pts = sorted(((float(k), float(v)) for k, v in hist.items() if render.num(v) is not None and _is_number(k)))
         if pts:
-            fig, axes = _figure(h=2.8)
+            fig, axes = render.figure(h=2.8)
             ax = axes[0][0]
             ax.bar([p[0] for p in pts], [p[1] for p in pts], width=0.8, color="#4c72b0")
             ax.set_yscale("log" if max(p[1] for p in pts) > 50 * max(1.0, min(p[1] for p in pts)) else "linear")
-            _style(ax, "Answer score histogram", xlabel="score", ylabel="answers")
-            doc.img("data_score_hist.png", _png(fig), "Histogram of answer scores")
+            render.style(ax, "Answer score histogram", xlabel="score", ylabel="answers")
+            doc.img("data_score_hist.png", render.png(fig), "Histogram of answer scores")
     lengths = stats.get("lengths_chars")
     if isinstance(lengths, dict) and lengths:
         rows = []
@@ -214,7 +189,7 @@ def _is_number(s: Any) -> bool:
         return False
 
 
-def section_sft(doc: Doc, run: Path) -> None:
+def section_sft(doc: render.Doc, run: Path) -> None:
     if not (run / "sft").is_dir() and (run / "ppo").is_dir():
         return  # PPO straight from the base model (the default recipe): the overview lists what ran
     doc.h2("SFT", "sft")
@@ -225,31 +200,31 @@ def section_sft(doc: Doc, run: Path) -> None:
         doc.note("No SFT metrics (sft/metrics.jsonl not found or empty).")
         return
     train, evals = _split(records)
-    png = _multi_plot([
+    png = render.multi_plot([
         ("Training loss", [(train, "loss", "train loss"), (evals, "eval/loss", "eval loss")]),
         ("Eval perplexity", [(evals, "eval/perplexity", "eval perplexity")]),
     ])
     doc.img("sft_loss.png", png, "SFT loss and eval perplexity over steps")
-    png = _multi_plot([
+    png = render.multi_plot([
         ("Learning rate", [(train, "lr", "lr")]),
         ("Throughput (tokens/s)", [(train, "tokens_per_s", "tokens/s")]),
         ("Gradient norm", [(train, "grad_norm", "grad norm")]),
     ], ncols=3, h=2.4)
     doc.img("sft_train.png", png, "SFT learning rate, throughput and gradient norm")
-    ppl_x, ppl = _series(evals, "eval/perplexity")
+    ppl_x, ppl = render.series(evals, "eval/perplexity")
     rows = [
-        ["train steps", int(max(_series(train, "loss")[0], default=0))],
-        ["final train loss", _last(train, "loss")],
+        ["train steps", int(max(render.series(train, "loss")[0], default=0))],
+        ["final train loss", render.last(train, "loss")],
         ["eval perplexity before training (step 0)", ppl[0] if ppl and ppl_x[0] == 0 else None],
         ["eval perplexity at the end", ppl[-1] if ppl else None],
-        ["eval loss at the end", _last(evals, "eval/loss")],
-        ["mean tokens/s", _mean(_series(train, "tokens_per_s")[1])],
-        ["tokens seen", _last(train, "tokens")],
+        ["eval loss at the end", render.last(evals, "eval/loss")],
+        ["mean tokens/s", render.mean(render.series(train, "tokens_per_s")[1])],
+        ["tokens seen", render.last(train, "tokens")],
     ]
     doc.table(["metric", "value"], [r for r in rows if r[1] is not None], cls="kv")
 
 
-def section_rm(doc: Doc, run: Path) -> None:
+def section_rm(doc: render.Doc, run: Path) -> None:
     doc.h2("Reward model", "rm")
     notes: list[str] = []
     records = _read_records(run / "rm" / "metrics.jsonl", notes)
@@ -259,7 +234,7 @@ def section_rm(doc: Doc, run: Path) -> None:
         doc.note("No reward-model metrics (rm/metrics.jsonl and rm/eval_margins.json not found).")
         return
     train, evals = _split(records)
-    png = _multi_plot([
+    png = render.multi_plot([
         ("Accuracy", [(train, "accuracy", "train"), (evals, "eval/accuracy", "eval"),
                       (evals, "eval/longer_wins", "eval: longer answer wins")]),
         ("Margin r(chosen) − r(rejected)", [(train, "margin", "train"), (evals, "eval/margin", "eval")]),
@@ -270,14 +245,14 @@ def section_rm(doc: Doc, run: Path) -> None:
     if not records:
         doc.note("rm/metrics.jsonl not found.")
     if isinstance(margins, list):
-        vals = [v for v in (_num(m) for m in margins) if v is not None]
+        vals = [v for v in (render.num(m) for m in margins) if v is not None]
         if vals:
-            fig, axes = _figure(h=2.8)
+            fig, axes = render.figure(h=2.8)
             ax = axes[0][0]
             ax.hist(vals, bins=min(40, max(5, len(vals) // 3)), color="#55a868", edgecolor="white")
             ax.axvline(0.0, color="#c44e52", linestyle="--", linewidth=1, label="0 (tie)")
-            _style(ax, "Held-out margins r(chosen) − r(rejected)", xlabel="margin", ylabel="pairs")
-            doc.img("rm_margin_hist.png", _png(fig), "Histogram of held-out reward margins")
+            render.style(ax, "Held-out margins r(chosen) − r(rejected)", xlabel="margin", ylabel="pairs")
+            doc.img("rm_margin_hist.png", render.png(fig), "Histogram of held-out reward margins")
             pos = sum(v > 0 for v in vals)
             ties = sum(v == 0 for v in vals)
             doc.p(f"{len(vals)} held-out pairs: {pos / len(vals):.1%} ranked correctly (margin > 0), "
@@ -290,7 +265,7 @@ def section_rm(doc: Doc, run: Path) -> None:
         doc.table(["final eval metric", "value"], [[k, last[k]] for k in keys], cls="kv")
 
 
-def _samples_table(doc: Doc, samples: list[dict], max_rows: int) -> None:
+def _samples_table(doc: render.Doc, samples: list[dict], max_rows: int) -> None:
     before: dict[str, dict] = {}
     after: dict[str, dict] = {}
     for s in samples:
@@ -304,31 +279,31 @@ def _samples_table(doc: Doc, samples: list[dict], max_rows: int) -> None:
         rows, deltas = [], []
         for q in paired[:max_rows]:
             b, a = before[q], after[q]
-            rb, ra = _num(b.get("reward")), _num(a.get("reward"))
+            rb, ra = render.num(b.get("reward")), render.num(a.get("reward"))
             d = ra - rb if ra is not None and rb is not None else None
             deltas.append(d)
-            rows.append([_clip(q), _clip(b.get("response")), fmt(rb), _clip(a.get("response")), fmt(ra),
+            rows.append([render.clip(q), render.clip(b.get("response")), render.fmt(rb), render.clip(a.get("response")), render.fmt(ra),
                          (f"{d:+.4g}" if d is not None else "—")])
         doc.table(["prompt", "before", "reward", "after", "reward", "Δ"], rows, cls="samples", anchor="ppo-samples")
-        rb = [_num(before[q].get("reward")) for q in paired]
-        ra = [_num(after[q].get("reward")) for q in paired]
+        rb = [render.num(before[q].get("reward")) for q in paired]
+        ra = [render.num(after[q].get("reward")) for q in paired]
         rb, ra = [x for x in rb if x is not None], [x for x in ra if x is not None]
         if rb and ra:
             better = sum(1 for d in deltas if d is not None and d > 0)
-            doc.p(f"Mean reward on {len(paired)} held-out prompts: before {_mean(rb):.4g} → after {_mean(ra):.4g}; "
+            doc.p(f"Mean reward on {len(paired)} held-out prompts: before {render.mean(rb):.4g} → after {render.mean(ra):.4g}; "
                   f"improved on {better} of {len(deltas)} shown.")
         if len(paired) > max_rows:
             doc.note(f"Showing {max_rows} of {len(paired)} prompts (--max-samples).")
         return
     if samples:
         doc.note("No prompt has both a 'before' and an 'after' sample; the latest samples follow.")
-        latest = sorted(samples, key=lambda s: _num(s.get("step")) or 0)[-max_rows:]
+        latest = sorted(samples, key=lambda s: render.num(s.get("step")) or 0)[-max_rows:]
         doc.table(["step", "tag", "prompt", "response", "reward"],
-                  [[fmt(s.get("step")), str(s.get("tag", "")), _clip(s.get("prompt")), _clip(s.get("response")),
-                    fmt(_num(s.get("reward")))] for s in latest], cls="samples", anchor="ppo-samples")
+                  [[render.fmt(s.get("step")), str(s.get("tag", "")), render.clip(s.get("prompt")), render.clip(s.get("response")),
+                    render.fmt(render.num(s.get("reward")))] for s in latest], cls="samples", anchor="ppo-samples")
 
 
-def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
+def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
     doc.h2("PPO", "ppo")
     notes: list[str] = []
     records = _read_records(run / "ppo" / "metrics.jsonl", notes)
@@ -339,48 +314,48 @@ def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
         return
     train, evals = _split(records)
     if records:
-        summary = [["steps", len(_series(train, "score")[0]) or len(train)]]
+        summary = [["steps", len(render.series(train, "score")[0]) or len(train)]]
         for k in ("score", "kl", "kl_coef", "response_length"):
-            xs, ys = _series(train, k)
+            xs, ys = render.series(train, k)
             if ys:
-                summary.append([f"{k} first → last", f"{fmt(ys[0])} → {fmt(ys[-1])}"])
+                summary.append([f"{k} first → last", f"{render.fmt(ys[0])} → {render.fmt(ys[-1])}"])
         for k in ("eval/reward", "eval/kl", "eval/response_length"):
-            xs, ys = _series(evals, k)
+            xs, ys = render.series(evals, k)
             if ys:
-                summary.append([f"{k} first → last", f"{fmt(ys[0])} → {fmt(ys[-1])}"])
+                summary.append([f"{k} first → last", f"{render.fmt(ys[0])} → {render.fmt(ys[-1])}"])
         doc.table(["metric", "value"], summary, cls="kv")
         # score with its ± std band, eval reward, KL, β
-        panels = [p for p in ("score", "kl", "kl_coef") if _has(train, p) or _has(evals, {"score": "eval/reward", "kl": "eval/kl"}.get(p, p))]
+        panels = [p for p in ("score", "kl", "kl_coef") if render.has(train, p) or render.has(evals, {"score": "eval/reward", "kl": "eval/kl"}.get(p, p))]
         if panels:
-            fig, axes = _figure(1, len(panels), w=3.0 * len(panels) + 0.5, h=3.0)
+            fig, axes = render.figure(1, len(panels), w=3.0 * len(panels) + 0.5, h=3.0)
             for ax, key in zip(axes[0], panels):
                 if key == "score":
-                    xs, ys = _series(train, "score")
+                    xs, ys = render.series(train, "score")
                     if xs:
                         ax.plot(xs, ys, label="score (train)", color="#4c72b0")
-                        sx, sd = _series(train, "score_std")
+                        sx, sd = render.series(train, "score_std")
                         if sx == xs:
                             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
                                             alpha=0.2, color="#4c72b0", label="± std")
-                    _line(ax, train, "reward", label="reward (score − β·KL)", linestyle=":")
-                    _line(ax, evals, "eval/reward", label="eval reward", color="#dd8452")
-                    _style(ax, "Score / reward")
+                    render.line(ax, train, "reward", label="reward (score − β·KL)", linestyle=":")
+                    render.line(ax, evals, "eval/reward", label="eval reward", color="#dd8452")
+                    render.style(ax, "Score / reward")
                 elif key == "kl":
-                    _line(ax, train, "kl", label="KL (train)")
-                    _line(ax, evals, "eval/kl", label="eval KL", color="#dd8452")
-                    _style(ax, "KL(π ‖ π_ref)")
+                    render.line(ax, train, "kl", label="KL (train)")
+                    render.line(ax, evals, "eval/kl", label="eval KL", color="#dd8452")
+                    render.style(ax, "KL(π ‖ π_ref)")
                 else:
-                    _line(ax, train, "kl_coef", label="β", color="#8172b2")
-                    _style(ax, "β (kl_coef)")
+                    render.line(ax, train, "kl_coef", label="β", color="#8172b2")
+                    render.style(ax, "β (kl_coef)")
             doc.h3("Score, KL and β")
-            doc.img("ppo_score_kl.png", _png(fig), "PPO score, KL and β over steps")
+            doc.img("ppo_score_kl.png", render.png(fig), "PPO score, KL and β over steps")
         # reward vs KL
-        pts = [(_num(r.get("kl")), _num(r.get("score")), _num(r.get("step")) or i) for i, r in enumerate(train)]
+        pts = [(render.num(r.get("kl")), render.num(r.get("score")), render.num(r.get("step")) or i) for i, r in enumerate(train)]
         pts = [p for p in pts if p[0] is not None and p[1] is not None]
-        ev = [(_num(r.get("eval/kl")), _num(r.get("eval/reward"))) for r in evals]
+        ev = [(render.num(r.get("eval/kl")), render.num(r.get("eval/reward"))) for r in evals]
         ev = [p for p in ev if p[0] is not None and p[1] is not None]
         if pts or ev:
-            fig, axes = _figure(w=6.0, h=3.6)
+            fig, axes = render.figure(w=6.0, h=3.6)
             ax = axes[0][0]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#999999", linewidth=0.8, zorder=1)
@@ -391,14 +366,14 @@ def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
                 cb.ax.tick_params(labelsize=7)
             if ev:
                 ax.plot([p[0] for p in ev], [p[1] for p in ev], marker="s", color="#dd8452", label="eval")
-            _style(ax, "Reward vs KL", xlabel="KL(π ‖ π_ref)", ylabel="score")
+            render.style(ax, "Reward vs KL", xlabel="KL(π ‖ π_ref)", ylabel="score")
             doc.h3("Reward vs KL")
-            doc.img("ppo_reward_vs_kl.png", _png(fig), "PPO reward versus KL over training")
+            doc.img("ppo_reward_vs_kl.png", render.png(fig), "PPO reward versus KL over training")
         # diagnostics
         diag = [("entropy", "Entropy"), ("approxkl", "Approx. KL (policy update)"), ("clipfrac", "Clip fraction"),
                 ("pg_loss", "Policy loss"), ("vf_loss", "Value loss"), ("explained_variance", "Explained variance"),
                 ("response_length", "Response length"), ("non_score_reward", "Non-score reward (−β·KL)")]
-        png = _multi_plot([(title, [(train, k, "train")] + ([(evals, "eval/response_length", "eval")]
+        png = render.multi_plot([(title, [(train, k, "train")] + ([(evals, "eval/response_length", "eval")]
                                                             if k == "response_length" else []))
                            for k, title in diag], ncols=4, h=2.3)
         if png:
@@ -406,16 +381,16 @@ def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
         doc.img("ppo_diagnostics.png", png, "PPO diagnostics over steps")
         # timings
         order = ["time/generate", "time/score", "time/forward", "time/update"]
-        tkeys = sorted({k for r in train for k in r if str(k).startswith("time/") and _num(r.get(k)) is not None},
+        tkeys = sorted({k for r in train for k in r if str(k).startswith("time/") and render.num(r.get(k)) is not None},
                        key=lambda k: (order.index(k) if k in order else len(order), k))
         if tkeys:
-            steps = sorted({_num(r.get("step")) for r in train
-                            if _num(r.get("step")) is not None and any(_num(r.get(k)) is not None for k in tkeys)})
-            fig, axes = _figure(1, 2, w=9.0, h=3.0, wspace=0.45)
+            steps = sorted({render.num(r.get("step")) for r in train
+                            if render.num(r.get("step")) is not None and any(render.num(r.get(k)) is not None for k in tkeys)})
+            fig, axes = render.figure(1, 2, w=9.0, h=3.0, wspace=0.45)
             ax = axes[0][0]
             series = []
             for k in tkeys:
-                xs, ys = _series(train, k)
+                xs, ys = render.series(train, k)
                 d = dict(zip(xs, ys))
                 series.append([d.get(s, 0.0) for s in steps])
             if steps:
@@ -423,18 +398,18 @@ def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
                 top = max((sum(col) for col in zip(*series)), default=0.0)
                 if top > 0:
                     ax.set_ylim(0, top * 1.4)
-            _style(ax, "Seconds per step by phase", ylabel="s")
+            render.style(ax, "Seconds per step by phase", ylabel="s")
             ax.legend(fontsize=8, ncol=min(4, len(tkeys)), loc="upper center")
             ax2 = axes[0][1]
-            means = [_mean(_series(train, k)[1]) or 0.0 for k in tkeys]
+            means = [render.mean(render.series(train, k)[1]) or 0.0 for k in tkeys]
             ax2.barh([k.removeprefix("time/") for k in tkeys][::-1], means[::-1], color="#4c72b0")
-            _style(ax2, "Mean seconds per step", xlabel="s")
+            render.style(ax2, "Mean seconds per step", xlabel="s")
             doc.h3("Timings per phase")
-            doc.img("ppo_timings.png", _png(fig), "PPO time per phase")
+            doc.img("ppo_timings.png", render.png(fig), "PPO time per phase")
             total = sum(means)
-            rows = [[k.removeprefix("time/"), m, sum(_series(train, k)[1]), (f"{m / total:.1%}" if total > 0 else "—")]
+            rows = [[k.removeprefix("time/"), m, sum(render.series(train, k)[1]), (f"{m / total:.1%}" if total > 0 else "—")]
                     for k, m in zip(tkeys, means)]
-            tps = _mean(_series(train, "tokens_per_s")[1])
+            tps = render.mean(render.series(train, "tokens_per_s")[1])
             doc.table(["phase", "mean s/step", "total s", "share"], rows)
             if tps is not None:
                 doc.p(f"Mean generation throughput: {tps:.4g} tokens/s.")
@@ -450,7 +425,7 @@ def section_ppo(doc: Doc, run: Path, max_samples: int) -> None:
         doc.note("No samples (ppo/samples.jsonl not found).")
 
 
-def section_dpo(doc: Doc, run: Path) -> None:
+def section_dpo(doc: render.Doc, run: Path) -> None:
     path = run / "dpo" / "metrics.jsonl"
     if not path.exists():
         return  # DPO is an alternative to RM+PPO: no section, the overview says it is missing
@@ -468,9 +443,9 @@ def section_dpo(doc: Doc, run: Path) -> None:
     for ek in eval_reward_keys:
         if ek.removeprefix("eval/") not in reward_keys:
             panels.append((ek, [(evals, ek, "eval")]))
-    if _has(evals, "eval/accuracy"):
+    if render.has(evals, "eval/accuracy"):
         panels.append(("Eval accuracy", [(evals, "eval/accuracy", "eval")]))
-    png = _multi_plot(panels)
+    png = render.multi_plot(panels)
     doc.img("dpo_curves.png", png, "DPO loss and implicit rewards over steps")
     if not png:
         doc.note("dpo/metrics.jsonl has no plottable records.")
@@ -482,7 +457,7 @@ def section_dpo(doc: Doc, run: Path) -> None:
 EVAL_COLUMNS = ["rm_score", "judge_score", "kl", "response_length", "repetition_rate", "fence_rate", "length_drift", "perplexity"]
 
 
-def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
+def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
     """Returns whether over-optimisation was flagged."""
     doc.h2("Evaluation", "eval")
     notes: list[str] = []
@@ -500,10 +475,10 @@ def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
             doc.table(["model"] + cols, [[name] + [m.get(c) if isinstance(m, dict) else None for c in cols]
                                          for name, m in models.items()], cls="eval-models")
             names = list(models)
-            fig, axes = _figure(1, 2, w=8.5, h=2.9)
+            fig, axes = render.figure(1, 2, w=8.5, h=2.9)
             drew = False
             for ax, key, title in ((axes[0][0], "rm_score", "Reward-model score"), (axes[0][1], "judge_score", "Judge score")):
-                vals = [_num(models[n].get(key)) if isinstance(models[n], dict) else None for n in names]
+                vals = [render.num(models[n].get(key)) if isinstance(models[n], dict) else None for n in names]
                 have = [i for i, v in enumerate(vals) if v is not None]
                 if have:  # a model without this score gets no bar (not a zero one)
                     ax.bar(have, [vals[i] for i in have], color="#4c72b0")
@@ -512,9 +487,9 @@ def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
                     drew = True
                 else:
                     ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-                _style(ax, title, xlabel="")
+                render.style(ax, title, xlabel="")
             if drew:
-                doc.img("eval_scores.png", _png(fig), "Per-model reward-model and judge scores")
+                doc.img("eval_scores.png", render.png(fig), "Per-model reward-model and judge scores")
         wins = metrics.get("win_rate") or {}
         if isinstance(wins, dict) and wins:
             doc.h3("Win rates")
@@ -535,11 +510,11 @@ def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
         over = metrics.get("over_optimisation")
         doc.h3("Over-optimisation")
         if isinstance(over, dict):
-            rm_d, judge_d = _num(over.get("rm_delta")), _num(over.get("judge_delta"))
+            rm_d, judge_d = render.num(over.get("rm_delta")), render.num(over.get("judge_delta"))
             flag = over.get("flag")
             if flag is None:  # no verdict written: RM up while the judge is flat or down
                 flag = rm_d is not None and rm_d > 0 and judge_d is not None and judge_d <= 0
-            detail = (f"RM score Δ {fmt(rm_d)}, judge score Δ {fmt(judge_d)}"
+            detail = (f"RM score Δ {render.fmt(rm_d)}, judge score Δ {render.fmt(judge_d)}"
                       + (f". {over['note']}" if over.get("note") else ""))
             if flag:
                 flagged = True
@@ -555,8 +530,8 @@ def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
         doc.h3("Evaluation samples")
         shown = samples[:max_samples]
         doc.table(["model", "prompt", "response", "RM score", "judge score"],
-                  [[str(s.get("model", "")), _clip(s.get("prompt")), _clip(s.get("response")), fmt(_num(s.get("rm_score"))),
-                    fmt(_num(s.get("judge_score")))] for s in shown], cls="samples eval-samples", anchor="eval-samples")
+                  [[str(s.get("model", "")), render.clip(s.get("prompt")), render.clip(s.get("response")), render.fmt(render.num(s.get("rm_score"))),
+                    render.fmt(render.num(s.get("judge_score")))] for s in shown], cls="samples eval-samples", anchor="eval-samples")
         if len(samples) > max_samples:
             doc.note(f"Showing {max_samples} of {len(samples)} samples (--max-samples).")
     elif isinstance(metrics, dict):
@@ -564,10 +539,10 @@ def section_eval(doc: Doc, run: Path, max_samples: int) -> bool:
     return flagged
 
 
-def section_environment(doc: Doc, run: Path) -> None:
+def section_environment(doc: render.Doc, run: Path) -> None:
     doc.h2("Environment and configs", "env")
     doc.p("Software of the machine that wrote this report (the run may have trained elsewhere).")
-    doc.table(["component", "version"], environment(), cls="kv")
+    doc.table(["component", "version"], render.environment(), cls="kv")
     doc.h3("Stage configs")
     found = False
     for stage in STAGE_DIRS:
@@ -591,14 +566,14 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     return run
 
 
-def build(run_dir: str | os.PathLike, *, max_samples: int = 50) -> tuple[Doc, list[str]]:
+def build(run_dir: str | os.PathLike, *, max_samples: int = 50) -> tuple[render.Doc, list[str]]:
     """The report's content (no files written). Returns (doc, top-of-page warnings)."""
     run = check_run_dir(run_dir)
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise ReportError("matplotlib is needed for the plots: pip install 'rlhfkit[report]' (or pip install matplotlib)") from exc
-    doc = Doc()
+    doc = render.Doc()
     section_overview(doc, run)
     section_data(doc, run)
     section_sft(doc, run)
@@ -619,7 +594,7 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     doc, top = build(run, max_samples=max_samples)
     title = title or f"rlhfkit report — {run.resolve().name}"
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    files = out / FILES_DIR
+    files = out / render.FILES_DIR
     names = set()
     for b in doc.images:  # PNGs first, so report.md never points at a file not yet there
         atomic_write_bytes(files / b.name, b.png)
@@ -630,8 +605,8 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
                 with contextlib.suppress(OSError):
                     stale.unlink()
     shown_run = run.resolve()
-    atomic_write_bytes(out / "report.md", render_md(doc, title, shown_run, generated, top).encode("utf-8"))
-    atomic_write_bytes(out / "report.html", render_html(doc, title, shown_run, generated, top).encode("utf-8"))
+    atomic_write_bytes(out / "report.md", render.render_md(doc, title, shown_run, generated, top).encode("utf-8"))
+    atomic_write_bytes(out / "report.html", render.render_html(doc, title, shown_run, generated, top).encode("utf-8"))
     return {"html": str(out / "report.html"), "md": str(out / "report.md"), "images": len(names),
             "over_optimisation": bool(top)}
 

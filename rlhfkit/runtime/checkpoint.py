@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 TRAINABLE, OPTIM, SCHED, STATE = "trainable.safetensors", "optimizer", "scheduler.json", "trainer_state.json"
 TENSOR = "__tensor__"

@@ -6,12 +6,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.tables import load_table
-from rlhfkit.templates import PROMPT_TAIL, cut_prompt
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.inputs.tables import load_table
+from rlhfkit.inputs.templates import PROMPT_TAIL, cut_prompt
 
 PROMPT_FIELDS = ("prompt", "query", "question", "text")
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 
 
 @dataclass

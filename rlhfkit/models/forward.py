@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhfkit.losses import sequence_logps
-from rlhfkit.rl import last_token_index  # noqa: F401  (re-exported: one definition)
+from rlhfkit.algorithms.losses import IGNORE_INDEX, sequence_logps
+from rlhfkit.algorithms.rl import last_token_index  # noqa: F401  (re-exported: one definition)
 
-IGNORE_INDEX = -100
 
 
 def unwrap(model):
@@ -48,16 +47,6 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     B, T, V = logits.shape
     nll = F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.view(B, T)
-
-
-def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token labels: labels[:, t] = input_ids[:, t+1] where loss_mask[:, t+1], else IGNORE.
-
-    input_ids (B, T), loss_mask (B, T) -> labels (B, T); the last column is always IGNORE.
-    """
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
-    return labels
 
 
 def causal_lm_nll_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

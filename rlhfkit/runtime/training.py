@@ -4,7 +4,7 @@ Each optimizer step takes a fixed set of items (a deterministic function of seed
 them over ranks and micro-batches, and normalises the summed loss by the unit count of the *whole*
 step (tokens or pairs, across ranks). That makes grad accumulation 1×8 == 8×1 and N processes ==
 one process, and makes resume exact: a checkpoint restores trainable weights, optimizer, scheduler
-and RNG state (rlhfkit/checkpoint.py: tensors and JSON, never a pickle) and the step number alone
+and RNG state (rlhfkit/runtime/checkpoint.py: tensors and JSON, never a pickle) and the step number alone
 decides which items come next.
 """
 
@@ -24,10 +24,10 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from rlhfkit import checkpoint
-from rlhfkit.config import read_yaml, save_config, to_dict
-from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.io import append_jsonl, atomic_write_text, fsync_path, fsync_tree, lock_dir, prepare_out_dir, read_jsonl
+from rlhfkit.runtime import checkpoint
+from rlhfkit.runtime.config import read_yaml, save_config, to_dict
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.runtime.io import append_jsonl, atomic_write_text, fsync_path, fsync_tree, lock_dir, prepare_out_dir, read_jsonl
 
 CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -105,7 +105,7 @@ class StepPlan:
         self.steps_per_epoch = math.ceil(n_items / self.global_batch)
         self._perm_epoch, self._perm = -1, None
 
-    def _order(self, epoch: int) -> list[int]:
+    def order(self, epoch: int) -> list[int]:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
@@ -113,7 +113,7 @@ class StepPlan:
 
     def step_items(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
-        return self._order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        return self.order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's micro-batches for `step`. Every rank gets the same number of them (DDP must
@@ -174,6 +174,10 @@ class StageRun:
             return self._fit()
         finally:
             self.release()
+
+    def sum_across(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over all processes (x itself with one process): the one cross-rank reduction."""
+        return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
 
     def release(self) -> None:
         if self._lock is not None:
@@ -258,7 +262,7 @@ class StageRun:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def save_final(self, save_fn: Callable) -> Path:
-        from rlhfkit.io import atomic_dir
+        from rlhfkit.runtime.io import atomic_dir
 
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -309,9 +313,6 @@ class Trainer(StageRun):
         DDP forward is a collective (buffer broadcast) that would then deadlock."""
         return self.accelerator.unwrap_model(self.model)
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
-
     def train_step(self) -> dict:
         acc, model = self.accelerator, self.model
         plan = self.plan.micro_batches(self.step)
@@ -319,7 +320,7 @@ class Trainer(StageRun):
         # An empty micro-batch still runs forward/backward (weight 0) so every rank syncs the same.
         micros = [(self.collate(ix), 1.0) if ix else (self.collate(filler), 0.0) for ix in plan]
         units = torch.tensor(float(sum(self.count(m) * w for m, w in micros)), device=acc.device)
-        total_units = self._reduce(units.clone())
+        total_units = self.sum_across(units.clone())
         if total_units.item() == 0:
             raise RlhfkitError(f"step {self.step}: the batch holds no training {self.unit} (all masked?)")
         loss_sum = torch.zeros((), device=acc.device)
@@ -341,11 +342,11 @@ class Trainer(StageRun):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss_total = self._reduce(loss_sum)
+        loss_total = self.sum_across(loss_sum)
         record = {"step": self.step, "loss": (loss_total / total_units).item(), "lr": self.scheduler.get_last_lr()[0],
                   self.unit: int(total_units.item())}
         for k, v in stat_sums.items():
-            record[k] = (self._reduce(v) / total_units).item()
+            record[k] = (self.sum_across(v) / total_units).item()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         return record

@@ -1,4 +1,4 @@
-"""Preference losses: pairwise (Bradley-Terry) reward-model loss and DPO/IPO.
+"""Token labels and losses: next-token labels, pairwise (Bradley-Terry) reward-model loss and DPO/IPO.
 
 Torch only. B = number of preference pairs, T = response length.
 """
@@ -9,6 +9,19 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # the label of a position no loss is taken on (PyTorch's cross_entropy default)
+
+
+def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token labels: labels[:, t] = input_ids[:, t+1] where loss_mask[:, t+1], else IGNORE.
+
+    input_ids (B, T), loss_mask (B, T) -> labels (B, T); the last column is always IGNORE.
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
+    return labels
+
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

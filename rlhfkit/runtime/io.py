@@ -17,7 +17,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 from typing import Any, Iterator
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.runtime.errors import RlhfkitError
 
 
 PATH_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gguf", ".yaml", ".yml", ".xml",

@@ -23,7 +23,7 @@ MAX_CELL_CHARS = 1500
 FILES_DIR = "report_files"
 
 
-def _num(v: Any) -> float | None:
+def num(v: Any) -> float | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, (int, float)):
@@ -32,29 +32,29 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of `key` over the records that have it; a re-logged step keeps its last value."""
     by_step: dict[float, float] = {}
     for i, r in enumerate(records):
-        y = _num(r.get(key))
+        y = num(r.get(key))
         if y is None:
             continue
-        x = _num(r.get("step"))
+        x = num(r.get("step"))
         by_step[x if x is not None else float(i)] = y
     xs = sorted(by_step)
     return xs, [by_step[x] for x in xs]
 
 
-def _has(records: list[dict], key: str) -> bool:
-    return any(_num(r.get(key)) is not None for r in records)
+def has(records: list[dict], key: str) -> bool:
+    return any(num(r.get(key)) is not None for r in records)
 
 
-def _last(records: list[dict], key: str) -> float | None:
-    _, ys = _series(records, key)
+def last(records: list[dict], key: str) -> float | None:
+    _, ys = series(records, key)
     return ys[-1] if ys else None
 
 
-def _mean(xs: Iterable[float]) -> float | None:
+def mean(xs: Iterable[float]) -> float | None:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
 
@@ -87,7 +87,7 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def _clip(s: Any, n: int = MAX_CELL_CHARS) -> str:
+def clip(s: Any, n: int = MAX_CELL_CHARS) -> str:
     s = "" if s is None else str(s)
     return s if len(s) <= n else s[: n - 1] + "…"
 
@@ -145,7 +145,7 @@ class Doc:
 
 
 # --------------------------------------------------------------------------- plots
-def _figure(nrows: int = 1, ncols: int = 1, w: float = 7.5, h: float = 3.2, wspace: float = 0.3, left: float = 0.7,
+def figure(nrows: int = 1, ncols: int = 1, w: float = 7.5, h: float = 3.2, wspace: float = 0.3, left: float = 0.7,
             right: float = 0.2):
     """A Figure on an Agg canvas. Margins are fixed (in inches) rather than computed by a layout
     engine: constrained layout doubles the cost of a report, and these plots have short labels."""
@@ -162,13 +162,13 @@ def _figure(nrows: int = 1, ncols: int = 1, w: float = 7.5, h: float = 3.2, wspa
     return fig, axes
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
 
 
-def _style(ax, title: str, xlabel: str = "step", ylabel: str | None = None) -> None:
+def style(ax, title: str, xlabel: str = "step", ylabel: str | None = None) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel, fontsize=9)
     if ylabel:
@@ -179,41 +179,41 @@ def _style(ax, title: str, xlabel: str = "step", ylabel: str | None = None) -> N
         ax.legend(fontsize=8)
 
 
-def _line(ax, records: list[dict], key: str, label: str | None = None, **kw) -> bool:
-    xs, ys = _series(records, key)
+def line(ax, records: list[dict], key: str, label: str | None = None, **kw) -> bool:
+    xs, ys = series(records, key)
     if not xs:
         return False
     ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label or key, **kw)
     return True
 
 
-def _multi_plot(panels: list[tuple[str, list[tuple[list[dict], str, str]]]], ncols: int = 2, h: float = 2.8) -> bytes | None:
+def multi_plot(panels: list[tuple[str, list[tuple[list[dict], str, str]]]], ncols: int = 2, h: float = 2.8) -> bytes | None:
     """One subplot per (title, [(records, key, label)...]) panel that has data."""
-    panels = [(t, [s for s in series if _has(s[0], s[1])]) for t, series in panels]
+    panels = [(t, [s for s in curves if has(s[0], s[1])]) for t, curves in panels]
     panels = [(t, s) for t, s in panels if s]
     if not panels:
         return None
     ncols = min(ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = _figure(nrows, ncols, w=3.9 * ncols if ncols > 1 else 7.5, h=h * nrows)
+    fig, axes = figure(nrows, ncols, w=3.9 * ncols if ncols > 1 else 7.5, h=h * nrows)
     for i, ax in enumerate(axes.flat):
         if i >= len(panels):
             ax.set_visible(False)
             continue
-        title, series = panels[i]
+        title, curves = panels[i]
         values = []
-        for records, key, label in series:
-            _line(ax, records, key, label=label)
-            values += _series(records, key)[1]
+        for records, key, label in curves:
+            line(ax, records, key, label=label)
+            values += series(records, key)[1]
         if values and min(values) > 0 and max(values) / min(values) > 50:  # e.g. perplexity from 400 to 5
             ax.set_yscale("log")
-        _style(ax, title)
-    return _png(fig)
+        style(ax, title)
+    return png(fig)
 
 
 
 
-def _version(dist: str) -> str:
+def version(dist: str) -> str:
     from importlib import metadata
 
     try:
@@ -265,11 +265,11 @@ def environment() -> list[list[str]]:
     return [
         ["python", platform.python_version()],
         ["rlhfkit", __version__],
-        ["torch", _version("torch")],
-        ["transformers", _version("transformers")],
-        ["peft", _version("peft")],
-        ["accelerate", _version("accelerate")],
-        ["matplotlib", _version("matplotlib")],
+        ["torch", version("torch")],
+        ["transformers", version("transformers")],
+        ["peft", version("peft")],
+        ["accelerate", version("accelerate")],
+        ["matplotlib", version("matplotlib")],
         ["platform", platform.platform()],
         ["CPU count", str(os.cpu_count())],
         ["GPU", gpu],
@@ -299,7 +299,7 @@ pre{background:#f3f4f6;padding:8px 10px;overflow-x:auto;font-size:12px;border:1p
 """
 
 
-def _e(s: str) -> str:
+def esc(s: str) -> str:
     return html.escape(s, quote=True)
 
 
@@ -307,52 +307,52 @@ def render_html(doc: Doc, title: str, run: Path, generated: str, warn_top: list[
     toc = [b for b in doc.blocks if b.kind == "h2"]
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-           f"<h1>{_e(title)}</h1>",
-           f'<p class="meta">Run directory: <code>{_e(str(run))}</code> · generated {_e(generated)}</p>',
-           "<nav>" + "".join(f'<a href="#{_e(b.anchor)}">{_e(b.text)}</a>' for b in toc) + "</nav>"]
+           f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>",
+           f"<h1>{esc(title)}</h1>",
+           f'<p class="meta">Run directory: <code>{esc(str(run))}</code> · generated {esc(generated)}</p>',
+           "<nav>" + "".join(f'<a href="#{esc(b.anchor)}">{esc(b.text)}</a>' for b in toc) + "</nav>"]
     for w in warn_top:
-        out.append(f'<div class="warn" role="alert">{_e(w)}</div>')
+        out.append(f'<div class="warn" role="alert">{esc(w)}</div>')
     for b in doc.blocks:
         if b.kind == "h2":
-            out.append(f'<h2 id="{_e(b.anchor)}">{_e(b.text)}</h2>')
+            out.append(f'<h2 id="{esc(b.anchor)}">{esc(b.text)}</h2>')
         elif b.kind == "h3":
-            out.append(f"<h3>{_e(b.text)}</h3>")
+            out.append(f"<h3>{esc(b.text)}</h3>")
         elif b.kind == "p":
-            out.append(f"<p>{_e(b.text)}</p>")
+            out.append(f"<p>{esc(b.text)}</p>")
         elif b.kind == "note":
-            out.append(f'<p class="note">{_e(b.text)}</p>')
+            out.append(f'<p class="note">{esc(b.text)}</p>')
         elif b.kind == "warn":
-            out.append(f'<div class="warn" role="alert">⚠ {_e(b.text)}</div>')
+            out.append(f'<div class="warn" role="alert">⚠ {esc(b.text)}</div>')
         elif b.kind == "ok":
-            out.append(f'<div class="ok">✓ {_e(b.text)}</div>')
+            out.append(f'<div class="ok">✓ {esc(b.text)}</div>')
         elif b.kind == "table":
-            attrs = (f' class="{_e(b.cls)}"' if b.cls else "") + (f' id="{_e(b.anchor)}"' if b.anchor else "")
-            head = "".join(f"<th>{_e(h)}</th>" for h in b.headers)
-            body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            attrs = (f' class="{esc(b.cls)}"' if b.cls else "") + (f' id="{esc(b.anchor)}"' if b.anchor else "")
+            head = "".join(f"<th>{esc(h)}</th>" for h in b.headers)
+            body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b.rows)
             out.append(f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         elif b.kind == "img":
             data = base64.b64encode(b.png).decode("ascii")
-            out.append(f'<img src="data:image/png;base64,{data}" alt="{_e(b.text)}" title="{_e(b.text)}">')
+            out.append(f'<img src="data:image/png;base64,{data}" alt="{esc(b.text)}" title="{esc(b.text)}">')
         elif b.kind == "details":
-            out.append(f"<details><summary>{_e(b.name)}</summary><pre>{_e(b.text)}</pre></details>")
+            out.append(f"<details><summary>{esc(b.name)}</summary><pre>{esc(b.text)}</pre></details>")
     out.append("</main></body></html>")
     return "\n".join(out) + "\n"
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 
 
 def md_cell(s: str) -> str:
     """Table-cell text: HTML-escaped (markdown renders raw HTML), markdown punctuation and pipes
     backslash-escaped, newlines as <br>."""
     s = html.escape(s, quote=False)
-    s = _MD_SPECIAL.sub(r"\\\1", s)
+    s = MD_SPECIAL.sub(r"\\\1", s)
     return s.replace("\r\n", "\n").replace("\n", "<br>")
 
 
 def md_text(s: str) -> str:
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(s, quote=False)).replace("\n", " ")
+    return MD_SPECIAL.sub(r"\\\1", html.escape(s, quote=False)).replace("\n", " ")
 
 
 def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[str]) -> str:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.io import missing_path
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import missing_path
 
 _FILE_BUILDERS = {
     ".jsonl": "json",

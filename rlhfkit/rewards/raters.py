@@ -14,7 +14,7 @@ def _vader():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError as exc:  # pragma: no cover
-        from rlhfkit.errors import RlhfkitError
+        from rlhfkit.runtime.errors import RlhfkitError
 
         raise RlhfkitError("the vader rater needs the vaderSentiment package: pip install vaderSentiment") from exc
     return SentimentIntensityAnalyzer()

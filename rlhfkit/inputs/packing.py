@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.modeling import IGNORE_INDEX, shift_labels
+from rlhfkit.algorithms.losses import IGNORE_INDEX, shift_labels
 
 
 @dataclass

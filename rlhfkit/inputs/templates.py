@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhfkit.errors import ConfigError
+from rlhfkit.runtime.errors import ConfigError
 
 STACKLLAMA_TEMPLATE = "Question: {prompt}\n\nAnswer: {response}"
 PROMPT_TAIL = 16  # tokens kept from the end of a cut prompt: the template's "Answer:" cue
