@@ -121,8 +121,8 @@ def worker_rlhfkit(args, work: dict) -> dict:
 
     tmp = Path(args.tmp)
     cfg = load_config(ppo.PPOConfig, overrides={
-        "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"), "overwrite": True, "seed": args.seed,
-        "batch_size": args.batch, "lr": LR, "steps": len(work["lengths"]),
+        "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"), "overwrite": True,
+        "train": {"seed": args.seed, "batch_size": args.batch, "lr": LR, "max_steps": len(work["lengths"])},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
         "template": {"template": "{prompt}{response}"},
         "generation": {"response_min": args.rmin, "response_max": args.rmax, "top_k": 0, "top_p": 1.0,

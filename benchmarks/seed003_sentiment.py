@@ -2,7 +2,7 @@
 """Seed 003 on this CPU: PPO makes SmolLM2-135M-Instruct continue IMDb review openers positively.
 
     python benchmarks/seed003_sentiment.py                          # prepare prompts, run the recipe, summarise
-    python benchmarks/seed003_sentiment.py steps=4 eval_every=0     # a short pilot (any rlhfkit ppo overrides)
+    python benchmarks/seed003_sentiment.py train.max_steps=4 train.eval_every=0   # a short pilot (any rlhfkit ppo overrides)
     python benchmarks/seed003_sentiment.py --prepare-only           # only write the opener files
     python benchmarks/seed003_sentiment.py --summarize runs/ppo_sentiment   # summarise a finished run
 

@@ -28,5 +28,6 @@ if __name__ == "__main__":
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
     ppo.train(reward_fn=score, prompts=prompts, eval_prompts=[], config={
         "out_dir": out, "overwrite": True, "model": {"name": model_dir},
-        "lora": {"r": 4, "target_modules": ["all-linear"]}, "steps": 3, "batch_size": local_batch, "lr": 1e-3,
+        "lora": {"r": 4, "target_modules": ["all-linear"]},
+        "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
         "ppo": {"mini_batch_size": local_batch, "ppo_epochs": 2, "score_norm": "normalize", "adaptive_kl": True}})

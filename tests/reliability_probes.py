@@ -307,7 +307,7 @@ def jsonl_truncated(w: World) -> Row:
 
 
 def _ppo(w: World, out: Path, *extra, cwd=None) -> Outcome:
-    return cli("ppo", f"out_dir={out}", f"model.name={w.model}", "steps=1", "batch_size=2", "ppo.mini_batch_size=2",
+    return cli("ppo", f"out_dir={out}", f"model.name={w.model}", "train.max_steps=1", "train.batch_size=2", "ppo.mini_batch_size=2",
                "generation.response_min=2", "generation.response_max=3", *extra, cwd=cwd)
 
 

@@ -84,3 +84,19 @@ def test_help_piped_into_head_exits_quietly():
 
     p = subprocess.run(f"'{sys.executable}' -m rlhfkit.cli ppo --help | head -1", shell=True, capture_output=True, text=True)
     assert p.stdout.startswith("usage: rlhfkit ppo") and "BrokenPipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_moved_ppo_key_names_its_new_place():
+    """PPO's run-length and optimiser keys joined `train` (the vocabulary of every trained stage):
+    the old key is refused with the new one named, never silently ignored."""
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.runtime.errors import ConfigError
+    from rlhfkit.stages import ppo
+
+    for old, new in (("lr=1e-4", "train.lr"), ("steps=3", "train.max_steps"), ("ppo.grad_accum=2", "train.grad_accum")):
+        with pytest.raises(ConfigError, match=f"'{old.split('=')[0]}' is now '{new}'"):
+            load_config(ppo.PPOConfig, overrides=[old])
+    cfg = load_config(ppo.PPOConfig, overrides=["train.lr=1e-4", "train.max_steps=3", "train.grad_accum=2"])
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.grad_accum) == (1e-4, 3, 2)
+    with pytest.raises(ConfigError, match="train.epochs does not apply to PPO"):
+        load_config(ppo.PPOConfig, overrides=["train.epochs=2"])

@@ -73,7 +73,7 @@ def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_model_dir, p
     assert ma["models"] == mb["models"]
 
     # a changed config invalidates that stage and everything after it, and says so
-    p = _run(killed, tiny_model_dir, pairs_file, extra=["ppo.steps=3"])
+    p = _run(killed, tiny_model_dir, pairs_file, extra=["ppo.train.max_steps=3"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "[run] rm: done earlier" in p.stdout
     assert "[run] ppo: its config changed since it ran" in p.stdout

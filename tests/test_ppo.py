@@ -25,11 +25,11 @@ def good_count(prompts, responses):
     return [float(r.count("good")) for r in responses]
 
 
-def ppo_cfg(model_dir, out, **over):
+def ppo_cfg(model_dir, out, steps=16, batch_size=16, **over):
     base = {
         "out_dir": str(out), "model": {"name": str(model_dir)},
         "lora": {"r": 16, "alpha": 32, "target_modules": ["all-linear"]},
-        "steps": 16, "batch_size": 16, "lr": 1e-2, "seed": 0,
+        "train": {"max_steps": steps, "batch_size": batch_size, "lr": 1e-2, "seed": 0},
         "generation": {"response_min": 6, "response_max": 10},
         "ppo": {"mini_batch_size": 8, "ppo_epochs": 4, "init_kl_coef": 0.05, "adaptive_kl": False},
     }
@@ -193,7 +193,7 @@ def test_resume_is_bitwise(tiny_sft_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"prompts.path={prompts}",
-            "prompts.n_eval=4", "steps=6", "save_every=3", "batch_size=8", "lr=1e-2", "lora.target_modules=[all-linear]",
+            "prompts.n_eval=4", "train.max_steps=6", "train.save_every=3", "train.batch_size=8", "train.lr=1e-2", "lora.target_modules=[all-linear]",
             "generation.response_min=4", "generation.response_max=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
             "ppo.score_norm=normalize"]
     assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after=3, steps=6,
@@ -329,7 +329,7 @@ def test_resume_with_rm_critic_is_bitwise(tiny_sft_dir, rm_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"critic={rm_dirs['adapter']}",
-            f"prompts.path={prompts}", "prompts.n_eval=2", "steps=4", "save_every=2", "batch_size=4", "lr=1e-2",
+            f"prompts.path={prompts}", "prompts.n_eval=2", "train.max_steps=4", "train.save_every=2", "train.batch_size=4", "train.lr=1e-2",
             "lora.target_modules=[all-linear]", "generation.response_min=4", "generation.response_max=6",
             "ppo.mini_batch_size=2", "ppo.ppo_epochs=2"]
     assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after=2, steps=4,

@@ -363,7 +363,7 @@ def test_stackllama_recipe_shape_end_to_end(tiny_model_dir, tmp_path):
     dump = write_dump(tmp_path / "tiny.stackexchange.com")
     run_dir = tmp_path / "run"
     small = ["vars.seq_len=96", "vars.layers=-1", "sft.train.max_steps=4", "sft.train.lr=1e-2",
-             "rm.train.max_steps=4", "rm.train.lr=1e-2", "ppo.steps=2", "ppo.batch_size=4", "ppo.prompts.n_eval=4",
+             "rm.train.max_steps=4", "rm.train.lr=1e-2", "ppo.train.max_steps=2", "ppo.train.batch_size=4", "ppo.prompts.n_eval=4",
              "eval.prompts.n_eval=4", "ppo.generation.response_min=4", "ppo.generation.response_max=8",
              "ppo.ppo.mini_batch_size=2", "eval.generation.max_new_tokens=8"]
     cmd = [sys.executable, "-m", "rlhfkit.cli", "run", str(REPO / "recipes" / "stackllama.yaml"), f"run_dir={run_dir}",

@@ -10,9 +10,15 @@ import torch
 
 from rlhfkit.models.forward import forward_logprobs, unwrap
 
-# What a GenerationConfig may carry besides the sampling distribution itself; all else reshapes it.
-NEUTRAL_KEYS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
-                "max_length", "max_new_tokens", "use_cache", "_from_model_config", "cache_implementation", "do_sample"}
+# generation_config keys that change which tokens get sampled (logits processors and warpers):
+# a model shipping any of them would not be sampled as the policy the KL estimate assumes.
+DISTRIBUTION_KEYS = {
+    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+    "min_length", "min_new_tokens", "exponential_decay_length_penalty", "sequence_bias", "guidance_scale",
+    "renormalize_logits", "watermarking_config", "num_beams", "num_beam_groups", "diversity_penalty",
+}
 
 
 @dataclass
@@ -84,7 +90,7 @@ def raw_sampling(policy, tok):
 
     hf = unwrap(policy)
     saved = hf.generation_config
-    ignored = {k: v for k, v in (saved.to_diff_dict() if saved is not None else {}).items() if k not in NEUTRAL_KEYS}
+    ignored = {k: v for k, v in (saved.to_diff_dict() if saved is not None else {}).items() if k in DISTRIBUTION_KEYS}
     if ignored and id(saved) not in _SAID:
         print(f"[generate] the model's generation_config sets {ignored}: ignored, samples come from the policy itself")
         _SAID.add(id(saved))

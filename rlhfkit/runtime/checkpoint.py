@@ -113,14 +113,15 @@ def write_shared_files(folder: Path, model, optimizer, scheduler, state: dict) -
     (folder / STATE).write_text(json.dumps(state))
 
 
-def check(folder: Path, with_scheduler: bool) -> str | None:
+def check(folder: Path) -> str | None:
     """None if the checkpoint at `folder` is complete and readable, else what is wrong (naming the file)."""
     from safetensors import safe_open
 
-    names = [TRAINABLE, f"{OPTIM}.safetensors", f"{OPTIM}.json", STATE] + ([SCHED] if with_scheduler else [])
-    for name in names:
+    for name in [TRAINABLE, f"{OPTIM}.safetensors", f"{OPTIM}.json", STATE, SCHED]:
         path = folder / name
         if not path.is_file():
+            if name == SCHED:  # optional: only stages with a scheduler write it (load() insists when needed)
+                continue
             return f"{path} is missing"
         try:
             if name.endswith(".safetensors"):
@@ -152,6 +153,8 @@ def load(folder: Path, model, optimizer, scheduler, rank: int) -> dict:
             params[n].copy_(t)
     optimizer.load_state_dict(_load_state(folder, OPTIM))
     if scheduler is not None:
+        if not (folder / SCHED).is_file():
+            raise RlhfkitError(f"{folder / SCHED} is missing: the checkpoint has no LR scheduler state")
         scheduler.load_state_dict(_decode(json.loads((folder / SCHED).read_text()), {}))
     if (folder / f"rng-{rank}.json").exists():
         _set_rng_state(_load_state(folder, f"rng-{rank}"))

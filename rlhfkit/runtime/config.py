@@ -72,7 +72,7 @@ def _type_name(tp: Any) -> str:
 
 
 # --------------------------------------------------------------------------- type coercion
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, renamed: dict[str, str] | None = None) -> Any:
     """Convert a YAML-parsed value to `tp`, or raise ConfigError naming `key`."""
     origin = get_origin(tp)
     if tp is Any:
@@ -86,7 +86,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, renamed)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -112,7 +112,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, prefix=f"{key}.")
+        return _build(tp, value, prefix=f"{key}.", renamed=renamed)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -143,11 +143,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str = "", renamed: dict[str, str] | None = None) -> Any:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    renamed = renamed if renamed is not None else getattr(cls, "RENAMED", {})
     for key, value in data.items():
+        if key not in fields and prefix + key in renamed:  # a key that moved: say where to
+            raise ConfigError(f"config key '{prefix}{key}' is now '{renamed[prefix + key]}'")
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
@@ -156,7 +159,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
             # Override on top of this stage's own default (e.g. SFT's train.lr), not the class defaults.
             value = merge_dicts(dataclasses.asdict(f.default_factory()), value)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, renamed)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ validation

@@ -48,9 +48,10 @@ class TrainConfig:
     max_steps: int = -1
     """Optimizer steps to run; -1 derives them from epochs."""
     batch_size: int = 8
-    """Micro-batch size per process (rows, blocks or pairs)."""
+    """Micro-batch size per process (rows, blocks or pairs; RL: rollouts per step)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step. Global batch = batch_size × processes × grad_accum."""
+    """Micro-batches per optimizer step. Global batch = batch_size × processes × grad_accum (RL: mini-batches
+    of ppo.mini_batch_size rollouts per optimizer step)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     seed: int = 42
@@ -129,11 +130,12 @@ class StageRun:
     """What every stage's run shares: accelerator, out_dir rules, config.yaml, metrics.jsonl,
     trackers, and step checkpoints that hold only trainable weights plus the stage's own state."""
 
-    def __init__(self, cfg, stage: str, report_to: list[str], seed: int, keep_checkpoints: int = 2):
+    def __init__(self, cfg, stage: str):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.cfg, self.stage, self.report_to, self.keep = cfg, stage, report_to, keep_checkpoints
+        self.cfg, self.stage, self.report_to, self.keep = cfg, stage, cfg.train.report_to, cfg.train.keep_checkpoints
+        report_to, seed = cfg.train.report_to, cfg.train.seed
         self.out = Path(cfg.out_dir)
         # mixed_precision="no": explicit, or a transformers.Trainer that ran earlier in this process
         # (TRL defaults to bf16) leaves its setting in accelerate's shared state.
@@ -194,7 +196,7 @@ class StageRun:
         there is none and the run has not finished; an error when it has (never retrain over final/)."""
         ckpts, problems = self._checkpoints(), []
         for ck in reversed(ckpts):
-            problem = checkpoint.check(ck, with_scheduler=isinstance(self, Trainer))
+            problem = checkpoint.check(ck)
             if problem is None:
                 for p in problems:
                     print(f"[{self.stage}] skipping a damaged checkpoint: {p}")
@@ -285,7 +287,7 @@ class Trainer(StageRun):
 
     def __init__(self, cfg, stage: str, model, n_items: int, collate: Callable, count: Callable, loss: Callable,
                  evaluate: Callable | None = None, save_final: Callable | None = None, unit: str = "tokens"):
-        super().__init__(cfg, stage, cfg.train.report_to, cfg.train.seed, cfg.train.keep_checkpoints)
+        super().__init__(cfg, stage)
         self.tc, self.unit = cfg.train, unit
         acc = self.accelerator
         self.plan = StepPlan(n_items, self.tc.batch_size, self.tc.grad_accum, acc.num_processes, acc.process_index, self.tc.seed)
@@ -388,9 +390,8 @@ class Trainer(StageRun):
 
 # --------------------------------------------------------------------------- helpers
 # Keys a resume may change: how long to run and how often to save or log, not what is trained.
-RUN_LENGTH_KEYS = {"out_dir", "overwrite", "resume", "allow_config_change", "steps", "save_every", "eval_every",
-                   "keep_checkpoints", "report_to", "train.max_steps", "train.epochs", "train.save_every",
-                   "train.eval_every", "train.keep_checkpoints", "train.log_every", "train.report_to"}
+RUN_LENGTH_KEYS = {"out_dir", "overwrite", "resume", "allow_config_change", "train.max_steps", "train.epochs",
+                   "train.save_every", "train.eval_every", "train.keep_checkpoints", "train.log_every", "train.report_to"}
 
 
 def _check_resume_config(cfg, saved: Path, saved_world: int, world: int) -> None:
@@ -401,7 +402,7 @@ def _check_resume_config(cfg, saved: Path, saved_world: int, world: int) -> None
     old = _flat(read_yaml(saved, "saved config"))
     new = _flat(to_dict(cfg))
     changed = sorted(k for k in set(old) | set(new) if k not in RUN_LENGTH_KEYS and old.get(k) != new.get(k))
-    for key in ("train.batch_size", "batch_size"):
+    for key in ("train.batch_size",):
         if key in changed and isinstance(old.get(key), int) and old[key] * saved_world == new[key] * world:
             changed.remove(key)
     if changed:

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load
 from rlhfkit.inputs.prompts import PromptDataConfig, encode_prompts, load_prompts
 from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
-from rlhfkit.runtime.training import StageConfig, StageRun, check_positive
+from rlhfkit.runtime.training import StageConfig, StageRun, TrainConfig, check_positive
 
 REF_ADAPTER = "reference"
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
@@ -78,8 +78,6 @@ class PPOHyperConfig:
     """Passes over each batch of rollouts."""
     mini_batch_size: int = 4
     """Rollouts per gradient step (per process)."""
-    grad_accum: int = 1
-    """Mini-batches accumulated per optimizer step."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch (across processes)."""
     reward_baseline: float = 0.0
@@ -92,12 +90,10 @@ class PPOHyperConfig:
     """Skip a mini-batch whose mean probability ratio exceeds this (a stability guard from TRL-classic)."""
     early_stop_kl: float = 0.0
     """Stop the epoch loop early once approx KL of a mini-batch exceeds this (0 = off)."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip."""
 
     def __post_init__(self):
-        check_positive(self, ("mini_batch_size", "ppo_epochs", "grad_accum", "horizon", "cliprange"))
-        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl", "max_grad_norm"), zero_ok=True)
+        check_positive(self, ("mini_batch_size", "ppo_epochs", "horizon", "cliprange"))
+        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl"), zero_ok=True)
 
 
 @dataclass
@@ -123,26 +119,23 @@ class PPOConfig(StageConfig):
     """Rollout sampling."""
     ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
     """PPO and KL hyper-parameters."""
-    steps: int = 100
-    """PPO iterations (each: batch_size rollouts per process)."""
-    batch_size: int = 8
-    """Rollouts per step per process."""
-    lr: float = 1.41e-5
-    """Adam learning rate (policy adapter and value head or critic)."""
-    seed: int = 0
-    """Seed for prompts order, sampling and minibatch shuffles."""
-    eval_every: int = 0
-    """Score eval prompts every N steps (0: only before and after training)."""
-    save_every: int = 0
-    """Checkpoint every N steps for --resume."""
-    keep_checkpoints: int = 2
-    """Step checkpoints to keep."""
-    report_to: list[str] = field(default_factory=list)
-    """Extra trackers through accelerate: tensorboard, wandb."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1.41e-5, lr_scheduler="constant", batch_size=8, max_steps=100, seed=0))
+    """Optimisation and run length, as in every trained stage: max_steps PPO iterations of batch_size
+    rollouts per process each; grad_accum mini-batches per optimizer step; lr (AdamW, policy adapter and
+    value head or critic), stepped once per iteration by lr_scheduler; seed for prompt order, sampling
+    and mini-batch shuffles; eval_every / save_every in iterations."""
+    # The keys this stage had before they joined `train` (a config naming one gets told the new key).
+    RENAMED: ClassVar[dict[str, str]] = {
+        "steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+        "eval_every": "train.eval_every", "save_every": "train.save_every", "keep_checkpoints": "train.keep_checkpoints",
+        "report_to": "train.report_to", "ppo.grad_accum": "train.grad_accum", "ppo.max_grad_norm": "train.max_grad_norm"}
 
     def __post_init__(self):
-        check_positive(self, ("steps", "batch_size", "lr", "keep_checkpoints"))
-        check_positive(self, ("eval_every", "save_every"), zero_ok=True)
+        if self.train.max_steps < 1:
+            raise ValueError(f"train.max_steps must be ≥ 1 PPO iterations, got {self.train.max_steps}")
+        if self.train.epochs != 1.0:
+            raise ValueError("train.epochs does not apply to PPO (prompts are streamed); set train.max_steps")
 
 
 CONFIG = PPOConfig
@@ -240,7 +233,7 @@ def build_policy(cfg: PPOConfig):
 class PPOTrainer(StageRun):
     def __init__(self, cfg: PPOConfig, reward_fn=None, prompts=None, eval_prompts=None):
         check_generation(cfg.generation)
-        super().__init__(cfg, "ppo", cfg.report_to, cfg.seed, cfg.keep_checkpoints)
+        super().__init__(cfg, "ppo")
         acc, p = self.accelerator, cfg.ppo
         if reward_fn is None and not cfg.reward:
             raise ConfigError("reward: give an RM folder, 'pipeline:<model>:<label>' or 'module:function'")
@@ -248,7 +241,7 @@ class PPOTrainer(StageRun):
         model, self.tok = build_policy(cfg)
         self.fmt = PromptFormat(cfg.template, self.tok)
         if prompts is None:
-            self.prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.seed)
+            self.prompts, self.eval_prompts = load_prompts(cfg.prompts, cfg.train.seed)
         else:
             self.prompts, self.eval_prompts = list(prompts), list(eval_prompts or [])
         if not self.prompts:
@@ -258,9 +251,13 @@ class PPOTrainer(StageRun):
                                                    if self.eval_prompts else ([], [], {}))
         from rlhfkit.runtime.training import StepPlan
 
-        self.plan = StepPlan(len(self.prompts), cfg.batch_size, 1, acc.num_processes, acc.process_index, cfg.seed)
+        self.plan = StepPlan(len(self.prompts), cfg.train.batch_size, 1, acc.num_processes, acc.process_index, cfg.train.seed)
         params = [q for q in model.parameters() if q.requires_grad]
-        self.model, self.optimizer = acc.prepare(model, torch.optim.Adam(params, lr=cfg.lr))
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
         self.kl_ctl = (rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon) if p.adaptive_kl
                        else rl.FixedKLController(p.init_kl_coef))
         self.score_stats = rl.RunningMoments()
@@ -268,12 +265,12 @@ class PPOTrainer(StageRun):
         self.samples_path = self.out / "samples.jsonl"
         if acc.is_main_process:
             print(f"[ppo] {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
-                  f"{cfg.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}")
+                  f"{cfg.train.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}")
 
     def step_prompts(self, step: int) -> list[int]:
         """This rank's prompt indices: a continuous stream over seeded epoch permutations, so every
         step has exactly batch_size × processes rollouts (DDP needs equal work on every rank)."""
-        G, acc = self.cfg.batch_size * self.accelerator.num_processes, self.accelerator
+        G, acc = self.cfg.train.batch_size * self.accelerator.num_processes, self.accelerator
         n, out = len(self.prompts), []
         for i in range(step * G, (step + 1) * G):
             epoch, k = divmod(i, n)
@@ -282,7 +279,7 @@ class PPOTrainer(StageRun):
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
         acc = self.accelerator
-        return torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + step) * 97 + salt) * 64 + acc.process_index)
+        return torch.Generator().manual_seed(((self.cfg.train.seed * 1_000_003 + step) * 97 + salt) * 64 + acc.process_index)
 
     def _decode(self, resp: torch.Tensor, rmask: torch.Tensor) -> list[str]:
         return [self.tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
@@ -347,8 +344,8 @@ class PPOTrainer(StageRun):
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
             groups = [order[i : i + mb] for i in range(0, B, mb)]
-            for g0 in range(0, len(groups), p.grad_accum):
-                accum = groups[g0 : g0 + p.grad_accum]
+            for g0 in range(0, len(groups), cfg.train.grad_accum):
+                accum = groups[g0 : g0 + cfg.train.grad_accum]
                 for k, idx in enumerate(accum):
                     ctx = contextlib.nullcontext() if k == len(accum) - 1 else acc.no_sync(self.model)
                     with ctx:
@@ -380,8 +377,8 @@ class PPOTrainer(StageRun):
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(v)
                     del out
-                if p.max_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
+                if cfg.train.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
@@ -422,7 +419,7 @@ class PPOTrainer(StageRun):
         prompts = self.eval_prompts[acc.process_index :: acc.num_processes]
         queries = self.eval_queries[acc.process_index :: acc.num_processes]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.cfg.seed + 7919)
+            torch.manual_seed(self.cfg.train.seed + 7919)
             lengths = [self.cfg.generation.response_max] * len(queries)
             resp, rmask = generate(model.policy, self.tok, queries, lengths, self.cfg.generation, acc.device,
                                    self.cfg.generation.response_max)
@@ -459,23 +456,25 @@ class PPOTrainer(StageRun):
             before = self.evaluate("before")
             if before:
                 self.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="ppo", disable=not acc.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="ppo", disable=not acc.is_local_main_process, dynamic_ncols=True)
         record: dict = {}
-        while self.step < cfg.steps:
+        while self.step < cfg.train.max_steps:
             idx = self.step_prompts(self.step)
             record = self.ppo_step([self.prompts[i] for i in idx], [self.queries[i] for i in idx],
                                    self._generator(self.step, 0))
             bad = [k for k in GUARDED_STATS if not math.isfinite(record.get(k, 0.0))]
             if bad:  # stop before a NaN reaches the weights or a checkpoint
                 raise RlhfkitError(f"PPO step {self.step + 1}: non-finite {bad} ({record}); lower lr or raise β")
+            self.scheduler.step()  # once per PPO iteration (train.lr_scheduler, over train.max_steps)
             self.step += 1
-            record = {"step": self.step, **record}
-            self.log(record)
+            record = {"step": self.step, **record, "lr": self.scheduler.get_last_lr()[0]}
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                self.log(record)
             bar.update(1)
             bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", beta=f"{record['kl_coef']:.3f}")
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
                 self.log({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate("during").items()}})
-            if cfg.save_every and self.step % cfg.save_every == 0:
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                 self.save_checkpoint({"kl_ctl": self.kl_ctl.state_dict(), "score_stats": self.score_stats.state_dict()})
                 self.maybe_fault()
         bar.close()
@@ -487,7 +486,7 @@ class PPOTrainer(StageRun):
                    "out_dir": str(self.out / "final"), **self.prompt_stats}
         if acc.is_main_process and after:
             summary.update(self._before_after())
-        if cfg.report_to:
+        if cfg.train.report_to:
             acc.end_training()
         return summary
 
