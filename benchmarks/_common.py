@@ -1,4 +1,5 @@
-"""Pieces every peer benchmark needs: machine and version facts, a step clock, --configs parsing, JSONL rows, a child's own peak RSS,
+"""Pieces every peer benchmark needs: machine and version facts, a step clock, --configs parsing, JSONL rows,
+a child's own peak RSS,
 and lock-step turns between two workers. Imported as `from _common import …` (the scripts run as
 `python benchmarks/bench_x.py`, so this folder is on sys.path, in the parent and in its children)."""
 
@@ -9,6 +10,22 @@ import os
 import platform
 import time
 from pathlib import Path
+
+# Found relative to the repository (the shared data folder beside it; peer venvs in .peers/, built by
+# benchmarks/peers.sh), or where RLHFKIT_SHARED / RLHFKIT_PEERS point: no machine's absolute paths.
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("RLHFKIT_SHARED", REPO.parent / "shared"))
+PEERS = Path(os.environ.get("RLHFKIT_PEERS", REPO / ".peers"))
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under SHARED/data (default ../shared/data beside the repository)."""
+    return SHARED.joinpath("data", *parts)
+
+
+def peer_python(name: str) -> Path:
+    """The interpreter of a pinned peer venv built by benchmarks/peers.sh (e.g. 'trl-classic')."""
+    return PEERS / name / "bin" / "python"
 
 
 def machine() -> dict:
@@ -22,9 +39,16 @@ def machine() -> dict:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
         flags = []
-    mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0) / 2**20
-    return {"cpu": cpu, "vcpus": os.cpu_count(), "avx512f": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
-            "mem_gib": round(mem, 1), "python": platform.python_version(), "load_avg_1_5_15_start": os.getloadavg()}
+    mem = next((int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), 0) / 2**20
+    return {
+        "cpu": cpu,
+        "vcpus": os.cpu_count(),
+        "avx512f": "avx512f" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "mem_gib": round(mem, 1),
+        "python": platform.python_version(),
+        "load_avg_1_5_15_start": os.getloadavg(),
+    }
 
 
 def versions() -> dict:
@@ -63,7 +87,10 @@ class StepClock:
         wall = self.t_end[-1] - self.t_end[w - 1]
         inner = [e - b for b, e in zip(self.t_begin[w:], self.t_end[w:])]
         return {
-            "timed_steps": n, "warmup_steps": w, "wall_s": wall, "s_per_step": wall / n,
+            "timed_steps": n,
+            "warmup_steps": w,
+            "wall_s": wall,
+            "s_per_step": wall / n,
             "cpu_s": self.cpu_end[-1] - self.cpu_end[w - 1],
             "load_avg_1m": [round(min(self.load[w:]), 2), round(max(self.load[w:]), 2)],
             "step_s": [round(x, 3) for x in inner],

@@ -53,8 +53,11 @@ def synthesise(source: Path, target: Path, size_mb: float) -> dict:
         while written < want:
             shift = copies * stride
             block = b"".join(
-                b"  " + _ID_ATTRS.sub(lambda m: m.group(1) + str(int(m.group(2)) + shift).encode() + m.group(3), line)
-                + b"\r\n" for line in rows)
+                b"  "
+                + _ID_ATTRS.sub(lambda m: m.group(1) + str(int(m.group(2)) + shift).encode() + m.group(3), line)
+                + b"\r\n"
+                for line in rows
+            )
             fh.write(block)
             written += len(block)
             copies += 1
@@ -112,8 +115,13 @@ print(json.dumps({
 
 def run_child(xml: Path, out: Path, options: dict, converter: str) -> dict:
     t = time.time()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(xml), str(out), json.dumps(options)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "RLHFKIT_MARKDOWN": converter})
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(xml), str(out), json.dumps(options)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "RLHFKIT_MARKDOWN": converter},
+    )
     if proc.returncode != 0:
         sys.exit(f"benchmark child failed:\n{proc.stderr[-4000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -123,14 +131,19 @@ def run_child(xml: Path, out: Path, options: dict, converter: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", type=Path, default=None, help="real Posts.xml to replicate (default: largest shared dump)")
+    ap.add_argument(
+        "--source", type=Path, default=None, help="real Posts.xml to replicate (default: largest shared dump)"
+    )
     ap.add_argument("--sizes", default="50,200", help="file sizes in MB, comma-separated")
     ap.add_argument("--modes", default="markdown", help="markdown (full stage) and/or no-markdown (parse + pairs only)")
     ap.add_argument("--workers", type=int, default=0, help="DataConfig.workers (0: automatic)")
     ap.add_argument("--format", default="arrow", choices=["arrow", "parquet"])
-    ap.add_argument("--converter", default=os.environ.get("RLHFKIT_MARKDOWN", "auto"),
-                    choices=["auto", "python", "rust"],
-                    help="HTML → Markdown: markdownify (python) or markdownify-rs (rust); sets RLHFKIT_MARKDOWN")
+    ap.add_argument(
+        "--converter",
+        default=os.environ.get("RLHFKIT_MARKDOWN", "auto"),
+        choices=["auto", "python", "rust"],
+        help="HTML → Markdown: markdownify (python) or markdownify-rs (rust); sets RLHFKIT_MARKDOWN",
+    )
     ap.add_argument("--tmp", default=None, help="folder for the synthetic files (default: system temp)")
     args = ap.parse_args(argv)
 
@@ -144,21 +157,37 @@ def main(argv: list[str] | None = None) -> int:
             synth = synthesise(source, xml, size)
             mb = synth["bytes"] / 1e6
             for mode in args.modes.split(","):
-                options = {"overwrite": True, "workers": args.workers, "format": args.format,
-                           "markdown": mode == "markdown"}
+                options = {
+                    "overwrite": True,
+                    "workers": args.workers,
+                    "format": args.format,
+                    "markdown": mode == "markdown",
+                }
                 res = run_child(xml, tmp / f"out-{size:g}-{mode}", options, args.converter)
-                res.update(mode=mode, size_mb=round(mb, 1), copies=synth["copies"],
-                           mb_per_s=round(mb / res["build_s"], 2), parse_mb_per_s=round(mb / res["parse_s"], 1),
-                           mb_per_cpu_s=round(mb / res["cpu_s"], 2))
+                res.update(
+                    mode=mode,
+                    size_mb=round(mb, 1),
+                    copies=synth["copies"],
+                    mb_per_s=round(mb / res["build_s"], 2),
+                    parse_mb_per_s=round(mb / res["parse_s"], 1),
+                    mb_per_cpu_s=round(mb / res["cpu_s"], 2),
+                )
                 results.append(res)
                 conv = res["markdown_converter"] or "-"
-                print(f"  {mode:<11} {mb:7.1f} MB [{conv}]: {res['mb_per_s']:6.2f} MB/s wall, "
-                      f"{res['mb_per_cpu_s']:5.2f} MB per "
-                      f"CPU-second (parse pass {res['parse_mb_per_s']} MB/s), peak RSS {res['peak_rss_mb']:.0f} MiB "
-                      f"(workers {res['peak_rss_workers_mb']:.0f} MiB each at most)", file=sys.stderr, flush=True)
+                print(
+                    f"  {mode:<11} {mb:7.1f} MB [{conv}]: {res['mb_per_s']:6.2f} MB/s wall, "
+                    f"{res['mb_per_cpu_s']:5.2f} MB per "
+                    f"CPU-second (parse pass {res['parse_mb_per_s']} MB/s), peak RSS {res['peak_rss_mb']:.0f} MiB "
+                    f"(workers {res['peak_rss_workers_mb']:.0f} MiB each at most)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             xml.unlink()
     report = {
-        "source": str(source), "cpu_count": os.cpu_count(), "workers": args.workers, "format": args.format,
+        "source": str(source),
+        "cpu_count": os.cpu_count(),
+        "workers": args.workers,
+        "format": args.format,
         "converter": args.converter,
         "results": results,
     }
@@ -173,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         cpu = ", ".join(f"{r['mb_per_cpu_s']:.1f}" for r in rs)
         growth = rs[-1]["peak_rss_mb"] - rs[0]["peak_rss_mb"]
         wgrowth = rs[-1]["peak_rss_workers_mb"] - rs[0]["peak_rss_workers_mb"]
-        parts.append(f"{mode}: {speed} MB/s wall ({cpu} MB/CPU-s; target 20 MB/s); peak RSS {rss} "
-                     f"(growth {growth:+.0f} MiB, workers {wgrowth:+.0f} MiB)")
+        parts.append(
+            f"{mode}: {speed} MB/s wall ({cpu} MB/CPU-s; target 20 MB/s); peak RSS {rss} "
+            f"(growth {growth:+.0f} MiB, workers {wgrowth:+.0f} MiB)"
+        )
     print(f"bench_data [RLHFKIT_MARKDOWN={args.converter}]: " + " | ".join(parts))
     return 0
 

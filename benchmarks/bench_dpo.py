@@ -51,14 +51,18 @@ HH_TEMPLATE = "{prompt}{response}"  # hh prompts already end in "\n\nAssistant:"
 
 # --------------------------------------------------------------------------- data
 def stackexchange_pairs(tmp: Path) -> list[dict]:
+    from rlhfkit.inputs.tables import load_table
     from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import data as data_stage
-    from rlhfkit.inputs.tables import load_table
 
-    cfg = load_config(data_stage.CONFIG, overrides={"paths": [str(COFFEE)], "out_dir": str(tmp / "se"), "format": "parquet"})
+    cfg = load_config(
+        data_stage.CONFIG, overrides={"paths": [str(COFFEE)], "out_dir": str(tmp / "se"), "format": "parquet"}
+    )
     data_stage.run(cfg)
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in load_table(str(tmp / "se"), "rm_train")]
+    return [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in load_table(str(tmp / "se"), "rm_train")
+    ]
 
 
 def hh_pairs() -> list[dict]:
@@ -70,8 +74,17 @@ def hh_pairs() -> list[dict]:
             c, j = r["chosen"].rfind(key), r["rejected"].rfind(key)
             if c < 0 or j < 0:
                 continue
-            prompt, chosen, rejected = r["chosen"][: c + len(key)], r["chosen"][c + len(key):], r["rejected"][j + len(key):]
-            if prompt != r["rejected"][: j + len(key)] or not chosen.strip() or not rejected.strip() or chosen == rejected:
+            prompt, chosen, rejected = (
+                r["chosen"][: c + len(key)],
+                r["chosen"][c + len(key) :],
+                r["rejected"][j + len(key) :],
+            )
+            if (
+                prompt != r["rejected"][: j + len(key)]
+                or not chosen.strip()
+                or not rejected.strip()
+                or chosen == rejected
+            ):
                 continue
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
@@ -82,9 +95,9 @@ def prepare(tmp: Path, n_pairs: int, max_length: int, seed: int) -> dict:
     order rlhfkit's StepPlan draws them, text already templated)."""
     from transformers import AutoTokenizer
 
-    from rlhfkit.models.loading import resolve_default_model
     from rlhfkit.inputs.pairs import encode_pairs
     from rlhfkit.inputs.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import resolve_default_model
     from rlhfkit.runtime.training import StepPlan
 
     source, template = None, None
@@ -92,13 +105,18 @@ def prepare(tmp: Path, n_pairs: int, max_length: int, seed: int) -> dict:
         try:
             rows, source, template = stackexchange_pairs(tmp), f"rlhfkit data: {COFFEE}", STACKLLAMA_TEMPLATE
         except Exception as exc:  # the data stage is optional here
-            print(f"[bench] rlhfkit data on {COFFEE.name} unavailable ({type(exc).__name__}: {exc}); using hh-rlhf", file=sys.stderr)
+            print(
+                f"[bench] rlhfkit data on {COFFEE.name} unavailable ({type(exc).__name__}: {exc}); using hh-rlhf",
+                file=sys.stderr,
+            )
     tok = AutoTokenizer.from_pretrained(resolve_default_model(verbose=False))
     if source is not None:
         fmt = PromptFormat(TemplateConfig(template=template), tok)
         kept = [r for r, p in zip(rows, _encode_each(rows, fmt, max_length)) if p]
         if len(kept) < n_pairs:
-            print(f"[bench] only {len(kept)} Stack Exchange pairs fit {max_length} tokens; using hh-rlhf", file=sys.stderr)
+            print(
+                f"[bench] only {len(kept)} Stack Exchange pairs fit {max_length} tokens; using hh-rlhf", file=sys.stderr
+            )
             source = None
     if source is None:
         rows, source, template = hh_pairs(), f"hh-rlhf: {HH}", HH_TEMPLATE
@@ -108,13 +126,21 @@ def prepare(tmp: Path, n_pairs: int, max_length: int, seed: int) -> dict:
     (tmp / "ours.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     plan = StepPlan(len(kept), batch_size=4, grad_accum=1, world=1, rank=0, seed=seed)
     order = [i for step in range(n_pairs // 4) for i in plan.step_items(step)]
-    trl_rows = [{"prompt": fmt.prompt_text(kept[i]["prompt"]), "chosen": kept[i]["chosen"], "rejected": kept[i]["rejected"]}
-                for i in order]
+    trl_rows = [
+        {"prompt": fmt.prompt_text(kept[i]["prompt"]), "chosen": kept[i]["chosen"], "rejected": kept[i]["rejected"]}
+        for i in order
+    ]
     (tmp / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
     enc = encode_pairs([kept[i] for i in order], fmt, max_length, "bench")
     tokens = [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in enc]
-    return {"source": source, "template": template, "pairs_available": len(kept), "order": order,
-            "tokens_per_pair_mean": sum(tokens) / len(tokens), "tokens_timed_steps": sum(tokens[4:])}
+    return {
+        "source": source,
+        "template": template,
+        "pairs_available": len(kept),
+        "order": order,
+        "tokens_per_pair_mean": sum(tokens) / len(tokens),
+        "tokens_timed_steps": sum(tokens[4:]),
+    }
 
 
 def _encode_each(rows, fmt, max_length):
@@ -122,29 +148,52 @@ def _encode_each(rows, fmt, max_length):
     keep = []
     for r in rows:
         ok = all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected")) and r["chosen"] and r["rejected"]
-        keep.append(bool(ok) and max(len(fmt.encode(r["prompt"], r["chosen"])[0]), len(fmt.encode(r["prompt"], r["rejected"])[0])) <= max_length)
+        keep.append(
+            bool(ok)
+            and max(len(fmt.encode(r["prompt"], r["chosen"])[0]), len(fmt.encode(r["prompt"], r["rejected"])[0]))
+            <= max_length
+        )
     return keep
 
 
 # --------------------------------------------------------------------------- lock-step
 # --------------------------------------------------------------------------- workers
 def worker_rlhfkit(a) -> dict:
+    from rlhfkit.models.loading import resolve_default_model
     from rlhfkit.runtime.config import load_config
     from rlhfkit.runtime.io import read_jsonl
-    from rlhfkit.models.loading import resolve_default_model
     from rlhfkit.stages import dpo
 
     out = Path(a.tmp) / "out_rlhfkit"
-    cfg = load_config(dpo.DPOConfig, overrides={
-        "out_dir": str(out), "overwrite": True, "model": {"name": str(resolve_default_model(verbose=False))},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS},
-        "template": {"template": a.template},
-        "data": {"path": str(Path(a.tmp) / "ours.jsonl"), "split": None, "eval_split": None, "eval_fraction": 0.0,
-                 "max_length": a.max_length},
-        "train": {"lr": 5e-5, "max_steps": a.steps + 1, "batch_size": 4, "grad_accum": 1, "seed": a.seed,
-                  "save_every": 0, "log_every": 1},
-        "beta": 0.1, "loss_type": "sigmoid", "precompute_ref": a.precompute_ref,
-    })
+    cfg = load_config(
+        dpo.DPOConfig,
+        overrides={
+            "out_dir": str(out),
+            "overwrite": True,
+            "model": {"name": str(resolve_default_model(verbose=False))},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS},
+            "template": {"template": a.template},
+            "data": {
+                "path": str(Path(a.tmp) / "ours.jsonl"),
+                "split": None,
+                "eval_split": None,
+                "eval_fraction": 0.0,
+                "max_length": a.max_length,
+            },
+            "train": {
+                "lr": 5e-5,
+                "max_steps": a.steps + 1,
+                "batch_size": 4,
+                "grad_accum": 1,
+                "seed": a.seed,
+                "save_every": 0,
+                "log_every": 1,
+            },
+            "beta": 0.1,
+            "loss_type": "sigmoid",
+            "precompute_ref": a.precompute_ref,
+        },
+    )
     from rlhfkit.runtime.training import Trainer
 
     turns, step_s = Turns(a.lockstep, "rlhfkit"), []
@@ -196,17 +245,39 @@ def worker_trl(a) -> dict:
     timer = StepTimer()
     t0 = time.perf_counter()
     args = DPOConfig(
-        output_dir=str(Path(a.tmp) / "out_trl"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
-        max_steps=a.steps + 1, learning_rate=5e-5, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0,
-        weight_decay=0.0, max_length=a.max_length, beta=0.1, loss_type=["sigmoid"], precompute_ref_log_probs=a.precompute_ref,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False, train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], seed=a.seed, dataloader_num_workers=0,
+        output_dir=str(Path(a.tmp) / "out_trl"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=a.steps + 1,
+        learning_rate=5e-5,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        max_length=a.max_length,
+        beta=0.1,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=a.precompute_ref,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=a.seed,
+        dataloader_num_workers=0,
         disable_tqdm=True,
     )
     tok = AutoTokenizer.from_pretrained(path)
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args=args, processing_class=tok,
-        train_dataset=Dataset.from_list(rows), callbacks=[timer],
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        args=args,
+        processing_class=tok,
+        train_dataset=Dataset.from_list(rows),
+        callbacks=[timer],
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM"),
     )
     ds = trainer.train_dataset
@@ -214,8 +285,12 @@ def worker_trl(a) -> dict:
     trainer.train()
     wall = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_s": timer.step_s[1:], "losses": losses, "wall_s": wall,
-            "tokens_timed_steps": sum(tokens[4 : 4 * (a.steps + 1)])}
+    return {
+        "step_s": timer.step_s[1:],
+        "losses": losses,
+        "wall_s": wall,
+        "tokens_timed_steps": sum(tokens[4 : 4 * (a.steps + 1)]),
+    }
 
 
 def worker(a) -> None:
@@ -233,10 +308,27 @@ def worker(a) -> None:
 
 # --------------------------------------------------------------------------- driver
 def _cmd(name: str, a, tmp: Path, template: str, lockstep: Path | None) -> list[str]:
-    return ([sys.executable, __file__, "--worker", name, "--tmp", str(tmp), "--template", template, "--steps", str(a.steps),
-             "--max-length", str(a.max_length), "--seed", str(a.seed)]
-            + (["--precompute-ref"] if a.precompute_ref else []) + (["--lockstep", str(lockstep)] if lockstep else [])
-            + ["--threads", str(a.threads)])
+    return (
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--tmp",
+            str(tmp),
+            "--template",
+            template,
+            "--steps",
+            str(a.steps),
+            "--max-length",
+            str(a.max_length),
+            "--seed",
+            str(a.seed),
+        ]
+        + (["--precompute-ref"] if a.precompute_ref else [])
+        + (["--lockstep", str(lockstep)] if lockstep else [])
+        + ["--threads", str(a.threads)]
+    )
 
 
 def _collect(name: str, proc: subprocess.Popen) -> dict:
@@ -244,9 +336,13 @@ def _collect(name: str, proc: subprocess.Popen) -> dict:
     line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{name} failed (rc {proc.returncode}):\n{err[-4000:]}")
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     res["pairs_per_s"] = 4 * len(res["step_s"]) / sum(res["step_s"])
-    print(f"[bench] {name}: {res['pairs_per_s']:.4f} pairs/s, peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    print(
+        f"[bench] {name}: {res['pairs_per_s']:.4f} pairs/s, peak RSS {res['peak_rss_mb']:.0f} MB",
+        file=sys.stderr,
+        flush=True,
+    )
     return res
 
 
@@ -258,15 +354,20 @@ def run_pair(a, tmp: Path, template: str, repeat: int) -> dict[str, dict]:
         results = {}
         for name in names:
             print(f"[bench] running {name} …", file=sys.stderr, flush=True)
-            proc = subprocess.Popen(_cmd(name, a, tmp, template, None), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, env=env)
+            proc = subprocess.Popen(
+                _cmd(name, a, tmp, template, None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
             results[name] = _collect(name, proc)
         return results
     lock = tmp / f"lockstep-{repeat}"
     lock.mkdir()
     print("[bench] running rlhfkit and TRL in lock-step (alternating optimizer steps) …", file=sys.stderr, flush=True)
-    procs = {n: subprocess.Popen(_cmd(n, a, tmp, template, lock), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=env) for n in names}
+    procs = {
+        n: subprocess.Popen(
+            _cmd(n, a, tmp, template, lock), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for n in names
+    }
     return {n: _collect(n, procs[n]) for n in names}
 
 
@@ -277,8 +378,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="alternate the two frameworks this many times")
     p.add_argument("--precompute-ref", action="store_true", help="both frameworks precompute reference log-probs")
-    p.add_argument("--sequential", action="store_true",
-                   help="run the frameworks one after the other instead of in lock-step (for a quiet machine)")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the frameworks one after the other instead of in lock-step (for a quiet machine)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads in both workers (0: torch's default)")
     p.add_argument("--lockstep", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["rlhfkit", "trl"], help=argparse.SUPPRESS)
@@ -315,24 +419,38 @@ def main(argv=None) -> int:
         }
 
     result = {
-        "benchmark": "dpo", "model": "SmolLM2-135M-Instruct", "lora": "r=16 alpha=32 q,k,v,o", "dtype": "float32",
-        "batch_pairs": 4, "grad_accum": 1, "max_length": a.max_length, "timed_steps": a.steps, "warmup_steps": 1,
+        "benchmark": "dpo",
+        "model": "SmolLM2-135M-Instruct",
+        "lora": "r=16 alpha=32 q,k,v,o",
+        "dtype": "float32",
+        "batch_pairs": 4,
+        "grad_accum": 1,
+        "max_length": a.max_length,
+        "timed_steps": a.steps,
+        "warmup_steps": 1,
         "reference": "precomputed" if a.precompute_ref else "adapter disabled (on the fly)",
-        "schedule": "sequential" if a.sequential else "lock-step (alternating optimizer steps)", "repeats": a.repeats,
+        "schedule": "sequential" if a.sequential else "lock-step (alternating optimizer steps)",
+        "repeats": a.repeats,
         "load_avg_1_5_15": {"start": load_start, "end": os.getloadavg()},
-        "data": data["source"], "tokens_per_pair_mean": round(data["tokens_per_pair_mean"], 1),
+        "data": data["source"],
+        "tokens_per_pair_mean": round(data["tokens_per_pair_mean"], 1),
         "tokens_timed_steps": {"rlhfkit": data["tokens_timed_steps"], "trl": runs["trl"][0].get("tokens_timed_steps")},
         "machine": f"{machine()['cpu']}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
-                   f"{transformers.__version__}, trl {trl.__version__}",
+        f"{transformers.__version__}, trl {trl.__version__}",
         "threads": runs["rlhfkit"][0]["threads"],
-        "rlhfkit": agg(runs["rlhfkit"]), "trl": agg(runs["trl"]),
+        "rlhfkit": agg(runs["rlhfkit"]),
+        "trl": agg(runs["trl"]),
     }
     result["ratio"] = result["rlhfkit"]["pairs_per_s"] / result["trl"]["pairs_per_s"]
     print(json.dumps(result, indent=2))
-    print(f"dpo: rlhfkit {result['rlhfkit']['pairs_per_s']:.3f} pairs/s vs TRL {result['trl']['pairs_per_s']:.3f} pairs/s "
-          f"= {result['ratio']:.2f}x (peak RSS {result['rlhfkit']['peak_rss_mb']:.0f} vs {result['trl']['peak_rss_mb']:.0f} MB; "
-          f"{a.steps} steps × 4 pairs, SmolLM2-135M LoRA r=16, fp32, {result['threads']} threads, {result['reference']}, "
-          f"{result['schedule']})")
+    print(
+        f"dpo: rlhfkit {result['rlhfkit']['pairs_per_s']:.3f} pairs/s vs TRL {result['trl']['pairs_per_s']:.3f} "
+        f"pairs/s "
+        f"= {result['ratio']:.2f}x (peak RSS {result['rlhfkit']['peak_rss_mb']:.0f} vs "
+        f"{result['trl']['peak_rss_mb']:.0f} MB; "
+        f"{a.steps} steps × 4 pairs, SmolLM2-135M LoRA r=16, fp32, {result['threads']} threads, {result['reference']}, "
+        f"{result['schedule']})"
+    )
     return 0
 
 

@@ -14,7 +14,7 @@ invocation, alternated rlhfkit/TRL so both see the same background load):
   * batch 8 rollouts, mini-batch 4, grad_accum 1, ppo_epochs 1 or 4, Adam lr 1.41e-5, init_kl_coef 0.2
     adaptive (TRL's defaults; rlhfkit set to match), cliprange 0.2, vf_coef 0.1, k1 KL;
   * queries: the first 32-64 tokens (length drawn per query with a seeded RNG) of IMDb reviews from
-    /work/shared/data/imdb/imdb_sample.csv, the SAME token ids in the same order for both;
+    ../shared/data/imdb/imdb_sample.csv, the SAME token ids in the same order for both;
   * responses: one length L per step drawn from [32, 64] with a seeded RNG, the same L sequence for
     both; sampling top_k=0, top_p=1.0, temperature 1, KV cache, all 8 rollouts in one generate call
     (TRL: generate(batch_size=8)); with --force-length (default) EOS is suppressed
@@ -48,9 +48,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import peer_python, shared_data
+
 REPO = Path(__file__).resolve().parents[1]
-CSV = Path("/work/shared/data/imdb/imdb_sample.csv")
-TRL_PY = Path("/work/trl-classic-venv/bin/python")
+CSV = shared_data("imdb", "imdb_sample.csv")
+TRL_PY = peer_python("trl-classic")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "trl")  # rlhfkit-compile: the same with generation.compile=true
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
@@ -58,7 +60,9 @@ LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
 
 # --------------------------------------------------------------------------- shared helpers (run in both venvs)
 def model_dir() -> Path:
-    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")) / "models" / "SmolLM2-135M-Instruct"
+    return (
+        Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")) / "models" / "SmolLM2-135M-Instruct"
+    )
 
 
 def reviews() -> list[str]:
@@ -120,17 +124,38 @@ def worker_rlhfkit(args, work: dict) -> dict:
     from rlhfkit.stages import ppo
 
     tmp = Path(args.tmp)
-    cfg = load_config(ppo.PPOConfig, overrides={
-        "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"), "overwrite": True,
-        "train": {"seed": args.seed, "batch_size": args.batch, "lr": LR, "max_steps": len(work["lengths"])},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
-        "template": {"template": "{prompt}{response}"},
-        "generation": {"response_min": args.rmin, "response_max": args.rmax, "top_k": 0, "top_p": 1.0,
-                       "min_new_tokens": 0, "accept_kl_bias": args.force_length, "compile": args.worker == "rlhfkit-compile"},
-        "ppo": {"init_kl_coef": KL0, "adaptive_kl": True, "target_kl": TARGET_KL, "horizon": HORIZON,
-                "ppo_epochs": args.epochs, "mini_batch_size": args.mini_batch, "vf_coef": 0.1,
-                "cliprange": 0.2, "cliprange_value": 0.2, "gamma": 1.0, "lam": 0.95},
-    })
+    cfg = load_config(
+        ppo.PPOConfig,
+        overrides={
+            "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"),
+            "overwrite": True,
+            "train": {"seed": args.seed, "batch_size": args.batch, "lr": LR, "max_steps": len(work["lengths"])},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+            "template": {"template": "{prompt}{response}"},
+            "generation": {
+                "response_min": args.rmin,
+                "response_max": args.rmax,
+                "top_k": 0,
+                "top_p": 1.0,
+                "min_new_tokens": 0,
+                "accept_kl_bias": args.force_length,
+                "compile": args.worker == "rlhfkit-compile",
+            },
+            "ppo": {
+                "init_kl_coef": KL0,
+                "adaptive_kl": True,
+                "target_kl": TARGET_KL,
+                "horizon": HORIZON,
+                "ppo_epochs": args.epochs,
+                "mini_batch_size": args.mini_batch,
+                "vf_coef": 0.1,
+                "cliprange": 0.2,
+                "cliprange_value": 0.2,
+                "gamma": 1.0,
+                "lam": 0.95,
+            },
+        },
+    )
     t_load = time.perf_counter()
     trainer = ppo.PPOTrainer(cfg, reward_fn=vader_scores, prompts=["x"], eval_prompts=[])
     t_load = time.perf_counter() - t_load
@@ -153,13 +178,28 @@ def worker_rlhfkit(args, work: dict) -> dict:
         trainer.step = s + 1
         n_resp = int(round(rec["response_length"] * len(queries)))
         tokens = sum(len(q) for q in queries) + n_resp
-        steps.append({"step": s, "timed": timed, "wall_s": wall, "tokens": tokens, "response_tokens": n_resp, "L": L,
-                      "generate_s": rec["time/generate"], "score_s": rec["time/score"],
-                      "forward_s": rec["time/forward"], "update_s": rec["time/update"],
-                      "other_s": wall - sum(rec[k] for k in ("time/generate", "time/score", "time/forward", "time/update")),
-                      "kl": rec["kl"], "score": rec["score"]})
-        print(f"[{args.worker} e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
-              f"(gen {rec['time/generate']:.2f} fwd {rec['time/forward']:.2f} upd {rec['time/update']:.2f})", flush=True)
+        steps.append(
+            {
+                "step": s,
+                "timed": timed,
+                "wall_s": wall,
+                "tokens": tokens,
+                "response_tokens": n_resp,
+                "L": L,
+                "generate_s": rec["time/generate"],
+                "score_s": rec["time/score"],
+                "forward_s": rec["time/forward"],
+                "update_s": rec["time/update"],
+                "other_s": wall - sum(rec[k] for k in ("time/generate", "time/score", "time/forward", "time/update")),
+                "kl": rec["kl"],
+                "score": rec["score"],
+            }
+        )
+        print(
+            f"[{args.worker} e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
+            f"(gen {rec['time/generate']:.2f} fwd {rec['time/forward']:.2f} upd {rec['time/update']:.2f})",
+            flush=True,
+        )
     return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
 
 
@@ -174,20 +214,45 @@ def worker_trl(args, work: dict) -> dict:
     t_load = time.perf_counter()
     mdir = trl_model_dir(Path(args.tmp))
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
-        str(mdir), torch_dtype=torch.float32,
-        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    config = PPOConfig(batch_size=args.batch, mini_batch_size=args.mini_batch, gradient_accumulation_steps=1,
-                       ppo_epochs=args.epochs, learning_rate=LR, init_kl_coef=KL0, adap_kl_ctrl=True, target=TARGET_KL,
-                       horizon=HORIZON, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1.0, lam=0.95,
-                       seed=args.seed, log_with=None)
+        str(mdir),
+        torch_dtype=torch.float32,
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
+    config = PPOConfig(
+        batch_size=args.batch,
+        mini_batch_size=args.mini_batch,
+        gradient_accumulation_steps=1,
+        ppo_epochs=args.epochs,
+        learning_rate=LR,
+        init_kl_coef=KL0,
+        adap_kl_ctrl=True,
+        target=TARGET_KL,
+        horizon=HORIZON,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        gamma=1.0,
+        lam=0.95,
+        seed=args.seed,
+        log_with=None,
+    )
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tok)
     t_load = time.perf_counter() - t_load
-    n_params = unique_param_count(trainer.model) + (unique_param_count(trainer.ref_model) if trainer.ref_model is not None else 0)
+    n_params = unique_param_count(trainer.model) + (
+        unique_param_count(trainer.ref_model) if trainer.ref_model is not None else 0
+    )
     steps = []
     for s, (queries, L) in enumerate(zip(work["queries"], work["lengths"])):
         timed = s >= args.warmup
-        gen_kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "max_new_tokens": L,
-                      "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+        gen_kwargs = {
+            "do_sample": True,
+            "top_k": 0,
+            "top_p": 1.0,
+            "temperature": 1.0,
+            "max_new_tokens": L,
+            "pad_token_id": tok.pad_token_id,
+            "eos_token_id": tok.eos_token_id,
+        }
         if args.force_length:
             gen_kwargs["min_new_tokens"] = L
         prof = start_profile(args, s)
@@ -208,12 +273,28 @@ def worker_trl(args, work: dict) -> dict:
         n_resp = sum(len(r) for r in responses)
         tokens = sum(len(q) for q in queries) + n_resp
         fwd, opt = float(stats["time/ppo/forward_pass"]), float(stats["time/ppo/optimize_step"])
-        steps.append({"step": s, "timed": timed, "wall_s": wall, "tokens": tokens, "response_tokens": n_resp, "L": L,
-                      "generate_s": t1 - t0, "score_s": t2 - t1, "forward_s": fwd, "update_s": opt,
-                      "other_s": (t3 - t2) - fwd - opt, "kl": float(np.mean(stats["objective/kl"])),
-                      "score": float(np.mean([x.item() for x in scores]))})
-        print(f"[trl e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
-              f"(gen {t1 - t0:.2f} fwd {fwd:.2f} upd {opt:.2f})", flush=True)
+        steps.append(
+            {
+                "step": s,
+                "timed": timed,
+                "wall_s": wall,
+                "tokens": tokens,
+                "response_tokens": n_resp,
+                "L": L,
+                "generate_s": t1 - t0,
+                "score_s": t2 - t1,
+                "forward_s": fwd,
+                "update_s": opt,
+                "other_s": (t3 - t2) - fwd - opt,
+                "kl": float(np.mean(stats["objective/kl"])),
+                "score": float(np.mean([x.item() for x in scores])),
+            }
+        )
+        print(
+            f"[trl e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
+            f"(gen {t1 - t0:.2f} fwd {fwd:.2f} upd {opt:.2f})",
+            flush=True,
+        )
     return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
 
 
@@ -229,16 +310,25 @@ def start_profile(args, step: int):
 
 
 def profile_tables(prof) -> dict:
-    return {"profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
-            "profile_shapes": prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20)}
+    return {
+        "profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
+        "profile_shapes": prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=20
+        ),
+    }
 
 
 def trl_tokenizer():
     """transformers 4.46 cannot read a transformers-5 tokenizer folder: build it from tokenizer.json."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir() / "tokenizer.json"), bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(model_dir() / "tokenizer.json"),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+    )
     return tok
 
 
@@ -271,18 +361,31 @@ def worker_main(args) -> int:
     wall = sum(s["wall_s"] for s in timed)
     import transformers
 
-    out.update({
-        "framework": args.worker, "ppo_epochs": args.epochs, "timed_steps": len(timed),
-        "step_s_mean": wall / len(timed), "step_s_median": statistics.median(s["wall_s"] for s in timed),
-        "tokens_per_s": sum(s["tokens"] for s in timed) / wall,
-        "response_tokens_per_s": sum(s["response_tokens"] for s in timed) / wall,
-        "phases_s": {k: statistics.mean(s[k] for s in timed) for k in ("generate_s", "score_s", "forward_s", "update_s", "other_s")},
-        "peak_rss_gb": rss_gb(), "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     **({"trl": __import__("trl").__version__} if args.worker == "trl" else {}),
-                     "peft": __import__("peft").__version__},
-        "loadavg_start": [round(x, 2) for x in load0], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-    })
+    out.update(
+        {
+            "framework": args.worker,
+            "ppo_epochs": args.epochs,
+            "timed_steps": len(timed),
+            "step_s_mean": wall / len(timed),
+            "step_s_median": statistics.median(s["wall_s"] for s in timed),
+            "tokens_per_s": sum(s["tokens"] for s in timed) / wall,
+            "response_tokens_per_s": sum(s["response_tokens"] for s in timed) / wall,
+            "phases_s": {
+                k: statistics.mean(s[k] for s in timed)
+                for k in ("generate_s", "score_s", "forward_s", "update_s", "other_s")
+            },
+            "peak_rss_gb": rss_gb(),
+            "torch_threads": torch.get_num_threads(),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                **({"trl": __import__("trl").__version__} if args.worker == "trl" else {}),
+                "peft": __import__("peft").__version__,
+            },
+            "loadavg_start": [round(x, 2) for x in load0],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        }
+    )
     Path(args.result).write_text(json.dumps(out, indent=1))
     return 0
 
@@ -291,16 +394,45 @@ def worker_main(args) -> int:
 def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
     py = str(TRL_PY) if name == "trl" else sys.executable
     result = tmp / f"result_{name}_e{epochs}_{time.time_ns()}.json"
-    cmd = [py, str(Path(__file__).resolve()), "--worker", name, "--epochs", str(epochs), "--workload", str(workload),
-           "--result", str(result), "--tmp", str(tmp), "--batch", str(args.batch), "--mini-batch", str(args.mini_batch),
-           "--rmin", str(args.rmin), "--rmax", str(args.rmax), "--warmup", str(args.warmup), "--seed", str(args.seed),
-           "--threads", str(args.threads)]
+    cmd = [
+        py,
+        str(Path(__file__).resolve()),
+        "--worker",
+        name,
+        "--epochs",
+        str(epochs),
+        "--workload",
+        str(workload),
+        "--result",
+        str(result),
+        "--tmp",
+        str(tmp),
+        "--batch",
+        str(args.batch),
+        "--mini-batch",
+        str(args.mini_batch),
+        "--rmin",
+        str(args.rmin),
+        "--rmax",
+        str(args.rmax),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     if not args.force_length:
         cmd.append("--no-force-length")
     if args.profile:
         cmd.append("--profile")
-    env = {**os.environ, "PYTHONPATH": "" if name == "trl" else str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": "" if name == "trl" else str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+    }
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
     if proc.returncode != 0 or not result.exists():
@@ -324,11 +456,17 @@ def main() -> int:
     ap.add_argument("--rmin", type=int, default=32)
     ap.add_argument("--rmax", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch/OpenMP threads per child (same for both). 1 by default: on these shared 2-vCPU machines "
-                         "2 threads run 3-4x slower than 1 as soon as other jobs load the CPUs (OpenMP barrier spinning)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/OpenMP threads per child (same for both). 1 by default: on these shared 2-vCPU machines "
+        "2 threads run 3-4x slower than 1 as soon as other jobs load the CPUs (OpenMP barrier spinning)",
+    )
     ap.add_argument("--no-force-length", dest="force_length", action="store_false")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config")
+    ap.add_argument(
+        "--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config"
+    )
     ap.add_argument("--json-out")
     # worker mode
     ap.add_argument("--worker", choices=FRAMEWORKS)
@@ -340,15 +478,18 @@ def main() -> int:
         return worker_main(args)
 
     if not TRL_PY.exists():
-        print(f"TRL-classic venv missing ({TRL_PY}); build it with:\n  python3 -m venv /work/trl-classic-venv && "
-              "/work/trl-classic-venv/bin/pip install torch==2.13.0 trl==0.11.4 'transformers>=4.44,<4.47' rich "
-              "peft==0.13.2 vaderSentiment", file=sys.stderr)
+        print(
+            f"TRL-classic venv missing ({TRL_PY}); build it with: bash benchmarks/peers.sh",
+            file=sys.stderr,
+        )
         return 2
     from transformers import AutoTokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
     tok = AutoTokenizer.from_pretrained(str(model_dir()))
-    work = make_workload(tok, args.warmup + args.steps, args.batch, args.qmin, args.qmax, args.rmin, args.rmax, args.seed)
+    work = make_workload(
+        tok, args.warmup + args.steps, args.batch, args.qmin, args.qmax, args.rmin, args.rmax, args.seed
+    )
     workload = tmp / "workload.json"
     workload.write_text(json.dumps(work))
     configs = [(f, e) for e in args.epochs for f in FRAMEWORKS]
@@ -375,14 +516,38 @@ def main() -> int:
             if rs:
                 agg[name] = statistics.median(x["tokens_per_s"] for x in rs)
         if "trl" in agg and len(agg) > 1:
-            summary[f"ppo_epochs={e}"] = {**{f"{k}_tok_s": v for k, v in agg.items()},
-                                          **{f"{k}/trl": v / agg["trl"] for k, v in agg.items() if k != "trl"}}
+            summary[f"ppo_epochs={e}"] = {
+                **{f"{k}_tok_s": v for k, v in agg.items()},
+                **{f"{k}/trl": v / agg["trl"] for k, v in agg.items() if k != "trl"},
+            }
     report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(), "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": load_after},
-        "settings": {k: getattr(args, k) for k in ("steps", "warmup", "epochs", "batch", "mini_batch", "qmin", "qmax", "rmin",
-                                                   "rmax", "seed", "force_length", "repeats", "threads")},
-        "response_lengths": work["lengths"], "query_tokens_per_step": [sum(map(len, q)) for q in work["queries"]],
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "nproc": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "steps",
+                "warmup",
+                "epochs",
+                "batch",
+                "mini_batch",
+                "qmin",
+                "qmax",
+                "rmin",
+                "rmax",
+                "seed",
+                "force_length",
+                "repeats",
+                "threads",
+            )
+        },
+        "response_lengths": work["lengths"],
+        "query_tokens_per_step": [sum(map(len, q)) for q in work["queries"]],
         "results": [{k: v for k, v in x.items() if k not in ("profile", "profile_shapes")} for x in results],
         "summary": summary,
     }
@@ -390,8 +555,11 @@ def main() -> int:
     print(text)
     if args.json_out:
         Path(args.json_out).write_text(text)
-    line = "; ".join(f"{k}: TRL {v['trl_tok_s']:.1f} tok/s, " + ", ".join(
-        f"{n} {v[n + '_tok_s']:.1f} tok/s = {v[n + '/trl']:.2f}x" for n in FRAMEWORKS if n + "/trl" in v) for k, v in summary.items())
+    line = "; ".join(
+        f"{k}: TRL {v['trl_tok_s']:.1f} tok/s, "
+        + ", ".join(f"{n} {v[n + '_tok_s']:.1f} tok/s = {v[n + '/trl']:.2f}x" for n in FRAMEWORKS if n + "/trl" in v)
+        for k, v in summary.items()
+    )
     print(f"SUMMARY (load avg {load_before} -> {load_after}): {line or 'incomplete'}")
     return 0 if all("error" not in x for x in results) else 1
 

@@ -6,7 +6,7 @@
     python benchmarks/bench_rm.py --lockstep              # both at once, alternating optimizer steps (busy machine)
     python benchmarks/bench_rm.py --tiny --steps 1 --warmup 1 --batch 2   # smoke test only (random 2-layer model)
 
-Stack Exchange pairs are long: of the ~3,950 pairs in the five dumps under /work/shared, 741 fit 256
+Stack Exchange pairs are long: of the ~3,950 pairs in the five dumps under ../shared, 741 fit 256
 tokens, 92 fit 128 and none of coffee's 129 fit below 153, so keep --max-length >= ~200 even for smoke tests.
 
 Same for both (issue 4): the offline default SmolLM2-135M-Instruct as a 1-label sequence classifier
@@ -74,10 +74,10 @@ import time
 from pathlib import Path
 
 import _common
-from _common import Turns, chosen_configs, machine, read_rows, versions, vm_hwm_mb
+from _common import Turns, chosen_configs, machine, read_rows, shared_data, versions, vm_hwm_mb
 
 CONFIGS = ("rlhfkit", "trl")
-POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
+POSTS_GLOB = str(shared_data("stackexchange", "*", "Posts.xml"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LR = 1e-4
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -93,11 +93,23 @@ def se_pairs(pattern: str, out: Path, seed: int) -> tuple[list[dict], dict]:
     files = sorted(glob.glob(pattern))
     if not files:
         sys.exit(f"no Posts.xml matches {pattern}")
-    stats = build_stackexchange(files, str(out), format="parquet", seed=seed, overwrite=True,
-                                fractions={"sft": 0.0, "rm_train": 1.0, "rm_eval": 0.0, "rl_prompts": 0.0})
-    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in load_table(str(out), "rm_train")]
-    return rows, {"files": [Path(f).parent.name for f in files], "pairs_total": len(rows),
-                  "converter": [i.get("markdown_converter") for i in stats.get("inputs", [])][:1]}
+    stats = build_stackexchange(
+        files,
+        str(out),
+        format="parquet",
+        seed=seed,
+        overwrite=True,
+        fractions={"sft": 0.0, "rm_train": 1.0, "rm_eval": 0.0, "rl_prompts": 0.0},
+    )
+    rows = [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in load_table(str(out), "rm_train")
+    ]
+    return rows, {
+        "files": [Path(f).parent.name for f in files],
+        "pairs_total": len(rows),
+        "converter": [i.get("markdown_converter") for i in stats.get("inputs", [])][:1],
+    }
 
 
 def prepare(args, work: Path, model_path: str) -> dict:
@@ -105,8 +117,8 @@ def prepare(args, work: Path, model_path: str) -> dict:
     rlhfkit's token ids, in the order rlhfkit's StepPlan draws them)."""
     from transformers import AutoTokenizer
 
-    from rlhfkit.models.loading import ModelConfig, load_tokenizer
     from rlhfkit.inputs.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import ModelConfig, load_tokenizer
     from rlhfkit.runtime.training import StepPlan
 
     rows, info = se_pairs(args.posts, work / "se", args.data_seed)
@@ -135,30 +147,48 @@ def prepare(args, work: Path, model_path: str) -> dict:
         if len(kept) == need:
             break
     if len(kept) < need:
-        sys.exit(f"only {len(kept)} of {len(rows)} pairs fit {args.max_length} tokens; {need} needed "
-                 f"(batch {args.batch} × {total_steps} steps): raise --max-length or add dumps to --posts")
+        sys.exit(
+            f"only {len(kept)} of {len(rows)} pairs fit {args.max_length} tokens; {need} needed "
+            f"(batch {args.batch} × {total_steps} steps): raise --max-length or add dumps to --posts"
+        )
     (work / "ours.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     plan = StepPlan(len(kept), batch_size=args.batch, grad_accum=1, world=1, rank=0, seed=args.seed)
     order = [i for s in range(total_steps) for i in plan.step_items(s)]
     assert sorted(order) == list(range(need)), "StepPlan must draw every pair once in one epoch"
-    (work / "trl.jsonl").write_text("".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n"
-                                            for i in order))
+    (work / "trl.jsonl").write_text(
+        "".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n" for i in order)
+    )
     steps = [order[s * args.batch : (s + 1) * args.batch] for s in range(total_steps)]
     tokens_per_step = [sum(len(enc[i][0]) + len(enc[i][1]) for i in ix) for ix in steps]
     cells_per_step = [2 * len(ix) * max(max(len(enc[i][0]), len(enc[i][1])) for i in ix) for ix in steps]
     # What TRL's own text path would have produced (prompt+response+eos_token as one string) — diagnostic only.
-    diff = [len(tok(fmt.prompt_text(r["prompt"]) + r[k] + tok.eos_token)["input_ids"]) - len(e)
-            for r, (c, j) in zip(kept, enc) for k, e in (("chosen", c), ("rejected", j))]
+    diff = [
+        len(tok(fmt.prompt_text(r["prompt"]) + r[k] + tok.eos_token)["input_ids"]) - len(e)
+        for r, (c, j) in zip(kept, enc)
+        for k, e in (("chosen", c), ("rejected", j))
+    ]
     lengths = [len(x) for c, j in enc for x in (c, j)]
-    info.update({
-        "pairs_fitting_scanned": len(kept), "skipped_while_scanning": skipped, "pairs_used": need,
-        "template": STACKLLAMA_TEMPLATE, "max_length": args.max_length, "trl_pad_token": alt_pad if args.trl_pad == "distinct" else tok.eos_token,
-        "rlhfkit_pad_token": tok.pad_token, "eos_token": tok.eos_token,
-        "seq_tokens_mean": round(sum(lengths) / len(lengths), 1), "seq_tokens_max": max(lengths),
-        "tokens_per_step": tokens_per_step, "cells_per_step": cells_per_step,
-        "trl_text_path_diff": {"sequences_differing": sum(d != 0 for d in diff), "sequences": len(diff),
-                               "mean_token_diff": round(sum(diff) / len(diff), 3)},
-    })
+    info.update(
+        {
+            "pairs_fitting_scanned": len(kept),
+            "skipped_while_scanning": skipped,
+            "pairs_used": need,
+            "template": STACKLLAMA_TEMPLATE,
+            "max_length": args.max_length,
+            "trl_pad_token": alt_pad if args.trl_pad == "distinct" else tok.eos_token,
+            "rlhfkit_pad_token": tok.pad_token,
+            "eos_token": tok.eos_token,
+            "seq_tokens_mean": round(sum(lengths) / len(lengths), 1),
+            "seq_tokens_max": max(lengths),
+            "tokens_per_step": tokens_per_step,
+            "cells_per_step": cells_per_step,
+            "trl_text_path_diff": {
+                "sequences_differing": sum(d != 0 for d in diff),
+                "sequences": len(diff),
+                "mean_token_diff": round(sum(diff) / len(diff), 3),
+            },
+        }
+    )
     return info
 
 
@@ -177,9 +207,19 @@ def build_tiny_model(src: str, out: Path) -> str:
 
     tok = AutoTokenizer.from_pretrained(src)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
@@ -235,11 +275,17 @@ class StepClock(_common.StepClock):
         pairs, toks, cells = sum(self.pairs[w:]), sum(self.tokens[w:]), sum(self.cells[w:])
         return {
             **res,
-            "pairs": pairs, "input_tokens": toks, "batch_cells": cells, "pad_fraction": 1 - toks / cells if cells else 0.0,
-            "pairs_per_s_wall": pairs / wall, "tokens_per_s_wall": toks / wall,
-            "pairs_per_s_steps": pairs / sum(inner), "tokens_per_s_steps": toks / sum(inner),
+            "pairs": pairs,
+            "input_tokens": toks,
+            "batch_cells": cells,
+            "pad_fraction": 1 - toks / cells if cells else 0.0,
+            "pairs_per_s_wall": pairs / wall,
+            "tokens_per_s_wall": toks / wall,
+            "pairs_per_s_steps": pairs / sum(inner),
+            "tokens_per_s_steps": toks / sum(inner),
             "pairs_per_cpu_s": pairs / cpu,
-            "tokens_per_step_all": self.tokens, "pairs_per_step_all": self.pairs,
+            "tokens_per_step_all": self.tokens,
+            "pairs_per_step_all": self.pairs,
             "first_step_loss": self.losses[0] if self.losses else None,
             "losses": [round(x, 7) for x in self.losses],
         }
@@ -293,17 +339,38 @@ def run_rlhfkit(args, work: Path) -> dict:
 
     training.Trainer.train_step = timed_step
     reward.load_model = load_with_head
-    cfg = load_config(reward.RewardConfig, overrides={
-        "out_dir": str(work / "out-rlhfkit"), "overwrite": True,
-        "model": {"name": args.model_path, "dtype": "float32", "gradient_checkpointing": False},
-        "lora": {**LORA, "target_modules": TARGETS},
-        "data": {"path": str(work / "ours.jsonl"), "split": None, "eval_split": None, "eval_fraction": 0.0,
-                 "max_length": args.max_length},
-        "train": {"lr": LR, "lr_scheduler": "linear", "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-                  "batch_size": args.batch, "grad_accum": 1, "max_steps": args.warmup + args.steps, "seed": args.seed,
-                  "eval_every": 0, "save_every": 0, "log_every": 1},
-        "margin": 0.0, "center_coef": 0.0,
-    })
+    cfg = load_config(
+        reward.RewardConfig,
+        overrides={
+            "out_dir": str(work / "out-rlhfkit"),
+            "overwrite": True,
+            "model": {"name": args.model_path, "dtype": "float32", "gradient_checkpointing": False},
+            "lora": {**LORA, "target_modules": TARGETS},
+            "data": {
+                "path": str(work / "ours.jsonl"),
+                "split": None,
+                "eval_split": None,
+                "eval_fraction": 0.0,
+                "max_length": args.max_length,
+            },
+            "train": {
+                "lr": LR,
+                "lr_scheduler": "linear",
+                "warmup_steps": 0,
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "batch_size": args.batch,
+                "grad_accum": 1,
+                "max_steps": args.warmup + args.steps,
+                "seed": args.seed,
+                "eval_every": 0,
+                "save_every": 0,
+                "log_every": 1,
+            },
+            "margin": 0.0,
+            "center_coef": 0.0,
+        },
+    )
     reward.run(cfg)
     res = clock.summary()
     res.update(info)
@@ -328,7 +395,9 @@ def run_trl(args, work: Path) -> dict:
         raise SystemExit("no pad token distinct from EOS in this tokenizer; use --trl-pad eos")
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(args.model_path, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tok.convert_tokens_to_ids(pad) if pad else tok.convert_tokens_to_ids(tok.pad_token or tok.eos_token)
+    model.config.pad_token_id = (
+        tok.convert_tokens_to_ids(pad) if pad else tok.convert_tokens_to_ids(tok.pad_token or tok.eos_token)
+    )
     score_set = set_score_head(model, args.seed)  # before peft: modules_to_save copies it
 
     class Clock(TrainerCallback):
@@ -377,10 +446,16 @@ def run_trl(args, work: Path) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
-                          task_type=TaskType.SEQ_CLS)
-    trainer = CountingRewardTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
-                                    callbacks=[Clock()])
+    peft_cfg = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=TARGETS,
+        task_type=TaskType.SEQ_CLS,
+    )
+    trainer = CountingRewardTrainer(
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg, callbacks=[Clock()]
+    )
     out = trainer.train()
     res = clock.summary()
     res["score_tensors_set"] = score_set
@@ -407,17 +482,39 @@ def child(args) -> None:
         sys.exit(f"unknown configuration {args.one}")
     res["total_child_s"] = time.perf_counter() - t0
     res["peak_rss_mb"] = vm_hwm_mb()  # this process's own high-water mark (see the module docstring)
-    res["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; >= parent's RSS at fork
+    res["ru_maxrss_mb"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # KiB on Linux; >= parent's RSS at fork
     res["torch_threads"] = torch.get_num_threads()
     (work / f"{args.one}.json").write_text(json.dumps(res))
 
 
 # --------------------------------------------------------------------------- parent
 def child_cmd(name: str, args, tmp: str, model_path: str, lock: str | None) -> list[str]:
-    return ([sys.executable, os.path.abspath(__file__), "--one", name, "--workdir", tmp, "--model-path", model_path,
-             "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
-             "--max-length", str(args.max_length), "--threads", str(args.threads), "--seed", str(args.seed),
-             "--trl-pad", args.trl_pad] + (["--turn-dir", lock] if lock else []))
+    return [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one",
+        name,
+        "--workdir",
+        tmp,
+        "--model-path",
+        model_path,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--max-length",
+        str(args.max_length),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--trl-pad",
+        args.trl_pad,
+    ] + (["--turn-dir", lock] if lock else [])
 
 
 def wait_child(proc: subprocess.Popen) -> tuple[int, float]:
@@ -432,15 +529,24 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps excluded from timing (>= 1)")
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (grad_accum 1)")
-    ap.add_argument("--max-length", type=int, default=256, help="pairs with a longer chosen/rejected sequence are not used")
+    ap.add_argument(
+        "--max-length", type=int, default=256, help="pairs with a longer chosen/rejected sequence are not used"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every child")
     ap.add_argument("--seed", type=int, default=42, help="training seed (data order, score head, dropout)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the data stage split hash and the pair shuffle")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
-    ap.add_argument("--trl-pad", choices=["distinct", "eos"], default="distinct",
-                    help="TRL pad token: distinct from EOS (score read at the EOS, as rlhfkit) or TRL's default (== eos)")
-    ap.add_argument("--lockstep", action="store_true",
-                    help="run both children at once, alternating optimizer steps (shared machines)")
+    ap.add_argument(
+        "--trl-pad",
+        choices=["distinct", "eos"],
+        default="distinct",
+        help="TRL pad token: distinct from EOS (score read at the EOS, as rlhfkit) or TRL's default (== eos)",
+    )
+    ap.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="run both children at once, alternating optimizer steps (shared machines)",
+    )
     ap.add_argument("--tiny", action="store_true", help="smoke test: a random 2-layer Llama instead of SmolLM2-135M")
     ap.add_argument("--json-out", help="also write the result JSON here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -463,11 +569,20 @@ def main(argv=None) -> int:
         if args.tiny:
             model_path = build_tiny_model(model_path, work / "tiny-model")
         data = prepare(args, work, model_path)
-        print(f"[bench] {data['pairs_used']} pairs (of {data['pairs_total']} from {', '.join(data['files'])}), "
-              f"{data['seq_tokens_mean']} tokens/sequence on average, max {data['seq_tokens_max']}", flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        print(
+            f"[bench] {data['pairs_used']} pairs (of {data['pairs_total']} from {', '.join(data['files'])}), "
+            f"{data['seq_tokens_mean']} tokens/sequence on average, max {data['seq_tokens_max']}",
+            flush=True,
+        )
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "MKL_NUM_THREADS": str(args.threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        }
         results: dict[str, dict] = {}
         lock = None
         if args.lockstep and len(names) == 2:
@@ -489,8 +604,9 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             for name in names:
                 with open(work / f"{name}.log", "w") as fh:
-                    procs[name] = subprocess.Popen(child_cmd(name, args, tmp, model_path, lock), env=env, stdout=fh,
-                                                   stderr=subprocess.STDOUT)
+                    procs[name] = subprocess.Popen(
+                        child_cmd(name, args, tmp, model_path, lock), env=env, stdout=fh, stderr=subprocess.STDOUT
+                    )
             by_pid = {p.pid: n for n, p in procs.items()}
             while len(done) < len(procs):  # whichever exits first; a crash must not leave its partner waiting
                 pid, status, ru = os.wait4(-1, 0)
@@ -506,8 +622,9 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 print(f"[bench] {name} …", flush=True)
                 with open(work / f"{name}.log", "w") as fh:
-                    procs[name] = subprocess.Popen(child_cmd(name, args, tmp, model_path, None), stdout=fh,
-                                                   stderr=subprocess.STDOUT, env=env)
+                    procs[name] = subprocess.Popen(
+                        child_cmd(name, args, tmp, model_path, None), stdout=fh, stderr=subprocess.STDOUT, env=env
+                    )
                 done[name] = wait_child(procs[name])
                 if done[name][0] != 0:
                     return fail(name, done[name][0])
@@ -518,9 +635,13 @@ def main(argv=None) -> int:
             res["tokens_match_rlhfkit_encoding"] = res.pop("tokens_per_step_all") == data["tokens_per_step"]
             res.pop("pairs_per_step_all")
             results[name] = res
-            print(f"[bench] {name}: {res['pairs_per_s']:.3f} pairs/s, {res['tokens_per_s']:.0f} tok/s, "
-                  f"{res['s_per_step']:.2f} s/step, first-step loss {res['first_step_loss']:.6f}, load {res['load_avg_1m']}, "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"[bench] {name}: {res['pairs_per_s']:.3f} pairs/s, {res['tokens_per_s']:.0f} tok/s, "
+                f"{res['s_per_step']:.2f} s/step, first-step loss {res['first_step_loss']:.6f}, load "
+                f"{res['load_avg_1m']}, "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
 
     def ratio(key):
         if "rlhfkit" in results and "trl" in results:
@@ -530,21 +651,38 @@ def main(argv=None) -> int:
     loss_diff = None
     if "rlhfkit" in results and "trl" in results:
         loss_diff = abs(results["rlhfkit"]["first_step_loss"] - results["trl"]["first_step_loss"])
-    timing = ("lock-step: pairs / sum of step times (rlhfkit train_step incl. collate; TRL on_step_begin→on_step_end)"
-              if lock else "pairs of the timed steps / wall s from the end of the last warm-up step to the end of the last timed step")
+    timing = (
+        "lock-step: pairs / sum of step times (rlhfkit train_step incl. collate; TRL on_step_begin→on_step_end)"
+        if lock
+        else "pairs of the timed steps / wall s from the end of the last warm-up step to the end of the last timed step"
+    )
     report = {
         "benchmark": "rm",
         "command": " ".join(["python", "benchmarks/bench_rm.py"] + (argv if argv is not None else sys.argv[1:])),
         "machine": {**info_machine, "load_avg_1_5_15_end": os.getloadavg()},
         "versions": versions(),
-        "settings": {"model": ("tiny random 2-layer Llama (smoke)" if args.tiny else "SmolLM2-135M-Instruct") + " seq-cls, fp32",
-                     "lora": {**LORA, "targets": TARGETS, "task_type": "SEQ_CLS (score head fully trained)"},
-                     "lr": LR, "scheduler": "linear, no warm-up", "max_grad_norm": 1.0, "batch_pairs": args.batch,
-                     "grad_accum": 1, "max_length": args.max_length, "warmup_steps": args.warmup, "timed_steps": args.steps,
-                     "threads": args.threads, "seed": args.seed, "trl_pad": args.trl_pad,
-                     "schedule": "lock-step" if lock else "sequential", "throughput": timing, "data": data},
-        "results": {k: {kk: (round(vv, 4) if isinstance(vv, float) and "loss" not in kk else vv) for kk, vv in v.items()}
-                    for k, v in results.items()},
+        "settings": {
+            "model": ("tiny random 2-layer Llama (smoke)" if args.tiny else "SmolLM2-135M-Instruct") + " seq-cls, fp32",
+            "lora": {**LORA, "targets": TARGETS, "task_type": "SEQ_CLS (score head fully trained)"},
+            "lr": LR,
+            "scheduler": "linear, no warm-up",
+            "max_grad_norm": 1.0,
+            "batch_pairs": args.batch,
+            "grad_accum": 1,
+            "max_length": args.max_length,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "threads": args.threads,
+            "seed": args.seed,
+            "trl_pad": args.trl_pad,
+            "schedule": "lock-step" if lock else "sequential",
+            "throughput": timing,
+            "data": data,
+        },
+        "results": {
+            k: {kk: (round(vv, 4) if isinstance(vv, float) and "loss" not in kk else vv) for kk, vv in v.items()}
+            for k, v in results.items()
+        },
         "ratio_pairs_per_s": ratio("pairs_per_s"),
         "ratio_pairs_per_s_steps": ratio("pairs_per_s_steps"),
         "ratio_pairs_per_cpu_s": ratio("pairs_per_cpu_s"),
@@ -556,17 +694,25 @@ def main(argv=None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     print()
-    print(f"{'config':<8} {'pairs/s':>8} {'tok/s':>8} {'s/step':>7} {'pairs/CPU-s':>11} {'peak RSS MB':>11} "
-          f"{'1st-step loss':>14} {'tokens==':>8}")
+    print(
+        f"{'config':<8} {'pairs/s':>8} {'tok/s':>8} {'s/step':>7} {'pairs/CPU-s':>11} {'peak RSS MB':>11} "
+        f"{'1st-step loss':>14} {'tokens==':>8}"
+    )
     for k, v in results.items():
-        print(f"{k:<8} {v['pairs_per_s']:>8.3f} {v['tokens_per_s']:>8.0f} {v['s_per_step']:>7.2f} {v['pairs_per_cpu_s']:>11.3f} "
-              f"{v['peak_rss_mb']:>11.0f} {v['first_step_loss']:>14.6f} {str(v['tokens_match_rlhfkit_encoding']):>8}")
+        print(
+            f"{k:<8} {v['pairs_per_s']:>8.3f} {v['tokens_per_s']:>8.0f} {v['s_per_step']:>7.2f} "
+            f"{v['pairs_per_cpu_s']:>11.3f} "
+            f"{v['peak_rss_mb']:>11.0f} {v['first_step_loss']:>14.6f} {str(v['tokens_match_rlhfkit_encoding']):>8}"
+        )
     if report["ratio_pairs_per_s"] is not None:
         r = report["ratio_pairs_per_s"]
         verdict = "stretch met" if r >= 1.3 else "target met" if r >= 1.0 else "below target"
-        print(f"rm: rlhfkit/TRL {r:.2f}x pairs/s ({verdict}; target >= 1.0x, stretch 1.3x), per CPU-second "
-              f"{report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; first-step loss "
-              f"|diff| {loss_diff:.2e} ({'equal' if report['first_step_loss_equal'] else 'DIFFERENT'} within {LOSS_TOL:g})")
+        print(
+            f"rm: rlhfkit/TRL {r:.2f}x pairs/s ({verdict}; target >= 1.0x, stretch 1.3x), per CPU-second "
+            f"{report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; first-step loss "
+            f"|diff| {loss_diff:.2e} ({'equal' if report['first_step_loss_equal'] else 'DIFFERENT'} within "
+            f"{LOSS_TOL:g})"
+        )
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")
     return 0

@@ -49,16 +49,34 @@ def run_one(nproc: int, args, work: Path) -> dict:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {nproc} processes")
     batch = min(per_proc, args.max_micro_batch)
     accum = per_proc // batch
-    stage = ["sft", f"out_dir={out}", "overwrite=true", f"data.seq_len={args.seq_len}",
-             f"train.batch_size={batch}", f"train.grad_accum={accum}", f"train.max_steps={args.warmup + args.steps}",
-             "train.eval_every=0", "train.save_every=0", "data.eval_fraction=0.05", f"train.seed={args.seed}"]
+    stage = [
+        "sft",
+        f"out_dir={out}",
+        "overwrite=true",
+        f"data.seq_len={args.seq_len}",
+        f"train.batch_size={batch}",
+        f"train.grad_accum={accum}",
+        f"train.max_steps={args.warmup + args.steps}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "data.eval_fraction=0.05",
+        f"train.seed={args.seed}",
+    ]
     threads = max(1, args.threads // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "rlhfkit.cli", *stage]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "rlhfkit.cli", *stage]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "rlhfkit.cli",
+            *stage,
+        ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks: dict[int, float] = {}
@@ -76,15 +94,25 @@ def run_one(nproc: int, args, work: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{nproc}-process run failed ({proc.returncode}):\n" + "".join(log[-40:]))
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     steps = [r for r in records if "tokens_per_s" in r]
-    timed = steps[args.warmup:]
+    timed = steps[args.warmup :]
     secs = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
     toks = sum(r["tokens"] for r in timed)
-    return {"processes": nproc, "threads_per_process": threads, "micro_batch": batch, "grad_accum": accum,
-            "timed_steps": len(timed), "tokens": toks, "seconds": round(secs, 2), "tokens_per_s": round(toks / secs, 1),
-            "s_per_step": round(secs / len(timed), 2), "losses": [round(r["loss"], 5) for r in steps],
-            "peak_rss_mb_sum": round(sum(peaks.values())), "wall_s": round(wall, 1)}
+    return {
+        "processes": nproc,
+        "threads_per_process": threads,
+        "micro_batch": batch,
+        "grad_accum": accum,
+        "timed_steps": len(timed),
+        "tokens": toks,
+        "seconds": round(secs, 2),
+        "tokens_per_s": round(toks / secs, 1),
+        "s_per_step": round(secs / len(timed), 2),
+        "losses": [round(r["loss"], 5) for r in steps],
+        "peak_rss_mb_sum": round(sum(peaks.values())),
+        "wall_s": round(wall, 1),
+    }
 
 
 def main() -> None:
@@ -105,18 +133,29 @@ def main() -> None:
         for n in [int(x) for x in args.procs.split(",")]:
             print(f"[scaling] {n} process(es) …", flush=True)
             r = run_one(n, args, Path(tmp))
-            print(f"[scaling] {n}p: {r['tokens_per_s']} tok/s, {r['s_per_step']} s/step, peak RSS {r['peak_rss_mb_sum']} MB", flush=True)
+            print(
+                f"[scaling] {n}p: {r['tokens_per_s']} tok/s, {r['s_per_step']} s/step, peak RSS "
+                f"{r['peak_rss_mb_sum']} MB",
+                flush=True,
+            )
             results.append(r)
     base = results[0]["tokens_per_s"]
-    out = {"benchmark": "scaling", "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-           "machine": {**info, "load_avg_end": os.getloadavg()},
-           "results": results, "speedup_vs_first": [round(r["tokens_per_s"] / base, 3) for r in results]}
+    out = {
+        "benchmark": "scaling",
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": {**info, "load_avg_end": os.getloadavg()},
+        "results": results,
+        "speedup_vs_first": [round(r["tokens_per_s"] / base, 3) for r in results],
+    }
     print(json.dumps(out, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1))
     print("\nprocs threads/proc  tok/s   s/step  peak RSS MB (sum)  speed-up")
     for r, s in zip(results, out["speedup_vs_first"]):
-        print(f"{r['processes']:>5} {r['threads_per_process']:>12} {r['tokens_per_s']:>6} {r['s_per_step']:>8} {r['peak_rss_mb_sum']:>18} {s:>9}x")
+        print(
+            f"{r['processes']:>5} {r['threads_per_process']:>12} {r['tokens_per_s']:>6} {r['s_per_step']:>8} "
+            f"{r['peak_rss_mb_sum']:>18} {s:>9}x"
+        )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import _common
-from _common import chosen_configs, machine, read_rows, versions
+from _common import chosen_configs, machine, read_rows, shared_data, versions
 
 CONFIGS = ("rlhfkit_packed", "trl_packed", "rlhfkit_unpacked", "trl_unpacked")
-POSTS_GLOB = "/work/shared/data/stackexchange/*/Posts.xml"
+POSTS_GLOB = str(shared_data("stackexchange", "*", "Posts.xml"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPT_PREFIX = "Question: {prompt}\n\nAnswer: "  # + response == rlhfkit's default StackLLaMA template
 
@@ -66,7 +66,11 @@ def qa_pairs(posts_xml: str) -> list[dict]:
         a = el.attrib
         kind = a.get("PostTypeId")
         if kind == "1":
-            questions[a["Id"]] = {"title": a.get("Title", ""), "body": a.get("Body", ""), "accepted": a.get("AcceptedAnswerId")}
+            questions[a["Id"]] = {
+                "title": a.get("Title", ""),
+                "body": a.get("Body", ""),
+                "accepted": a.get("AcceptedAnswerId"),
+            }
         elif kind == "2" and a.get("ParentId"):
             answers.setdefault(a["ParentId"], []).append((int(a.get("Score", "0")), a["Id"], a.get("Body", "")))
         el.clear()
@@ -184,12 +188,22 @@ def run_rlhfkit(args, packed: bool, workdir: Path) -> dict:
     training.Trainer.train_step = timed_step
     out_dir = workdir / ("rlhfkit-packed" if packed else "rlhfkit-unpacked")
     overrides = [
-        f"out_dir={out_dir}", "overwrite=true",
-        f"data.path={args.data}", f"data.packing={'true' if packed else 'false'}", f"data.seq_len={args.seq_len}",
+        f"out_dir={out_dir}",
+        "overwrite=true",
+        f"data.path={args.data}",
+        f"data.packing={'true' if packed else 'false'}",
+        f"data.seq_len={args.seq_len}",
         "data.eval_fraction=0",
-        "lora.r=16", "lora.alpha=32", "lora.dropout=0.05", f"lora.target_modules=[{','.join(TARGETS)}]",
-        f"train.batch_size={args.batch}", "train.grad_accum=1", "train.lr=2e-4",
-        f"train.max_steps={args.warmup + args.steps}", f"train.seed={args.seed}", "model.dtype=float32",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.dropout=0.05",
+        f"lora.target_modules=[{','.join(TARGETS)}]",
+        f"train.batch_size={args.batch}",
+        "train.grad_accum=1",
+        "train.lr=2e-4",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.seed={args.seed}",
+        "model.dtype=float32",
     ]
     cfg = load_config(SFTConfig, overrides=overrides)
     run(cfg)
@@ -227,7 +241,9 @@ def run_trl(args, packed: bool, workdir: Path) -> dict:
     rows = read_rows(args.data)
     if not packed:
         rows = [rows[i] for i in rlhfkit_item_order(len(rows), args.seed)]
-    ds = Dataset.from_list([{"prompt": PROMPT_PREFIX.format(prompt=r["prompt"]), "completion": r["response"]} for r in rows])
+    ds = Dataset.from_list(
+        [{"prompt": PROMPT_PREFIX.format(prompt=r["prompt"]), "completion": r["response"]} for r in rows]
+    )
     path = str(resolve_default_model(verbose=False))
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -277,8 +293,9 @@ def run_trl(args, packed: bool, workdir: Path) -> dict:
         disable_tqdm=True,
     )
     peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
-    trainer = CountingSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
-                                 callbacks=[Clock()])
+    trainer = CountingSFTTrainer(
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg, callbacks=[Clock()]
+    )
     out = trainer.train()
     res = clock.summary()
     res["padding_free"] = bool(trainer.padding_free)
@@ -336,15 +353,40 @@ def main(argv=None) -> int:
         data = work / "qa.jsonl"
         data_info = build_data(args.posts, args.rows, data, seed=0)
         print(f"[bench] {data_info['rows']} Q/A rows from {', '.join(data_info['files'])} -> {data}", flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "MKL_NUM_THREADS": str(args.threads),
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+        }
         info_machine = machine()  # load average before the first child
         results: dict[str, dict] = {}
         for name in names:
-            cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--data", str(data), "--workdir", tmp,
-                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--seq-len", str(args.seq_len), "--threads", str(args.threads), "--seed", str(args.seed)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--one",
+                name,
+                "--data",
+                str(data),
+                "--workdir",
+                tmp,
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                "--batch",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq_len),
+                "--threads",
+                str(args.threads),
+                "--seed",
+                str(args.seed),
+            ]
             log = work / f"{name}.log"
             print(f"[bench] {name} …", flush=True)
             t0 = time.perf_counter()
@@ -359,17 +401,23 @@ def main(argv=None) -> int:
             res = json.loads((work / f"{name}.json").read_text())
             res["peak_rss_mb_wait4"] = ru.ru_maxrss / 1024
             results[name] = res
-            print(f"[bench] {name}: {res['tokens_per_s']:.0f} tok/s, {res['s_per_step']:.2f} s/step, "
-                  f"{res['tokens_per_cpu_s']:.1f} tok/CPU-s, load {res['load_avg_1m']}, peak RSS {res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s in all)", flush=True)
+            print(
+                f"[bench] {name}: {res['tokens_per_s']:.0f} tok/s, {res['s_per_step']:.2f} s/step, "
+                f"{res['tokens_per_cpu_s']:.1f} tok/CPU-s, load {res['load_avg_1m']}, peak RSS "
+                f"{res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s in all)",
+                flush=True,
+            )
 
     def ratio(a, b, key="tokens_per_s"):
         if a in results and b in results:
             return results[a][key] / results[b][key]
         return None
 
-    pairs = {"rlhfkit_packed/trl_packed": ("rlhfkit_packed", "trl_packed"),
-             "rlhfkit_unpacked/trl_unpacked": ("rlhfkit_unpacked", "trl_unpacked"),
-             "rlhfkit_packed/rlhfkit_unpacked": ("rlhfkit_packed", "rlhfkit_unpacked")}
+    pairs = {
+        "rlhfkit_packed/trl_packed": ("rlhfkit_packed", "trl_packed"),
+        "rlhfkit_unpacked/trl_unpacked": ("rlhfkit_unpacked", "trl_unpacked"),
+        "rlhfkit_packed/rlhfkit_unpacked": ("rlhfkit_packed", "rlhfkit_unpacked"),
+    }
     ratios = {k: ratio(*v) for k, v in pairs.items()}
     cpu_ratios = {k: ratio(*v, key="tokens_per_cpu_s") for k, v in pairs.items()}
     best_ratios = {k: ratio(*v, key="best_step_tokens_per_s") for k, v in pairs.items()}
@@ -377,20 +425,37 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "benchmarks/bench_sft.py"] + (argv if argv is not None else sys.argv[1:])),
         "machine": {**info_machine, "load_avg_1_5_15_end": os.getloadavg()},
         "versions": versions(),
-        "settings": {"model": "SmolLM2-135M-Instruct (fp32)", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": TARGETS},
-                     "seq_len": args.seq_len, "batch": args.batch, "grad_accum": 1, "lr": 2e-4, "warmup_steps": args.warmup,
-                     "timed_steps": args.steps, "threads": args.threads, "data": data_info,
-                     "throughput": "non-pad input tokens of the timed steps / wall s from end of last warm-up step to end of last timed step"},
-        "results": {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in results.items()},
+        "settings": {
+            "model": "SmolLM2-135M-Instruct (fp32)",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": TARGETS},
+            "seq_len": args.seq_len,
+            "batch": args.batch,
+            "grad_accum": 1,
+            "lr": 2e-4,
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "threads": args.threads,
+            "data": data_info,
+            "throughput": "non-pad input tokens of the timed steps / wall s from end of last warm-up step to "
+            "end of last timed step",
+        },
+        "results": {
+            k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()} for k, v in results.items()
+        },
         "ratios": {k: (round(v, 3) if v is not None else None) for k, v in ratios.items()},
         "ratios_per_cpu_s": {k: (round(v, 3) if v is not None else None) for k, v in cpu_ratios.items()},
         "ratios_best_step": {k: (round(v, 3) if v is not None else None) for k, v in best_ratios.items()},
     }
     parts = [f"{k}: {v['tokens_per_s']:.0f} tok/s, {v['peak_rss_mb']:.0f} MB" for k, v in results.items()]
     rp, ru_ = ratios["rlhfkit_packed/trl_packed"], ratios["rlhfkit_unpacked/trl_unpacked"]
-    report["summary"] = ("; ".join(parts) + (f" | rlhfkit/TRL packed {rp:.2f}x" if rp else "")
-                         + (f", unpacked {ru_:.2f}x" if ru_ else "") + " (target >= 1.2x; per CPU-second: "
-                         + ", ".join(f"{k} {v:.2f}x" for k, v in cpu_ratios.items() if v and "trl" in k) + ")")
+    report["summary"] = (
+        "; ".join(parts)
+        + (f" | rlhfkit/TRL packed {rp:.2f}x" if rp else "")
+        + (f", unpacked {ru_:.2f}x" if ru_ else "")
+        + " (target >= 1.2x; per CPU-second: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in cpu_ratios.items() if v and "trl" in k)
+        + ")"
+    )
     text = json.dumps(report, indent=2)
     print(text)
     print(report["summary"])

@@ -17,14 +17,14 @@ import json
 import time
 from pathlib import Path
 
-from _common import machine, versions
+from _common import machine, shared_data, versions
 
 SITES = ("ai", "beer", "cardano", "coffee", "matheducators")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "stackexchange"))
+    ap.add_argument("--shared", default=str(shared_data("stackexchange")))
     ap.add_argument("--leave-out", default="cardano", choices=SITES)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--max-steps", type=int, default=250)
@@ -36,29 +36,65 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/rm_real")
     args = ap.parse_args()
 
-    from rlhfkit.runtime.config import load_config
-    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
     from rlhfkit.inputs.pairs import encode_pairs, load_table, normalise_pairs
+    from rlhfkit.inputs.templates import PromptFormat
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import data as data_stage
     from rlhfkit.stages import reward
-    from rlhfkit.inputs.templates import PromptFormat
 
     out = Path(args.out)
     train_sites = [s for s in SITES if s != args.leave_out]
     site_dir = lambda s: str(Path(args.shared) / f"{s}.stackexchange.com")  # noqa: E731
     frac = lambda tr, ev: {"sft": 0.0, "rm_train": tr, "rm_eval": ev, "rl_prompts": 0.0}  # noqa: E731
-    for name, sites, f in (("train_sites", train_sites, frac(0.9, 0.1)), ("left_out", [args.leave_out], frac(0.0, 1.0))):
-        data_stage.run(load_config(data_stage.CONFIG, overrides={
-            "source": "stackexchange", "paths": [site_dir(s) for s in sites], "out_dir": str(out / name),
-            "format": "parquet", "overwrite": True, "fractions": f}))
+    for name, sites, f in (
+        ("train_sites", train_sites, frac(0.9, 0.1)),
+        ("left_out", [args.leave_out], frac(0.0, 1.0)),
+    ):
+        data_stage.run(
+            load_config(
+                data_stage.CONFIG,
+                overrides={
+                    "source": "stackexchange",
+                    "paths": [site_dir(s) for s in sites],
+                    "out_dir": str(out / name),
+                    "format": "parquet",
+                    "overwrite": True,
+                    "fractions": f,
+                },
+            )
+        )
 
-    cfg = load_config(reward.CONFIG, overrides={
-        "out_dir": str(out / "rm"), "overwrite": True, "model": {"name": args.model},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["all-linear"], "num_layers_unfrozen": args.layers},
-        "data": {"path": str(out / "train_sites"), "eval_path": str(out / "left_out" / "rm_eval.parquet"),
-                 "max_length": args.max_length, "truncate": True, "max_eval_samples": args.max_eval},
-        "train": {"lr": args.lr, "warmup_steps": 10, "batch_size": args.batch, "max_steps": args.max_steps, "save_every": 50},
-        "eval_batch_size": 8})
+    cfg = load_config(
+        reward.CONFIG,
+        overrides={
+            "out_dir": str(out / "rm"),
+            "overwrite": True,
+            "model": {"name": args.model},
+            "lora": {
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.05,
+                "target_modules": ["all-linear"],
+                "num_layers_unfrozen": args.layers,
+            },
+            "data": {
+                "path": str(out / "train_sites"),
+                "eval_path": str(out / "left_out" / "rm_eval.parquet"),
+                "max_length": args.max_length,
+                "truncate": True,
+                "max_eval_samples": args.max_eval,
+            },
+            "train": {
+                "lr": args.lr,
+                "warmup_steps": 10,
+                "batch_size": args.batch,
+                "max_steps": args.max_steps,
+                "save_every": 50,
+            },
+            "eval_batch_size": 8,
+        },
+    )
     t0 = time.time()
     summary = reward.run(cfg)
     train_eval_s = time.time() - t0
@@ -69,25 +105,32 @@ def main() -> None:
     model, tok = load_model(ModelConfig(name=summary["out_dir"]), LoraConfig(enabled=False), kind="seq_cls")
     fmt = PromptFormat(cfg.template, tok)
     in_dist_rows = normalise_pairs(load_table(str(out / "train_sites" / "rm_eval.parquet"), None))
-    in_dist = encode_pairs(in_dist_rows[: args.max_eval if args.max_eval > 0 else None], fmt, args.max_length,
-                           "in-dist", truncate=True)
+    in_dist = encode_pairs(
+        in_dist_rows[: args.max_eval if args.max_eval > 0 else None], fmt, args.max_length, "in-dist", truncate=True
+    )
     in_dist_eval = reward.evaluate_pairs(model, in_dist, tok.pad_token_id, 8)
     left_rows = normalise_pairs(load_table(str(out / "left_out" / "rm_eval.parquet"), None))
     longer = sum(len(r["chosen"]) > len(r["rejected"]) for r in left_rows) / len(left_rows)
     result = {
-        "machine": machine(), "versions": versions(), "args": vars(args),
-        "train_sites": train_sites, "left_out_site": args.leave_out,
+        "machine": machine(),
+        "versions": versions(),
+        "args": vars(args),
+        "train_sites": train_sites,
+        "left_out_site": args.leave_out,
         "train_pairs_seen": sum(r.get("pairs", 0) for r in log if "pairs_per_s" in r),
-        "train_seconds": round(train_s, 1), "train_plus_eval_seconds": round(train_eval_s, 1),
+        "train_seconds": round(train_s, 1),
+        "train_plus_eval_seconds": round(train_eval_s, 1),
         "left_out": {k.removeprefix("eval_"): v for k, v in summary.items() if k.startswith("eval_")},
         "in_distribution": in_dist_eval,
         "baseline_longer_answer_wins_left_out": longer,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-    print(f"\nleft-out site {args.leave_out}: accuracy {result['left_out'].get('accuracy', float('nan')):.3f} on "
-          f"{result['left_out'].get('pairs')} pairs; in-distribution {in_dist_eval['accuracy']:.3f} on "
-          f"{in_dist_eval['pairs']} pairs; 'longer wins' {longer:.3f}; trained {train_s / 60:.1f} min")
+    print(
+        f"\nleft-out site {args.leave_out}: accuracy {result['left_out'].get('accuracy', float('nan')):.3f} on "
+        f"{result['left_out'].get('pairs')} pairs; in-distribution {in_dist_eval['accuracy']:.3f} on "
+        f"{in_dist_eval['pairs']} pairs; 'longer wins' {longer:.3f}; trained {train_s / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

@@ -63,15 +63,20 @@ def step_bound(c: dict, qlens: list[float], L: int, epochs: int, r: dict, decode
     fwd = sum((q + L) * (2 * lin + 4 * (q + L) * h * nl) + L * 2 * h * V for q in qlens)  # FLOPs, one full forward
     prefill = sum(q * (2 * lin + 4 * q * h * nl) for q in qlens) + len(qlens) * 2 * h * V
     peak = r["gemm_gflops"] * 1e9
-    return {"generate": prefill / peak + L * params * 4 / (decode_gbs * 1e9), "reference_forward": fwd / peak,
-            "update": epochs * 2 * fwd / peak}
+    return {
+        "generate": prefill / peak + L * params * 4 / (decode_gbs * 1e9),
+        "reference_forward": fwd / peak,
+        "update": epochs * 2 * fwd / peak,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bench", required=True, help="bench_ppo.py --json-out file")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model-config", default=str(Path.home() / ".cache/rlhfkit/models/SmolLM2-135M-Instruct/config.json"))
+    ap.add_argument(
+        "--model-config", default=str(Path.home() / ".cache/rlhfkit/models/SmolLM2-135M-Instruct/config.json")
+    )
     ap.add_argument("--json-out")
     args = ap.parse_args()
     import torch
@@ -100,19 +105,29 @@ def main() -> int:
         for name, bs in bounds.items():
             phases = {k: statistics.mean(b[k] for b in bs) for k in bs[0]}
             total = sum(phases.values())
-            res[name] = {"phases_s": phases, "step_s": total, "max_ratio_vs_trl": measured["trl"] / total,
-                         "efficiency_needed_for_2x": total / (measured["trl"] / 2)}
+            res[name] = {
+                "phases_s": phases,
+                "step_s": total,
+                "max_ratio_vs_trl": measured["trl"] / total,
+                "efficiency_needed_for_2x": total / (measured["trl"] / 2),
+            }
         out["by_epochs"][e] = {"measured_step_s": measured, "bound": res}
     text = json.dumps(out, indent=1)
     print(text)
     if args.json_out:
         Path(args.json_out).write_text(text)
-    print(f"SUMMARY rates: GEMM {r['gemm_gflops']:.0f} GFLOP/s, stream {r['stream_read_gbs']:.1f} GB/s, "
-          f"decode GEMM (M={s['batch']}) {r['decode_gemm_gbs']:.1f} GB/s")
+    print(
+        f"SUMMARY rates: GEMM {r['gemm_gflops']:.0f} GFLOP/s, stream {r['stream_read_gbs']:.1f} GB/s, "
+        f"decode GEMM (M={s['batch']}) {r['decode_gemm_gbs']:.1f} GB/s"
+    )
     for e, v in out["by_epochs"].items():
         for name, b in v["bound"].items():
-            print(f"  ppo_epochs={e}, decode at {name}: bound {b['step_s']:.2f} s/step vs TRL {v['measured_step_s']['trl']:.2f} s "
-                  f"-> at most {b['max_ratio_vs_trl']:.2f}x; a 2x needs {100 * b['efficiency_needed_for_2x']:.0f}% of these rates end to end")
+            print(
+                f"  ppo_epochs={e}, decode at {name}: bound {b['step_s']:.2f} s/step vs TRL "
+                f"{v['measured_step_s']['trl']:.2f} s "
+                f"-> at most {b['max_ratio_vs_trl']:.2f}x; a 2x needs "
+                f"{100 * b['efficiency_needed_for_2x']:.0f}% of these rates end to end"
+            )
     return 0
 
 

@@ -2,11 +2,11 @@
 """Seed 003 on this CPU: PPO makes SmolLM2-135M-Instruct continue IMDb review openers positively.
 
     python benchmarks/seed003_sentiment.py                          # prepare prompts, run the recipe, summarise
-    python benchmarks/seed003_sentiment.py train.max_steps=4 train.eval_every=0   # a short pilot (any rlhfkit ppo overrides)
+    python benchmarks/seed003_sentiment.py train.max_steps=4 train.eval_every=0   # a short pilot (any ppo overrides)
     python benchmarks/seed003_sentiment.py --prepare-only           # only write the opener files
     python benchmarks/seed003_sentiment.py --summarize runs/ppo_sentiment   # summarise a finished run
 
-Prompts: the first 4 words of every review in /work/shared/data/imdb/imdb_sample.csv (`<br />` markup
+Prompts: the first 4 words of every review in ../shared/data/imdb/imdb_sample.csv (`<br />` markup
 removed), one per line, written to --work-dir (outside the repo; the data is never copied into it).
 32 openers (a seeded shuffle) are held out for evaluation; training openers equal to a held-out one
 are dropped, so eval prompts are unseen. Template "{prompt}{response}" (raw continuation), reward
@@ -31,8 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from _common import shared_data
+
 REPO = Path(__file__).resolve().parents[1]
-CSV = Path("/work/shared/data/imdb/imdb_sample.csv")
+CSV = shared_data("imdb", "imdb_sample.csv")
 RECIPE = REPO / "recipes" / "ppo_sentiment.yaml"
 
 
@@ -76,8 +78,15 @@ def summarize(out_dir: Path, n_rows: int = 8) -> dict:
     s = {
         "out_dir": str(out_dir),
         "steps": len(steps),
-        "eval": [{"step": r["step"], "reward": r["eval/reward"], "kl": r["eval/kl"],
-                  "response_length": r["eval/response_length"]} for r in evals],
+        "eval": [
+            {
+                "step": r["step"],
+                "reward": r["eval/reward"],
+                "kl": r["eval/kl"],
+                "response_length": r["eval/response_length"],
+            }
+            for r in evals
+        ],
         "eval_reward_before": evals[0]["eval/reward"] if evals else None,
         "eval_reward_after": evals[-1]["eval/reward"] if len(evals) > 1 else None,
         "eval_kl_after": evals[-1]["eval/kl"] if len(evals) > 1 else None,
@@ -91,8 +100,24 @@ def summarize(out_dir: Path, n_rows: int = 8) -> dict:
         "median_step_s": statistics.median(sum(r[p] for p in phases) for r in steps) if steps else None,
         **{f"median_{p.split('/')[1]}_s": med(p) for p in phases},
         "median_tokens_per_s": med("tokens_per_s"),
-        "curve": [{k2: round(r[k2], 4) for k2 in ("step", "score", "kl", "kl_coef", "response_length", "approxkl",
-                                                  "clipfrac", "vf_loss", "entropy") if k2 in r} for r in steps],
+        "curve": [
+            {
+                k2: round(r[k2], 4)
+                for k2 in (
+                    "step",
+                    "score",
+                    "kl",
+                    "kl_coef",
+                    "response_length",
+                    "approxkl",
+                    "clipfrac",
+                    "vf_loss",
+                    "entropy",
+                )
+                if k2 in r
+            }
+            for r in steps
+        ],
     }
     ba = out_dir / "before_after.md"
     if ba.exists():
@@ -104,13 +129,19 @@ def summarize(out_dir: Path, n_rows: int = 8) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-dir", default="/tmp/rlhfkit_seed003", help="where the opener .txt files go (outside the repo)")
+    ap.add_argument(
+        "--work-dir", default="/tmp/rlhfkit_seed003", help="where the opener .txt files go (outside the repo)"
+    )
     ap.add_argument("--out-dir", default="/tmp/rlhfkit_seed003/run")
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--split-seed", type=int, default=3)
     ap.add_argument("--config", default=str(RECIPE))
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                    help="torch threads (OMP_NUM_THREADS) for the run; 1 is 3-4x faster than 2 when other jobs load the 2 vCPUs")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+        help="torch threads (OMP_NUM_THREADS) for the run; 1 is 3-4x faster than 2 when other jobs load the 2 vCPUs",
+    )
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--summarize", metavar="OUT_DIR", help="only summarise a finished run")
     ap.add_argument("overrides", nargs="*", help="extra `rlhfkit ppo` key=value overrides")
@@ -124,9 +155,18 @@ def main() -> int:
     if args.prepare_only:
         return 0
     exe = Path(sys.executable).with_name("rlhfkit")
-    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "rlhfkit.cli"]),
-           "ppo", "--config", args.config, f"prompts.path={tr}", f"prompts.eval_path={ev}",
-           f"out_dir={args.out_dir}", "overwrite=true", *args.overrides]
+    cmd = [
+        str(exe) if exe.exists() else sys.executable,
+        *([] if exe.exists() else ["-m", "rlhfkit.cli"]),
+        "ppo",
+        "--config",
+        args.config,
+        f"prompts.path={tr}",
+        f"prompts.eval_path={ev}",
+        f"out_dir={args.out_dir}",
+        "overwrite=true",
+        *args.overrides,
+    ]
     print("[seed003] " + " ".join(cmd), flush=True)
     load_before = loadavg()
     t0 = time.perf_counter()
@@ -137,12 +177,19 @@ def main() -> int:
     if proc.returncode != 0:
         print(f"[seed003] rlhfkit ppo failed (exit {proc.returncode}) after {wall:.0f} s", file=sys.stderr)
         return proc.returncode
-    s = {"command": f"OMP_NUM_THREADS={args.threads} " + " ".join(cmd), "wall_s": round(wall, 1), "loadavg_before": load_before,
-         "loadavg_after": load_after, **summarize(Path(args.out_dir))}
+    s = {
+        "command": f"OMP_NUM_THREADS={args.threads} " + " ".join(cmd),
+        "wall_s": round(wall, 1),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        **summarize(Path(args.out_dir)),
+    }
     (Path(args.out_dir) / "seed003_summary.json").write_text(json.dumps(s, indent=1))
     print(json.dumps({k: v for k, v in s.items() if k != "curve"}, indent=1))
-    print(f"[seed003] eval positivity {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} on {n_ev} held-out "
-          f"openers; eval KL {s['eval_kl_after']:.2f} nats; {s['steps']} steps in {wall / 60:.1f} min")
+    print(
+        f"[seed003] eval positivity {s['eval_reward_before']:.3f} -> {s['eval_reward_after']:.3f} on {n_ev} held-out "
+        f"openers; eval KL {s['eval_kl_after']:.2f} nats; {s['steps']} steps in {wall / 60:.1f} min"
+    )
     return 0
 
 

@@ -28,15 +28,16 @@ def _jsonl(path: Path) -> list[dict]:
 
 def rm_on(rm_dir: Path, rows: list[dict]) -> dict:
     """Accuracy of the RM at `rm_dir` on prompt/chosen/rejected rows, as its stage scores held-out pairs."""
-    from rlhfkit.runtime.config import load_config
-    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
     from rlhfkit.inputs.pairs import encode_pairs
-    from rlhfkit.stages import reward
     from rlhfkit.inputs.templates import PromptFormat
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+    from rlhfkit.runtime.config import load_config
+    from rlhfkit.stages import reward
 
     cfg = load_config(reward.CONFIG, rm_dir / "config.yaml")
-    model, tok = load_model(ModelConfig(name=str(rm_dir)), LoraConfig(enabled=False), kind="seq_cls", trainable=False,
-                            verbose=False)
+    model, tok = load_model(
+        ModelConfig(name=str(rm_dir)), LoraConfig(enabled=False), kind="seq_cls", trainable=False, verbose=False
+    )
     pairs = encode_pairs(rows, PromptFormat(cfg.template, tok), cfg.data.max_length, "rm-eval", cfg.data.truncate)
     result = reward.evaluate_pairs(model, pairs, tok.pad_token_id, cfg.eval_batch_size)
     result["longer_wins_full_text_chars"] = sum(len(r["chosen"]) > len(r["rejected"]) for r in rows) / len(rows)
@@ -50,17 +51,26 @@ def main() -> None:
     ap.add_argument("--max-left-out", type=int, default=-1, help="score at most this many left-out pairs (-1: all)")
     args = ap.parse_args()
 
-    from rlhfkit.runtime.config import load_config
     from rlhfkit.inputs.pairs import load_table, normalise_pairs
+    from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import data as data_stage
     from rlhfkit.stages import reward
 
     run = Path(args.run_dir)
     left = run / "left_out_data"
     if not (left / "stats.json").exists():
-        data_stage.run(load_config(data_stage.CONFIG, overrides={
-            "source": "stackexchange", "paths": [args.left_out], "out_dir": str(left), "format": "parquet",
-            "fractions": {"sft": 0.0, "rm_train": 0.0, "rm_eval": 1.0, "rl_prompts": 0.0}}))
+        data_stage.run(
+            load_config(
+                data_stage.CONFIG,
+                overrides={
+                    "source": "stackexchange",
+                    "paths": [args.left_out],
+                    "out_dir": str(left),
+                    "format": "parquet",
+                    "fractions": {"sft": 0.0, "rm_train": 0.0, "rm_eval": 1.0, "rl_prompts": 0.0},
+                },
+            )
+        )
     left_rows = normalise_pairs(load_table(str(left), "rm_eval"))
     if args.max_left_out > 0:
         left_rows = left_rows[: args.max_left_out]
@@ -73,24 +83,42 @@ def main() -> None:
     ppl = [r["eval/perplexity"] for r in sft if "eval/perplexity" in r]
     ppo = [r for r in _jsonl(run / "ppo" / "metrics.jsonl") if "score" in r]
     ppo_eval = [r for r in _jsonl(run / "ppo" / "metrics.jsonl") if "eval/reward" in r]
-    stages = {p.stem: round(json.loads(p.read_text()).get("seconds", 0) / 60, 1) for p in (run / ".stages").glob("*.json")}
+    stages = {
+        p.stem: round(json.loads(p.read_text()).get("seconds", 0) / 60, 1) for p in (run / ".stages").glob("*.json")
+    }
     samples = _jsonl(run / "eval" / "samples.jsonl")
     by_model: dict[str, list[dict]] = {}
     for s in samples:
         by_model.setdefault(s["model"], []).append(s)
     result = {
-        "machine": machine(), "versions": versions(), "run_dir": str(run),
-        "stage_minutes": stages, "total_minutes": round(sum(stages.values()), 1),
+        "machine": machine(),
+        "versions": versions(),
+        "run_dir": str(run),
+        "stage_minutes": stages,
+        "total_minutes": round(sum(stages.values()), 1),
         "data": json.loads((run / "data" / "stats.json").read_text())["rows"],
-        "sft": {"perplexity_before": ppl[0] if ppl else None, "perplexity_after": ppl[-1] if ppl else None,
-                "steps": max((r.get("step", 0) for r in sft), default=0)},
+        "sft": {
+            "perplexity_before": ppl[0] if ppl else None,
+            "perplexity_after": ppl[-1] if ppl else None,
+            "steps": max((r.get("step", 0) for r in sft), default=0),
+        },
         "rm_held_out_questions": rm_on(run / "rm" / "final", held_rows),
         "rm_left_out_site": {"site": Path(args.left_out).name, **rm_on(run / "rm" / "final", left_rows)},
-        "ppo_curve": [{k: r.get(k) for k in ("step", "score", "kl", "kl_coef", "response_length", "clipfrac")} for r in ppo],
+        "ppo_curve": [
+            {k: r.get(k) for k in ("step", "score", "kl", "kl_coef", "response_length", "clipfrac")} for r in ppo
+        ],
         "ppo_eval": ppo_eval,
         "eval": json.loads((run / "eval" / "metrics.json").read_text()),
-        "samples": [{"prompt": a["prompt"][:300], "sft": a["response"], "sft_rm": a["rm_score"], "ppo": b["response"],
-                     "ppo_rm": b["rm_score"]} for a, b in zip(by_model.get("sft", [])[:4], by_model.get("ppo", [])[:4])],
+        "samples": [
+            {
+                "prompt": a["prompt"][:300],
+                "sft": a["response"],
+                "sft_rm": a["rm_score"],
+                "ppo": b["response"],
+                "ppo_rm": b["rm_score"],
+            }
+            for a, b in zip(by_model.get("sft", [])[:4], by_model.get("ppo", [])[:4])
+        ],
     }
     (run / "stackllama_real.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -19,7 +19,7 @@ import sys
 import traceback
 import typing
 
-from rlhfkit.runtime.config import merge_dicts, config_help, flag_takes_value, load_config, parse_overrides
+from rlhfkit.runtime.config import config_help, flag_takes_value, load_config, merge_dicts, parse_overrides
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.stages import STAGES
 
@@ -78,7 +78,7 @@ def _split_args(module, argv: list[str]) -> tuple[str | None, dict, list[str]]:
         for j, name in enumerate(fields):
             is_last = j == len(fields) - 1
             tp = hints[name]
-            is_list = typing.get_origin(tp) is list or typing.get_origin(typing.Optional[tp]) is list
+            is_list = typing.get_origin(tp) is list or typing.get_origin(tp | None) is list
             if is_last and is_list:
                 values[name] = positional[j:]
                 positional = []
@@ -86,7 +86,7 @@ def _split_args(module, argv: list[str]) -> tuple[str | None, dict, list[str]]:
             if j < len(positional):
                 values[name] = positional[j]
         if len(positional) > len(fields):
-            raise ConfigError(f"too many positional arguments: {positional[len(fields):]}")
+            raise ConfigError(f"too many positional arguments: {positional[len(fields) :]}")
     return config_path, values, rest
 
 
@@ -119,8 +119,10 @@ def _main(argv: list[str] | None) -> int:
     debug = "--debug" in args  # show the traceback behind a one-line error
     args = [a for a in args if a != "--debug"]
     if "-h" in args or "--help" in args:
-        print(f"usage: rlhfkit {name} {' '.join(f'[{p.upper()}]' for p in getattr(module, 'POSITIONAL', []))} "
-              f"[--config FILE] [key=value ...]\n\n{commands[name][1]}\n\noptions:")
+        print(
+            f"usage: rlhfkit {name} {' '.join(f'[{p.upper()}]' for p in getattr(module, 'POSITIONAL', []))} "
+            f"[--config FILE] [key=value ...]\n\n{commands[name][1]}\n\noptions:"
+        )
         print(config_help(module.CONFIG))
         return 0
     try:

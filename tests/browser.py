@@ -14,8 +14,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -26,10 +26,21 @@ ARTIFACTS = REPO / "test-artifacts"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-default-apps",
-    "--disable-extensions", "--disable-domain-reliability", "--metrics-recording-only", "--mute-audio",
-    "--no-default-browser-check", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--disable-domain-reliability",
+    "--metrics-recording-only",
+    "--mute-audio",
+    "--no-default-browser-check",
+    "--hide-scrollbars",
 )
 
 
@@ -37,8 +48,10 @@ def require_chromium() -> None:
     """Skip the calling test, saying why, when headless Chromium cannot be driven here."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
     if missing:
-        pytest.skip(f"{' and '.join(missing)} not found: install Debian's browser with "
-                    "`apt-get install -y chromium chromium-driver` to run the browser tests")
+        pytest.skip(
+            f"{' and '.join(missing)} not found: install Debian's browser with "
+            "`apt-get install -y chromium chromium-driver` to run the browser tests"
+        )
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -86,7 +99,9 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, interval: flo
         except Exception as exc:  # a stale element while the page re-renders: try again
             last_exc = exc
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    pytest.fail(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 def screenshot(driver, name: str, full_page: bool = False, max_height: int = 12000) -> Path:

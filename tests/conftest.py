@@ -24,9 +24,11 @@ os.environ["OMP_NUM_THREADS"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
-WORDS = ("the a coffee tea beer bread grind water brew bean roast hot cold good bad slow fast yes no "
-         "question answer why how what when make use add cup pot milk sugar salt flour yeast dough oven "
-         "minutes degrees fresh stale bitter sweet sour strong weak light dark").split()
+WORDS = (
+    "the a coffee tea beer bread grind water brew bean roast hot cold good bad slow fast yes no "
+    "question answer why how what when make use add cup pot milk sugar salt flour yeast dough oven "
+    "minutes degrees fresh stale bitter sweet sour strong weak light dark"
+).split()
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -55,7 +57,9 @@ def make_corpus(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         w = rng.choice(WORDS)
-        rows.append({"prompt": f"how {w} {rng.choice(WORDS)}?", "response": f"{w} {w} is {rng.choice(['good', 'bad'])}."})
+        rows.append(
+            {"prompt": f"how {w} {rng.choice(WORDS)}?", "response": f"{w} {w} is {rng.choice(['good', 'bad'])}."}
+        )
     return rows
 
 
@@ -72,7 +76,9 @@ def build_tiny_tokenizer(out: Path) -> Path:
     )
     text = [f"Question: {r['prompt']}\n\nAnswer: {r['response']}" for r in make_corpus(400)] + [" ".join(WORDS)] * 5
     tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return out
@@ -86,9 +92,17 @@ def build_tiny_model(out: Path, tokenizer_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out)
@@ -130,7 +144,16 @@ def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
     base = tmp_path_factory.mktemp("tiny_sft")
     corpus = base / "c.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(240, seed=1)))
-    sft.run(load_config(sft.SFTConfig, overrides={
-        "out_dir": str(base / "run"), "model": {"name": str(tiny_model_dir)}, "lora": {"enabled": False},
-        "data": {"path": str(corpus), "seq_len": 64}, "train": {"max_steps": 60, "lr": 1e-2, "batch_size": 8}}))
+    sft.run(
+        load_config(
+            sft.SFTConfig,
+            overrides={
+                "out_dir": str(base / "run"),
+                "model": {"name": str(tiny_model_dir)},
+                "lora": {"enabled": False},
+                "data": {"path": str(corpus), "seq_len": 64},
+                "train": {"max_steps": 60, "lr": 1e-2, "batch_size": 8},
+            },
+        )
+    )
     return base / "run" / "final"

@@ -1,6 +1,6 @@
 """Run PPO with rollouts fed in (deterministic per prompt), for the 1- vs 2-process equality test.
 
-    torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH
+torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH
 """
 
 import sys
@@ -26,8 +26,16 @@ if __name__ == "__main__":
     model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
-    ppo.train(reward_fn=score, prompts=prompts, eval_prompts=[], config={
-        "out_dir": out, "overwrite": True, "model": {"name": model_dir},
-        "lora": {"r": 4, "target_modules": ["all-linear"]},
-        "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
-        "ppo": {"mini_batch_size": local_batch, "ppo_epochs": 2, "score_norm": "normalize", "adaptive_kl": True}})
+    ppo.train(
+        reward_fn=score,
+        prompts=prompts,
+        eval_prompts=[],
+        config={
+            "out_dir": out,
+            "overwrite": True,
+            "model": {"name": model_dir},
+            "lora": {"r": 4, "target_modules": ["all-linear"]},
+            "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
+            "ppo": {"mini_batch_size": local_batch, "ppo_epochs": 2, "score_norm": "normalize", "adaptive_kl": True},
+        },
+    )

@@ -16,9 +16,9 @@ import os
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tests.conftest import REPO, make_corpus
 
@@ -108,8 +108,17 @@ def cli(*argv, cwd: Path | None = None, env: dict | None = None) -> Outcome:
 
 
 def _sft(w: World, out: Path, *extra) -> Outcome:
-    return cli("sft", f"out_dir={out}", f"model.name={w.model}", f"data.path={w.corpus}", "data.seq_len=64",
-               "train.batch_size=8", "lora.r=4", "train.lr=1e-2", *extra)
+    return cli(
+        "sft",
+        f"out_dir={out}",
+        f"model.name={w.model}",
+        f"data.path={w.corpus}",
+        "data.seq_len=64",
+        "train.batch_size=8",
+        "lora.r=4",
+        "train.lr=1e-2",
+        *extra,
+    )
 
 
 def _digest(folder: Path) -> str:
@@ -134,8 +143,14 @@ def run_keeps_user_files(w: World) -> Row:
     d = w.dir("run")
     (d / "sft").mkdir()
     (d / "sft" / "notes.txt").write_text("mine")
-    o = cli("run", REPO / "recipes" / "tiny.yaml", f"run_dir={d}", f"vars.model={w.model}", f"vars.pairs={w.pairs}",
-            "stages=[data,sft]")
+    o = cli(
+        "run",
+        REPO / "recipes" / "tiny.yaml",
+        f"run_dir={d}",
+        f"vars.model={w.model}",
+        f"vars.pairs={w.pairs}",
+        "stages=[data,sft]",
+    )
     row = Row("`rlhfkit run` (stages data, sft) with a file of yours in RUN_DIR/sft/", o, "your file, untouched")
     _one_line(row, 1, r"sft exists but was not written by `rlhfkit run`")
     row.check("user file kept", (d / "sft" / "notes.txt").read_text() == "mine")
@@ -150,8 +165,11 @@ def crafted_pickle_is_never_loaded(w: World) -> Row:
     for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.pt"):
         (newest / name).write_bytes(pickle.dumps(_Unpickled(flag)))
     o = _sft(w, d, "train.max_steps=3", "--resume")
-    row = Row("`--resume` from a checkpoint someone sent you, with pickles planted in it", o,
-              "the run resumes; the pickles are never opened")
+    row = Row(
+        "`--resume` from a checkpoint someone sent you, with pickles planted in it",
+        o,
+        "the run resumes; the pickles are never opened",
+    )
     row.check("setup run ok", first.code == 0)
     row.check("exit code 0", o.code == 0)
     row.check("resumed from step 2", "resumed from" in o.out and "step-000002" in o.out)
@@ -209,12 +227,18 @@ def damaged_newest_checkpoint(w: World) -> Row:
     (d / "checkpoints" / "step-000003" / "trainable.safetensors").write_bytes(b"")
     (d / "checkpoints" / "step-000002" / "trainer_state.json").write_text("")
     o = _sft(w, d, "train.max_steps=3", "--resume")
-    row = Row("`--resume` when the newest checkpoint has a 0-byte safetensors and the next an empty "
-              "trainer_state.json", o, "the newest complete checkpoint (step 1) is used; both damaged ones are named")
+    row = Row(
+        "`--resume` when the newest checkpoint has a 0-byte safetensors and the next an empty trainer_state.json",
+        o,
+        "the newest complete checkpoint (step 1) is used; both damaged ones are named",
+    )
     row.check("setup run ok", first.code == 0)
     row.check("exit code 0", o.code == 0)
-    row.check("names both damaged files", "step-000003/trainable.safetensors is damaged" in o.out
-              and "step-000002/trainer_state.json is damaged" in o.out)
+    row.check(
+        "names both damaged files",
+        "step-000003/trainable.safetensors is damaged" in o.out
+        and "step-000002/trainer_state.json is damaged" in o.out,
+    )
     row.check("resumed from step 1", "resumed from" in o.out and "step-000001 (step 1)" in o.out)
     return row
 
@@ -228,8 +252,11 @@ def second_writer_is_refused(w: World) -> Row:
         o = _sft(w, d, "train.max_steps=1", "--overwrite")
     finally:
         holder.close()
-    row = Row("a second `rlhfkit sft --overwrite` on an `out_dir` another run is writing", o,
-              "the first run's folder, untouched")
+    row = Row(
+        "a second `rlhfkit sft --overwrite` on an `out_dir` another run is writing",
+        o,
+        "the first run's folder, untouched",
+    )
     _one_line(row, 1, r"is in use by another rlhfkit process \(pid \d+\)")
     row.check("nothing written", sorted(p.name for p in d.iterdir()) == [".lock"])
     return row
@@ -247,7 +274,9 @@ def _config_probe(w: World, does: str, content: bytes, pattern: str) -> Row:
 
 
 def yaml_syntax_error(w: World) -> Row:
-    return _config_probe(w, "`--config` with a YAML syntax error", b"train:\n  lr: [1e-4\n", r"invalid YAML at line \d+")
+    return _config_probe(
+        w, "`--config` with a YAML syntax error", b"train:\n  lr: [1e-4\n", r"invalid YAML at line \d+"
+    )
 
 
 def yaml_not_utf8(w: World) -> Row:
@@ -307,8 +336,18 @@ def jsonl_truncated(w: World) -> Row:
 
 
 def _ppo(w: World, out: Path, *extra, cwd=None) -> Outcome:
-    return cli("ppo", f"out_dir={out}", f"model.name={w.model}", "train.max_steps=1", "train.batch_size=2", "ppo.mini_batch_size=2",
-               "generation.response_min=2", "generation.response_max=3", *extra, cwd=cwd)
+    return cli(
+        "ppo",
+        f"out_dir={out}",
+        f"model.name={w.model}",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "ppo.mini_batch_size=2",
+        "generation.response_min=2",
+        "generation.response_max=3",
+        *extra,
+        cwd=cwd,
+    )
 
 
 def prompts_not_utf8(w: World) -> Row:
@@ -322,7 +361,7 @@ def prompts_not_utf8(w: World) -> Row:
     return row
 
 
-REWARDS = '''
+REWARDS = """
 def strings(prompts, responses):
     return ["1.5"] * len(responses)
 
@@ -331,7 +370,7 @@ def nones(prompts, responses):
 
 def boom(prompts, responses):
     raise KeyError("label")
-'''
+"""
 
 
 def _reward_probe(w: World, fn: str, pattern: str, does: str) -> Row:
@@ -347,8 +386,12 @@ def _reward_probe(w: World, fn: str, pattern: str, does: str) -> Row:
 
 
 def reward_returns_strings(w: World) -> Row:
-    return _reward_probe(w, "strings", r"reward function strings returned '1\.5' \(a str\) for sample 0",
-                         "a reward function that returns strings (`[\"1.5\"]`)")
+    return _reward_probe(
+        w,
+        "strings",
+        r"reward function strings returned '1\.5' \(a str\) for sample 0",
+        'a reward function that returns strings (`["1.5"]`)',
+    )
 
 
 def reward_returns_none(w: World) -> Row:
@@ -373,8 +416,9 @@ def model_path_typo(w: World) -> Row:
 def data_path_typo(w: World) -> Row:
     d = w.dir("typo")
     (d / "train.jsonl").write_text("")
-    o = cli("sft", "out_dir=out", f"model.name={w.model}", "data.path=data/trian.jsonl", cwd=d,
-            env={"HF_HUB_OFFLINE": "0"})
+    o = cli(
+        "sft", "out_dir=out", f"model.name={w.model}", "data.path=data/trian.jsonl", cwd=d, env={"HF_HUB_OFFLINE": "0"}
+    )
     row = Row("`data.path=data/trian.jsonl` (no such file)", o, "nothing")
     _one_line(row, 1, r"data source not found: data/trian\.jsonl")
     row.check("under 2 s, no hub request", o.seconds < 2)
@@ -388,7 +432,9 @@ def answers_without_score(w: World) -> Row:
         rows.append(f'<row Id="{q * 10}" PostTypeId="1" Score="3" Title="q{q}" Body="&lt;p&gt;why {q}?&lt;/p&gt;" />')
         for a in range(1, 4):  # the third answer of each question has no Score attribute
             score = f' Score="{a * 2}"' if a < 3 else ""
-            rows.append(f'<row Id="{q * 10 + a}" PostTypeId="2" ParentId="{q * 10}"{score} Body="&lt;p&gt;a{a}&lt;/p&gt;" />')
+            rows.append(
+                f'<row Id="{q * 10 + a}" PostTypeId="2" ParentId="{q * 10}"{score} Body="&lt;p&gt;a{a}&lt;/p&gt;" />'
+            )
     (d / "Posts.xml").write_text("<posts>\n" + "\n".join(rows) + "\n</posts>\n")
     o = cli("data", "stackexchange", d / "Posts.xml", f"out_dir={d / 'out'}")
     stats = json.loads((d / "out" / "stats.json").read_text()) if (d / "out" / "stats.json").exists() else {}
@@ -404,24 +450,51 @@ def identical_pairs(w: World) -> Row:
     for r in rows[:10]:
         r["rejected"] = "  " + r["chosen"].replace(" ", "  ")  # the same text but for white space
     (d / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    o = cli("rm", f"out_dir={d / 'rm'}", f"model.name={w.model}", f"data.path={d / 'p.jsonl'}", "data.max_length=64",
-            "lora.enabled=false", "train.max_steps=1", "data.eval_fraction=0")
+    o = cli(
+        "rm",
+        f"out_dir={d / 'rm'}",
+        f"model.name={w.model}",
+        f"data.path={d / 'p.jsonl'}",
+        "data.max_length=64",
+        "lora.enabled=false",
+        "train.max_steps=1",
+        "data.eval_fraction=0",
+    )
     data = cli("data", "hf", d / "p.jsonl", f"out_dir={d / 'data'}")
     stats = json.loads((d / "data" / "stats.json").read_text()) if (d / "data" / "stats.json").exists() else {}
     row = Row("pairs whose chosen == rejected (after white space)", o, "the other pairs; dropped ones counted")
     row.check("rm exit code 0", o.code == 0)
     row.check("rm counts 10 dropped", "10 whose chosen == rejected" in o.out)
-    row.check("data stage counts 10 in stats.json", data.code == 0
-              and stats.get("skipped", {}).get("identical_pair") == 10)
+    row.check(
+        "data stage counts 10 in stats.json", data.code == 0 and stats.get("skipped", {}).get("identical_pair") == 10
+    )
     return row
 
 
 PROBES: list[Callable[[World], Row]] = [
-    run_keeps_user_files, crafted_pickle_is_never_loaded, pickle_only_checkpoint_is_refused, resume_finished_run,
-    resume_with_changed_config, damaged_newest_checkpoint, second_writer_is_refused, yaml_syntax_error, yaml_not_utf8,
-    recipe_syntax_error, batch_size_zero, grad_accum_zero, negative_lr, jsonl_not_utf8, jsonl_truncated,
-    prompts_not_utf8, reward_returns_strings, reward_returns_none, reward_raises, model_path_typo, data_path_typo,
-    answers_without_score, identical_pairs,
+    run_keeps_user_files,
+    crafted_pickle_is_never_loaded,
+    pickle_only_checkpoint_is_refused,
+    resume_finished_run,
+    resume_with_changed_config,
+    damaged_newest_checkpoint,
+    second_writer_is_refused,
+    yaml_syntax_error,
+    yaml_not_utf8,
+    recipe_syntax_error,
+    batch_size_zero,
+    grad_accum_zero,
+    negative_lr,
+    jsonl_not_utf8,
+    jsonl_truncated,
+    prompts_not_utf8,
+    reward_returns_strings,
+    reward_returns_none,
+    reward_raises,
+    model_path_typo,
+    data_path_typo,
+    answers_without_score,
+    identical_pairs,
 ]
 
 
@@ -429,10 +502,17 @@ def table(rows: list[Row], root: Path | None = None) -> str:
     cell = lambda s: (s.replace(str(root), "…") if root else s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     lines = ["| what the user does | exit | what they see | what is kept | checks |", "|---|---|---|---|---|"]
     for r in rows:
-        seen = r.outcome.line if r.outcome.code else "(runs; " + next(
-            (x for x in r.outcome.out.splitlines() if "resumed from" in x or "skipping" in x), "exit 0") + ")"
+        seen = (
+            r.outcome.line
+            if r.outcome.code
+            else "(runs; "
+            + next((x for x in r.outcome.out.splitlines() if "resumed from" in x or "skipping" in x), "exit 0")
+            + ")"
+        )
         ok = sum(c for _, c in r.checks)
-        lines.append(f"| {cell(r.does)} | {r.outcome.code} | `{cell(seen)[:220]}` | {cell(r.kept)} | {ok}/{len(r.checks)} |")
+        lines.append(
+            f"| {cell(r.does)} | {r.outcome.code} | `{cell(seen)[:220]}` | {cell(r.kept)} | {ok}/{len(r.checks)} |"
+        )
     return "\n".join(lines)
 
 

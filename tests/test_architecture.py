@@ -28,8 +28,14 @@ def _imports(path: Path) -> list[tuple[str, list[str], int]]:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "rlhfkit":
             names = [a.name for a in node.names]
             if node.module == "rlhfkit":  # from rlhfkit import x: the submodule x (or the package itself)
-                out += [(f"rlhfkit.{n}" if (PACKAGE / n).exists() or (PACKAGE / f"{n}.py").exists() else "rlhfkit",
-                         [n], node.lineno) for n in names]
+                out += [
+                    (
+                        f"rlhfkit.{n}" if (PACKAGE / n).exists() or (PACKAGE / f"{n}.py").exists() else "rlhfkit",
+                        [n],
+                        node.lineno,
+                    )
+                    for n in names
+                ]
             else:
                 out.append((node.module, names, node.lineno))
         elif isinstance(node, ast.Import):
@@ -66,16 +72,23 @@ def test_algorithms_are_pure_torch():
     bad = []
     for path in (PACKAGE / "algorithms").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             bad += [f"{path.name}: {n}" for n in names if n.split(".")[0] in hf]
     assert not bad, bad
 
 
 def test_no_private_name_crosses_a_module():
-    bad = [f"{path.relative_to(REPO)}:{line} imports {n} from {target}"
-           for path, _ in _modules() for target, names, line in _imports(path)
-           for n in names if n.startswith("_") and n != "__version__"]
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {n} from {target}"
+        for path, _ in _modules()
+        for target, names, line in _imports(path)
+        for n in names
+        if n.startswith("_") and n != "__version__"
+    ]
     assert not bad, "\n".join(bad)
 
 

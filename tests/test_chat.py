@@ -51,10 +51,13 @@ def test_resolve_template(tmp_path, tiny_tokenizer_dir):
     assert chat.resolve_template(model, plain).text == chat.DEFAULT_TEMPLATE
     # the stage's config.yaml beside final/
     (tmp_path / "sft" / "config.yaml").write_text(
-        "model:\n  name: x\ntemplate:\n  template: 'Q: {question}\n\n    A: {response}'\n  chat_template: false\n")
+        "model:\n  name: x\ntemplate:\n  template: 'Q: {question}\n\n    A: {response}'\n  chat_template: false\n"
+    )
     t = chat.resolve_template(model, tok)
     assert t.text == "Q: {prompt}\nA: " and t.source.endswith("config.yaml")
-    (tmp_path / "sft" / "config.yaml").write_text("template:\n  template: 'Q: {prompt} A: {response}'\n  chat_template: true\n")
+    (tmp_path / "sft" / "config.yaml").write_text(
+        "template:\n  template: 'Q: {prompt} A: {response}'\n  chat_template: true\n"
+    )
     assert chat.resolve_template(model, tok).is_chat
     assert chat.resolve_template(model, plain).text == "Q: {prompt} A: "  # no chat template to use: the text one
     # --template wins; literal \n from a shell becomes a newline
@@ -71,23 +74,30 @@ def test_build_prompt(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    hist = chat.normalize_history([
-        {"role": "user", "content": [{"type": "text", "text": "hi {x}"}]},  # Gradio 6's content lists
-        {"role": "assistant", "content": "hello"},
-    ])
+    hist = chat.normalize_history(
+        [
+            {"role": "user", "content": [{"type": "text", "text": "hi {x}"}]},  # Gradio 6's content lists
+            {"role": "assistant", "content": "hello"},
+        ]
+    )
     assert hist == [{"role": "user", "content": "hi {x}"}, {"role": "assistant", "content": "hello"}]
     text = chat.build_prompt(tok, chat.Template(chat.DEFAULT_TEMPLATE), "why?", hist)
     assert text == "Question: hi {x}\n\nAnswer: hello\n\nQuestion: why?\n\nAnswer: "
     text = chat.build_prompt(tok, chat.Template(None), "why?", hist)
     assert text == "<|user|>hi {x}</s><|assistant|>hello</s><|user|>why?</s><|assistant|>"
     # when the conversation outgrows the budget the oldest turns go first
-    long_hist = [{"role": r, "content": f"{r} turn {i} " + "coffee " * 30} for i in range(3) for r in ("user", "assistant")]
+    long_hist = [
+        {"role": r, "content": f"{r} turn {i} " + "coffee " * 30} for i in range(3) for r in ("user", "assistant")
+    ]
     tpl = chat.Template(chat.DEFAULT_TEMPLATE)
     full = chat._encode(tok, tpl, "why?", long_hist, None)
     cut = tok.decode(chat._encode(tok, tpl, "why?", long_hist, len(full) - 10))
     assert "user turn 0" not in cut and "user turn 1" in cut and cut.endswith("Question: why?\n\nAnswer: ")
     assert chat.normalize_history([("a", "b"), ("c", None)]) == [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
 
 
 def _generate_threads() -> list[threading.Thread]:
@@ -153,20 +163,27 @@ def test_chat_in_chromium(loaded):
     try:
         with chromium(width=1100, height=800) as driver:
             driver.get(f"http://127.0.0.1:{port}/")
-            box = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#rlhfkit-input textarea"), timeout=60,
-                           what="the chat textbox")
+            box = wait_for(
+                lambda: driver.find_element(By.CSS_SELECTOR, "#rlhfkit-input textarea"),
+                timeout=60,
+                what="the chat textbox",
+            )
             box.send_keys("how coffee good?")
             box.send_keys(Keys.ENTER)
-            user = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, '#rlhfkit-chatbot [data-testid="user"]').text,
-                            what="the user message")
+            user = wait_for(
+                lambda: driver.find_element(By.CSS_SELECTOR, '#rlhfkit-chatbot [data-testid="user"]').text,
+                what="the user message",
+            )
             assert user.strip() == "how coffee good?"
 
             def reply_done():
                 # finished = a non-empty bot message and no progress tracker showing (they show while streaming)
                 bots = driver.find_elements(By.CSS_SELECTOR, '#rlhfkit-chatbot [data-testid="bot"]')
                 busy = driver.find_elements(
-                    By.CSS_SELECTOR, '#rlhfkit-input [data-testid="status-tracker"]:not(.hide), '
-                                     '#rlhfkit-chatbot [data-testid="status-tracker"]:not(.hide)')
+                    By.CSS_SELECTOR,
+                    '#rlhfkit-input [data-testid="status-tracker"]:not(.hide), '
+                    '#rlhfkit-chatbot [data-testid="status-tracker"]:not(.hide)',
+                )
                 text = bots[-1].text.strip() if bots else ""
                 return text if text and not busy else None
 
@@ -176,12 +193,16 @@ def test_chat_in_chromium(loaded):
             shot = screenshot(driver, "chat.png")
             external = driver.execute_script(
                 "return performance.getEntriesByType('resource').map(e => e.name)"
-                ".filter(u => !u.startsWith('http://127.0.0.1') && !u.startsWith('data:'))")
+                ".filter(u => !u.startsWith('http://127.0.0.1') && !u.startsWith('data:'))"
+            )
             assert external == [], external  # the page loads nothing from outside the loopback
         assert shot.stat().st_size > 5_000
     finally:
         app.close()
     # the server, its queue and the generation threads are gone (none started before launch remains)
-    wait_for(lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
-             timeout=20, what="the app's threads to end")
+    wait_for(
+        lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
+        timeout=20,
+        what="the app's threads to end",
+    )
     assert not _generate_threads()

@@ -14,8 +14,18 @@ from rlhfkit.stages.sft import SFTConfig
 def test_dotted_overrides_and_types(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 1e-4\n  batch_size: 4\nlora:\n  target_modules: [q_proj]\n")
-    cfg = load_config(SFTConfig, f, ["train.batch_size=2", "--data.seq_len", "128", "--lora.enabled=false",
-                                     "--overwrite", "lora.target_modules=q_proj,v_proj"])
+    cfg = load_config(
+        SFTConfig,
+        f,
+        [
+            "train.batch_size=2",
+            "--data.seq_len",
+            "128",
+            "--lora.enabled=false",
+            "--overwrite",
+            "lora.target_modules=q_proj,v_proj",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.batch_size == 2 and cfg.data.seq_len == 128
     assert cfg.lora.enabled is False and cfg.overwrite is True
@@ -82,8 +92,12 @@ def test_help_piped_into_head_exits_quietly():
     import subprocess
     import sys
 
-    p = subprocess.run(f"'{sys.executable}' -m rlhfkit.cli ppo --help | head -1", shell=True, capture_output=True, text=True)
-    assert p.stdout.startswith("usage: rlhfkit ppo") and "BrokenPipe" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    p = subprocess.run(
+        f"'{sys.executable}' -m rlhfkit.cli ppo --help | head -1", shell=True, capture_output=True, text=True
+    )
+    assert p.stdout.startswith("usage: rlhfkit ppo") and "BrokenPipe" not in p.stderr and "Traceback" not in p.stderr, (
+        p.stderr
+    )
 
 
 def test_a_moved_ppo_key_names_its_new_place():

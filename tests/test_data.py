@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from rlhfkit.cli import main
-from rlhfkit.runtime.config import load_config
 from rlhfkit.data import (
     DataConfig,
     SplitFractions,
@@ -32,18 +31,23 @@ from rlhfkit.data import (
     sample_pairs,
 )
 from rlhfkit.data.options import SPLITS
-from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.inputs.tables import load_table
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "stackexchange"
 TINY = FIXTURES / "tiny.stackexchange.com" / "Posts.xml"
 SITE = "tiny.stackexchange.com"
 ONLY = {s: {t: float(t == s) for t in SPLITS} for s in SPLITS}  # fractions sending every question to one split
 
-Q1 = ("How do I grind coffee for espresso?\n\nMy grinder has a *fine* setting. I run:\n\n"
-      "```\ngrind --fine && tamp\n```\n\nIs that right?")
-Q6 = ("Café au lait ou latte — quelle différence ?\n\n"
-      "Quelle est la différence entre un café au lait et un latte\xa0? 日本語でも説明してください。")
+Q1 = (
+    "How do I grind coffee for espresso?\n\nMy grinder has a *fine* setting. I run:\n\n"
+    "```\ngrind --fine && tamp\n```\n\nIs that right?"
+)
+Q6 = (
+    "Café au lait ou latte — quelle différence ?\n\n"
+    "Quelle est la différence entre un café au lait et un latte\xa0? 日本語でも説明してください。"
+)
 Q11 = "Is instant coffee real coffee?\n\nAsking for a friend."
 Q21 = "How much coffee per shot?\n\nGrams per double shot?"
 Q23 = "Does anyone drink cold brew in winter?\n\nJust curious."
@@ -68,9 +72,24 @@ def key(r: dict) -> tuple:
 # --------------------------------------------------------------------------- scoring
 @pytest.mark.parametrize(
     "upvotes, accepted, expected",
-    [(0, False, 0), (1, False, 1), (2, False, 2), (3, False, 2), (4, False, 2), (5, False, 3), (10, False, 3),
-     (11, False, 4), (22, False, 5), (23, False, 5), (0, True, 1), (10, True, 4),
-     (-1, False, -1), (-5, False, -1), (-1, True, -1), (-2, True, -1)],
+    [
+        (0, False, 0),
+        (1, False, 1),
+        (2, False, 2),
+        (3, False, 2),
+        (4, False, 2),
+        (5, False, 3),
+        (10, False, 3),
+        (11, False, 4),
+        (22, False, 5),
+        (23, False, 5),
+        (0, True, 1),
+        (10, True, 4),
+        (-1, False, -1),
+        (-5, False, -1),
+        (-1, True, -1),
+        (-2, True, -1),
+    ],
 )
 def test_answer_score_table(upvotes, accepted, expected):
     assert answer_score(upvotes, accepted) == expected
@@ -140,10 +159,12 @@ def test_split_fractions_are_validated():
 
 # --------------------------------------------------------------------------- HTML → Markdown
 def test_html_to_markdown_rules():
-    html = ('<h2>Setup &amp; use</h2><p>Run <code>pip install x</code>, see <a href="https://ex.com/a?b=1&amp;c=2">'
-            'the docs</a> and <img src="p.png" alt="a diagram"> &lt;here&gt; &#8212; snake_case and 2*3.</p>'
-            '<pre class="lang-py s-code-block"><code>if a &lt; b:\n    print("&amp;")\n</code></pre>'
-            '<pre><code>plain\n</code></pre><blockquote><p>quoted</p></blockquote><ul><li>one</li><li>two</li></ul>')
+    html = (
+        '<h2>Setup &amp; use</h2><p>Run <code>pip install x</code>, see <a href="https://ex.com/a?b=1&amp;c=2">'
+        'the docs</a> and <img src="p.png" alt="a diagram"> &lt;here&gt; &#8212; snake_case and 2*3.</p>'
+        '<pre class="lang-py s-code-block"><code>if a &lt; b:\n    print("&amp;")\n</code></pre>'
+        "<pre><code>plain\n</code></pre><blockquote><p>quoted</p></blockquote><ul><li>one</li><li>two</li></ul>"
+    )
     assert html_to_markdown(html) == (
         "## Setup & use\n\n"
         "Run `pip install x`, see [the docs](https://ex.com/a?b=1&c=2) and a diagram <here> — snake_case and 2\\*3.\n\n"
@@ -176,12 +197,21 @@ def test_fixture_pairs_exact(tmp_path):
     assert {r["site"] for r in rows["rm_train"]} == {SITE}
     assert not rows["sft"] and not rows["rm_eval"] and not rows["rl_prompts"]
     # stats
-    assert stats["rows_by_post_type"] == {"question": 6, "answer": 17, "tag_wiki_excerpt": 1, "tag_wiki": 1,
-                                          "wiki_placeholder": 1}
+    assert stats["rows_by_post_type"] == {
+        "question": 6,
+        "answer": 17,
+        "tag_wiki_excerpt": 1,
+        "tag_wiki": 1,
+        "wiki_placeholder": 1,
+    }
     assert stats["questions"] == 6 and stats["answers"] == 16
-    assert stats["skipped"] == {"answer_without_question": 1, "post_type:tag_wiki": 1,
-                                "post_type:tag_wiki_excerpt": 1, "post_type:wiki_placeholder": 1,
-                                "rm_train:question_without_pairs": 2}
+    assert stats["skipped"] == {
+        "answer_without_question": 1,
+        "post_type:tag_wiki": 1,
+        "post_type:tag_wiki_excerpt": 1,
+        "post_type:wiki_placeholder": 1,
+        "rm_train:question_without_pairs": 2,
+    }
     assert stats["pairs"] == {"rm_train": 17, "rm_eval": 0, "candidates": 22, "candidates_capped": 17}
     assert stats["score_histogram"] == {"-1": 2, "0": 5, "1": 1, "2": 4, "3": 2, "4": 1, "5": 1}
     lengths = stats["lengths_chars"]["rm_train"]
@@ -201,7 +231,13 @@ def test_fixture_sft_and_rl_exact(tmp_path):
 
     stats, rows = build(tmp_path, name="rl", fractions=ONLY["rl_prompts"])
     assert [(r["qid"], r["prompt"]) for r in rows["rl_prompts"]] == [
-        (1, Q1), (6, Q6), (11, Q11), (21, Q21), (23, Q23), (30, Q30)]
+        (1, Q1),
+        (6, Q6),
+        (11, Q11),
+        (21, Q21),
+        (23, Q23),
+        (30, Q30),
+    ]
     assert set(rows["rl_prompts"][0]) == {"prompt", "qid", "site"}
 
 
@@ -250,16 +286,25 @@ def test_bom_crlf_gzip_and_7z_inputs_give_the_same_rows(tmp_path):
     for name, path in _variants(tmp_path).items():
         stats, rows = build(tmp_path, source=path, name=name, fractions=ONLY["rm_train"], max_pairs_per_question=0)
         assert strip(rows["rm_train"]) == strip(ref["rm_train"]), name
-        assert stats["inputs"][0]["site"] == {"bom_crlf": "bomcrlf", "gz": "gz", "7z": "sevenz"}[name] + ".stackexchange.com"
+        assert (
+            stats["inputs"][0]["site"]
+            == {"bom_crlf": "bomcrlf", "gz": "gz", "7z": "sevenz"}[name] + ".stackexchange.com"
+        )
 
 
 def test_several_sites_at_once_from_a_folder(tmp_path):
     _variants(tmp_path)
     stats, rows = build(tmp_path, source=tmp_path, name="all", fractions=ONLY["rm_train"])
     assert [i["site"] for i in stats["inputs"]] == [
-        "bomcrlf.stackexchange.com", "gz.stackexchange.com", "sevenz.stackexchange.com"]
+        "bomcrlf.stackexchange.com",
+        "gz.stackexchange.com",
+        "sevenz.stackexchange.com",
+    ]
     assert Counter(r["site"] for r in rows["rm_train"]) == {
-        "bomcrlf.stackexchange.com": 17, "gz.stackexchange.com": 17, "sevenz.stackexchange.com": 17}
+        "bomcrlf.stackexchange.com": 17,
+        "gz.stackexchange.com": 17,
+        "sevenz.stackexchange.com": 17,
+    }
     assert stats["inputs"][2]["rows_written"]["rm_train"] == 17
 
 
@@ -269,7 +314,14 @@ def test_parquet_format_and_load_table(tmp_path):
     out = tmp_path / "out"
     build_stackexchange(TINY, out, format="parquet", fractions=ONLY["rm_train"])
     assert sorted(p.name for p in out.iterdir()) == [
-        ".rlhfkit", "config.yaml", "rl_prompts.parquet", "rm_eval.parquet", "rm_train.parquet", "sft.parquet", "stats.json"]
+        ".rlhfkit",
+        "config.yaml",
+        "rl_prompts.parquet",
+        "rm_eval.parquet",
+        "rm_train.parquet",
+        "sft.parquet",
+        "stats.json",
+    ]
     rows = list(load_table(out, split="rm_train"))
     assert len(rows) == 17 and rows[0]["chosen"] == A2 and rows[0]["prompt"] == Q1
     empty = pq.read_table(out / "sft.parquet")  # empty splits keep their schema
@@ -358,7 +410,11 @@ def test_cli_input_errors(tmp_path, capsys, case):
         args, msg, code = [str(tmp_path / "dumps")], "no Posts.xml", 1
     elif case == "bad_7z":
         (tmp_path / "x.stackexchange.com.7z").write_bytes(b"not a 7z archive at all")
-        args, msg, code = [str(tmp_path / "x.stackexchange.com.7z")], "x.stackexchange.com.7z: cannot read the 7z archive", 1
+        args, msg, code = (
+            [str(tmp_path / "x.stackexchange.com.7z")],
+            "x.stackexchange.com.7z: cannot read the 7z archive",
+            1,
+        )
     else:
         args, msg, code = [], None, 2
         assert main(["data", "posts", str(TINY), f"out_dir={out}"]) == 2
@@ -408,7 +464,9 @@ def test_hf_and_stackexchange_share_the_api(tmp_path):
     from rlhfkit.data import build_hf
 
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}) + "\n" for i in range(40)))
+    path.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "chosen": "good", "rejected": "bad"}) + "\n" for i in range(40))
+    )
     stats = build_hf(path, tmp_path / "out", fractions=ONLY["rm_eval"])
     assert stats["rows"]["rm_eval"] == 40 and stats["inputs"][0]["schema"] == "generic"
 
@@ -423,7 +481,8 @@ def test_find_dumps_and_iter_posts(tmp_path):
     assert [(d.site, d.path.name) for d in find_dumps([tmp_path])] == [
         ("beer.stackexchange.com", "beer.stackexchange.com.7z"),
         ("coffee.stackexchange.com", "Posts.xml.gz"),
-        ("stackoverflow.com", "stackoverflow.com-Posts.7z")]
+        ("stackoverflow.com", "stackoverflow.com-Posts.7z"),
+    ]
     with pytest.raises(RlhfkitError, match="given twice"):
         find_dumps([TINY, TINY])
     rows = list(iter_posts(tmp_path / "coffee.stackexchange.com" / "Posts.xml.gz"))

@@ -10,8 +10,8 @@ import pytest
 from rlhfkit.cli import main
 from rlhfkit.data import build_hf, detect_schema, split_hh
 from rlhfkit.data.options import SPLITS
-from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.inputs.tables import load_table
+from rlhfkit.runtime.errors import RlhfkitError
 
 ONLY = {s: {t: float(t == s) for t in SPLITS} for s in SPLITS}
 
@@ -22,15 +22,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 H4_ROWS = [
-    {"qid": 101, "question": "<p>How to &lt;b&gt;bold&lt;/b&gt; in <code>md</code>?</p>", "date": "2020",
-     "answers": [
-         {"answer_id": 1, "text": "<p>Use <code>**x**</code>.</p>", "pm_score": 3, "selected": True},
-         {"answer_id": 2, "text": "<p>Use <b>HTML</b>.</p>", "pm_score": 1, "selected": False},
-         {"answer_id": 3, "text": "<p>Same score.</p>", "pm_score": 1, "selected": False},
-         {"answer_id": 4, "text": "<p>Bad.</p>", "pm_score": -1, "selected": False}]},
-    {"qid": 102, "question": "<p>Only equal answers</p>", "date": "2020",
-     "answers": [{"answer_id": 5, "text": "<p>a</p>", "pm_score": 2, "selected": False},
-                 {"answer_id": 6, "text": "<p>b</p>", "pm_score": 2, "selected": False}]},
+    {
+        "qid": 101,
+        "question": "<p>How to &lt;b&gt;bold&lt;/b&gt; in <code>md</code>?</p>",
+        "date": "2020",
+        "answers": [
+            {"answer_id": 1, "text": "<p>Use <code>**x**</code>.</p>", "pm_score": 3, "selected": True},
+            {"answer_id": 2, "text": "<p>Use <b>HTML</b>.</p>", "pm_score": 1, "selected": False},
+            {"answer_id": 3, "text": "<p>Same score.</p>", "pm_score": 1, "selected": False},
+            {"answer_id": 4, "text": "<p>Bad.</p>", "pm_score": -1, "selected": False},
+        ],
+    },
+    {
+        "qid": 102,
+        "question": "<p>Only equal answers</p>",
+        "date": "2020",
+        "answers": [
+            {"answer_id": 5, "text": "<p>a</p>", "pm_score": 2, "selected": False},
+            {"answer_id": 6, "text": "<p>b</p>", "pm_score": 2, "selected": False},
+        ],
+    },
 ]
 
 
@@ -58,7 +69,12 @@ def test_h4_schema_pairs_from_pm_score_and_markdown(tmp_path):
     stats = build_hf(src, tmp_path / "rm", fractions=ONLY["rm_train"])
     rows = list(load_table(tmp_path / "rm", split="rm_train"))
     assert [(r["qid"], r["chosen_id"], r["rejected_id"], r["chosen_score"], r["rejected_score"]) for r in rows] == [
-        (101, 1, 2, 3, 1), (101, 1, 3, 3, 1), (101, 1, 4, 3, -1), (101, 2, 4, 1, -1), (101, 3, 4, 1, -1)]
+        (101, 1, 2, 3, 1),
+        (101, 1, 3, 3, 1),
+        (101, 1, 4, 3, -1),
+        (101, 2, 4, 1, -1),
+        (101, 3, 4, 1, -1),
+    ]
     assert rows[0]["prompt"] == "How to <b>bold</b> in `md`?"
     assert rows[0]["chosen"] == "Use `**x**`." and rows[0]["rejected"] == "Use **HTML**."
     assert stats["skipped"] == {"rm_train:question_without_pairs": 1}
@@ -72,8 +88,18 @@ def test_paired_schema_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"qid": q, "question": f"Question {q}?", "response_j": f"good {q}.{k}", "response_k": f"bad {q}.{k}",
-             "date": "2021", "metadata": ["x"]} for q in range(30) for k in range(3)]
+    rows = [
+        {
+            "qid": q,
+            "question": f"Question {q}?",
+            "response_j": f"good {q}.{k}",
+            "response_k": f"bad {q}.{k}",
+            "date": "2021",
+            "metadata": ["x"],
+        }
+        for q in range(30)
+        for k in range(3)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "paired.parquet")
     stats = build_hf(tmp_path / "paired.parquet", tmp_path / "out", seed=5)
     out = {s: list(load_table(tmp_path / "out", split=s)) for s in SPLITS if stats["rows"][s]}
@@ -90,8 +116,10 @@ def test_paired_schema_parquet(tmp_path):
         for r in rs:
             assert seen.setdefault(r["qid"], split) == split
     assert len(seen) == 30 and stats["questions"] == 30
-    assert stats["rows"]["rm_train"] + stats["rows"]["rm_eval"] == 3 * stats["questions_by_split"]["rm_train"] + \
-        3 * stats["questions_by_split"]["rm_eval"]
+    assert (
+        stats["rows"]["rm_train"] + stats["rows"]["rm_eval"]
+        == 3 * stats["questions_by_split"]["rm_train"] + 3 * stats["questions_by_split"]["rm_eval"]
+    )
 
 
 def test_generic_schema_keeps_text_verbatim(tmp_path):

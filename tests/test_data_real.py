@@ -82,7 +82,11 @@ def _count(values) -> dict:
 def source_md_counts(dump: Path) -> dict | None:
     """The StackLLaMA pair counts written in the dump's SOURCE.md, where it has them."""
     src = dump.parent / "SOURCE.md"
-    m = re.search(r"pairs before and after the 10-per-question cap\): `(\{.*?\})`", src.read_text()) if src.exists() else None
+    m = (
+        re.search(r"pairs before and after the 10-per-question cap\): `(\{.*?\})`", src.read_text())
+        if src.exists()
+        else None
+    )
     return json.loads(m.group(1)) if m else None
 
 
@@ -122,7 +126,9 @@ def test_pair_counts_match_an_independent_recomputation(all_rm):
 def test_scores_of_every_pair_match_and_chosen_wins(all_rm):
     dumps, _, ds = all_rm
     scores = {d.parent.name: recompute(d)["scores"] for d in dumps}
-    for site, c, r, cs, rs in zip(ds["site"], ds["chosen_id"], ds["rejected_id"], ds["chosen_score"], ds["rejected_score"]):
+    for site, c, r, cs, rs in zip(
+        ds["site"], ds["chosen_id"], ds["rejected_id"], ds["chosen_score"], ds["rejected_score"]
+    ):
         assert cs > rs
         assert (scores[site][c], scores[site][r]) == (cs, rs)
 
@@ -171,7 +177,10 @@ def test_truncated_real_dump_fails_cleanly(tmp_path, capsys):
     # allow_partial keeps the rows parsed before the cut and records why
     assert main(["data", "stackexchange", str(cut), f"out_dir={out}", "allow_partial=true", "markdown=false"]) == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["partial"][0]["line"] == last_line and stats["inputs"][0]["rows"] == stats["partial"][0]["rows_parsed"] > 0
+    assert (
+        stats["partial"][0]["line"] == last_line
+        and stats["inputs"][0]["rows"] == stats["partial"][0]["rows_parsed"] > 0
+    )
 
 
 def test_hh_rlhf_split_at_last_assistant_turn(tmp_path):

@@ -20,10 +20,19 @@ pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found nex
 
 
 def launch(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = ([TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
-           if nproc > 1 else [sys.executable])
-    proc = subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+    cmd = (
+        [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
+        if nproc > 1
+        else [sys.executable]
+    )
+    proc = subprocess.run(
+        cmd + list(args),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=600,
+    )
     return proc
 
 
@@ -56,13 +65,25 @@ def test_each_item_once_per_epoch_across_ranks(world, b, g, n):
 
 
 def test_sft_two_processes_equal_one(tiny_model_dir, tiny_corpus, tmp_path):
-    args = ["-m", "rlhfkit.cli", "sft", f"model.name={tiny_model_dir}", f"data.path={tiny_corpus}", "data.seq_len=64",
-            "train.max_steps=5", "train.lr=3e-3", "lora.dropout=0", "train.seed=1"]
+    args = [
+        "-m",
+        "rlhfkit.cli",
+        "sft",
+        f"model.name={tiny_model_dir}",
+        f"data.path={tiny_corpus}",
+        "data.seq_len=64",
+        "train.max_steps=5",
+        "train.lr=3e-3",
+        "lora.dropout=0",
+        "train.seed=1",
+    ]
     p1 = launch(1, *args, f"out_dir={tmp_path / 'one'}", "train.batch_size=8")
     p2 = launch(2, *args, f"out_dir={tmp_path / 'two'}", "train.batch_size=4")
     assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-2000:], p2.stderr[-2000:])
     assert "× 2 processes" in p2.stdout
-    _assert_close(_weights(tmp_path / "one", "adapter_model.safetensors"), _weights(tmp_path / "two", "adapter_model.safetensors"))
+    _assert_close(
+        _weights(tmp_path / "one", "adapter_model.safetensors"), _weights(tmp_path / "two", "adapter_model.safetensors")
+    )
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
     assert _losses(tmp_path / "one", "eval/loss") == pytest.approx(_losses(tmp_path / "two", "eval/loss"), abs=1e-5)
 
@@ -77,8 +98,20 @@ def pairs(tmp_path_factory):
 
 
 def test_rm_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_model_dir, pairs, tmp_path):
-    args = ["-m", "rlhfkit.cli", "rm", f"model.name={tiny_model_dir}", f"data.path={pairs}", "data.max_length=64",
-            "train.max_steps=6", "train.lr=3e-3", "lora.r=4", "lora.dropout=0", "train.seed=0", "train.save_every=3"]
+    args = [
+        "-m",
+        "rlhfkit.cli",
+        "rm",
+        f"model.name={tiny_model_dir}",
+        f"data.path={pairs}",
+        "data.max_length=64",
+        "train.max_steps=6",
+        "train.lr=3e-3",
+        "lora.r=4",
+        "lora.dropout=0",
+        "train.seed=0",
+        "train.save_every=3",
+    ]
     one = launch(1, *args, f"out_dir={tmp_path / 'one'}", "train.batch_size=8")
     two = launch(2, *args, f"out_dir={tmp_path / 'two'}", "train.batch_size=4")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])

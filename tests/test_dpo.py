@@ -18,7 +18,6 @@ from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.stages import dpo
-
 from tests.conftest import WORDS, cli_env
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -35,8 +34,13 @@ def preference_rows(n: int, seed: int = 0, word: str = "coffee") -> list[dict]:
         k = rng.randrange(len(resp) + 1)
         chosen = resp[:k] + [word] + resp[k:]
         rejected = resp[:k] + [rng.choice(words)] + resp[k:]
-        rows.append({"prompt": f"how {rng.choice(words)} {rng.choice(words)} {i}?",
-                     "chosen": " ".join(chosen) + ".", "rejected": " ".join(rejected) + "."})
+        rows.append(
+            {
+                "prompt": f"how {rng.choice(words)} {rng.choice(words)} {i}?",
+                "chosen": " ".join(chosen) + ".",
+                "rejected": " ".join(rejected) + ".",
+            }
+        )
     return rows
 
 
@@ -61,7 +65,8 @@ def pair_file(tmp_path_factory):
 
 def dpo_cfg(model_dir, data_path, out, **over):
     base = {
-        "out_dir": str(out), "model": {"name": str(model_dir)},
+        "out_dir": str(out),
+        "model": {"name": str(model_dir)},
         "data": {"path": str(data_path), "eval_fraction": 0.2, "max_length": 64},
         "train": {"lr": 1e-2, "max_steps": 4, "batch_size": 8, "seed": 1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
@@ -99,7 +104,9 @@ def test_config_rejects_bad_combinations_and_documents_fields():
 
 
 # --------------------------------------------------------------------------- TRL equivalence
-@pytest.mark.parametrize("loss_type,label_smoothing,beta", [("sigmoid", 0.0, 0.2), ("ipo", 0.0, 0.5), ("cdpo", 0.2, 0.3)])
+@pytest.mark.parametrize(
+    "loss_type,label_smoothing,beta", [("sigmoid", 0.0, 0.2), ("ipo", 0.0, 0.5), ("cdpo", 0.2, 0.3)]
+)
 def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_smoothing, beta):
     """Same tiny weights (base + identical non-zero LoRA), same token ids, same β: our stage's micro-batch
     loss == trl.DPOTrainer.compute_loss on its own collator's batch, reference = adapter disabled in both.
@@ -113,9 +120,9 @@ def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
     from rlhfkit.inputs.pairs import encode_pairs
     from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = preference_rows(5, seed=7)
@@ -126,8 +133,11 @@ def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_
 
     # ours: the stage's policy (fresh LoRA), then the same random non-zero LoRA weights in both
     ours_type = "sigmoid" if loss_type == "cdpo" else loss_type
-    model, _ = load_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=TARGETS),
-                          verbose=False)
+    model, _ = load_model(
+        ModelConfig(name=str(tiny_model_dir)),
+        LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=TARGETS),
+        verbose=False,
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -143,14 +153,34 @@ def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_
     for p in pairs:
         k = p["chosen_mask"].index(1)
         assert p["rejected_mask"].index(1) == k and p["chosen_ids"][:k] == p["rejected_ids"][:k]
-        examples.append({"prompt_ids": p["chosen_ids"][:k], "chosen_ids": p["chosen_ids"][k:], "rejected_ids": p["rejected_ids"][k:]})
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=beta, loss_type=["aot" if loss_type == "cdpo" else loss_type],
-                         label_smoothing=label_smoothing, per_device_train_batch_size=len(pairs), max_length=None,
-                         report_to=[], use_cpu=True, save_strategy="no", bf16=False, fp16=False)
+        examples.append(
+            {
+                "prompt_ids": p["chosen_ids"][:k],
+                "chosen_ids": p["chosen_ids"][k:],
+                "rejected_ids": p["rejected_ids"][k:],
+            }
+        )
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=beta,
+        loss_type=["aot" if loss_type == "cdpo" else loss_type],
+        label_smoothing=label_smoothing,
+        per_device_train_batch_size=len(pairs),
+        max_length=None,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+        fp16=False,
+    )
     trainer = trl.DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, processing_class=tok,
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        processing_class=tok,
         train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
-        peft_config=peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+        peft_config=peft.LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+        ),
     )
     src = {n: p for n, p in model.named_parameters() if "lora_" in n}
     dst = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
@@ -160,7 +190,9 @@ def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_
             dst[n].copy_(src[n])
     with torch.no_grad():
         if loss_type == "cdpo":
-            theirs = sum(trainer.compute_loss(trainer.model, trainer.data_collator([e])).item() for e in examples) / len(examples)
+            theirs = sum(
+                trainer.compute_loss(trainer.model, trainer.data_collator([e])).item() for e in examples
+            ) / len(examples)
         else:
             theirs = trainer.compute_loss(trainer.model, trainer.data_collator(examples)).item()
     assert abs(ours - LOG2) > 1e-2, "policy must differ from the reference for the check to mean anything"
@@ -168,9 +200,15 @@ def test_loss_equals_trl_dpo_trainer(tiny_model_dir, tmp_path, loss_type, label_
     if loss_type != "ipo":  # TRL logs summed-log-ratio rewards; ours too except for IPO (per-token mean)
         m = trainer._metrics["train"]
         n = len(pairs)
-        assert stats["rewards/chosen"].item() / n == pytest.approx(sum(m["rewards/chosen"]) / len(m["rewards/chosen"]), abs=1e-5)
-        assert stats["rewards/margin"].item() / n == pytest.approx(sum(m["rewards/margins"]) / len(m["rewards/margins"]), abs=1e-5)
-        assert stats["rewards/accuracy"].item() / n == pytest.approx(sum(m["rewards/accuracies"]) / len(m["rewards/accuracies"]))
+        assert stats["rewards/chosen"].item() / n == pytest.approx(
+            sum(m["rewards/chosen"]) / len(m["rewards/chosen"]), abs=1e-5
+        )
+        assert stats["rewards/margin"].item() / n == pytest.approx(
+            sum(m["rewards/margins"]) / len(m["rewards/margins"]), abs=1e-5
+        )
+        assert stats["rewards/accuracy"].item() / n == pytest.approx(
+            sum(m["rewards/accuracies"]) / len(m["rewards/accuracies"])
+        )
 
 
 # --------------------------------------------------------------------------- learning
@@ -200,9 +238,20 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, pair_file, tmp_p
     The resume runs in this process (one interpreter start less: imports dominate this test)."""
     from safetensors.torch import load_file
 
-    args = [f"model.name={tiny_model_dir}", f"data.path={pair_file}", "data.max_length=64", "data.eval_fraction=0.2",
-            "train.max_steps=8", "train.batch_size=4", "train.lr=5e-3", "train.save_every=4", "train.seed=3",
-            "lora.r=8", "lora.dropout=0.1", "disable_dropout=false"]
+    args = [
+        f"model.name={tiny_model_dir}",
+        f"data.path={pair_file}",
+        "data.max_length=64",
+        "data.eval_fraction=0.2",
+        "train.max_steps=8",
+        "train.batch_size=4",
+        "train.lr=5e-3",
+        "train.save_every=4",
+        "train.seed=3",
+        "lora.r=8",
+        "lora.dropout=0.1",
+        "disable_dropout=false",
+    ]
     straight = tmp_path / "straight"
     dpo.run(load_config(dpo.DPOConfig, overrides=args + [f"out_dir={straight}"]))
 
@@ -227,13 +276,17 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, pair_file, tmp_p
 
 
 # --------------------------------------------------------------------------- reference variants
-def test_precomputed_and_separate_reference_match_adapter_reference(tiny_model_dir, pair_file, tmp_path, monkeypatch, capsys):
+def test_precomputed_and_separate_reference_match_adapter_reference(
+    tiny_model_dir, pair_file, tmp_path, monkeypatch, capsys
+):
     """Same first step whether the reference is the disabled adapter, precomputed log-probs, or the base loaded
     as a separate frozen model; the cache is reused on --resume, never recomputed."""
     adapter = tmp_path / "adapter"
     dpo.run(dpo_cfg(tiny_model_dir, pair_file, adapter, train={"max_steps": 2}))
     pre = tmp_path / "pre"
-    s_pre = dpo.run(dpo_cfg(tiny_model_dir, pair_file, pre, train={"max_steps": 2, "save_every": 1}, precompute_ref=True))
+    s_pre = dpo.run(
+        dpo_cfg(tiny_model_dir, pair_file, pre, train={"max_steps": 2, "save_every": 1}, precompute_ref=True)
+    )
     sep = tmp_path / "sep"
     s_sep = dpo.run(dpo_cfg(tiny_model_dir, pair_file, sep, train={"max_steps": 2}, ref_model=str(tiny_model_dir)))
     assert s_pre["reference"] == "adapter (precomputed)" and s_sep["reference"] == "model"
@@ -252,7 +305,11 @@ def test_precomputed_and_separate_reference_match_adapter_reference(tiny_model_d
 
     monkeypatch.setattr(dpo, "compute_reference_logps", boom)
     capsys.readouterr()
-    dpo.run(dpo_cfg(tiny_model_dir, pair_file, pre, train={"max_steps": 3, "save_every": 1}, precompute_ref=True, resume=True))
+    dpo.run(
+        dpo_cfg(
+            tiny_model_dir, pair_file, pre, train={"max_steps": 3, "save_every": 1}, precompute_ref=True, resume=True
+        )
+    )
     assert "reusing reference log-probs" in capsys.readouterr().out
     assert len(_losses(pre)) == 3 and _losses(pre)[:2] == lp
 
@@ -266,8 +323,10 @@ def test_continue_adapter_and_full_finetune_reference_is_starting_policy(tiny_mo
 
     start = tmp_path / "start_adapter"
     torch.manual_seed(0)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                PeftLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        PeftLoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -283,17 +342,21 @@ def test_continue_adapter_and_full_finetune_reference_is_starting_policy(tiny_mo
 
     # full fine-tuning: the starting weights are the reference, also precomputed
     full = tmp_path / "full"
-    s_full = dpo.run(dpo_cfg(tiny_model_dir, pair_file, full, train={"max_steps": 1, "lr": 1e-3}, lora={"enabled": False}))
+    s_full = dpo.run(
+        dpo_cfg(tiny_model_dir, pair_file, full, train={"max_steps": 1, "lr": 1e-3}, lora={"enabled": False})
+    )
     assert s_full["reference"] == "policy (precomputed)"
     assert read_jsonl(full / "metrics.jsonl")[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
 
     # the bare base (adapter disabled) would have been a different reference
-    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
     from rlhfkit.inputs.pairs import encode_pairs, load_pairs
     from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
     cfg = dpo_cfg(start, pair_file, tmp_path / "unused")
     policy, tok = load_model(ModelConfig(name=str(start)), LoraConfig(continue_adapter=True), verbose=False)
     pairs = encode_pairs(load_pairs(cfg.data)[0][:8], PromptFormat(TemplateConfig(), tok), 64)
-    loss, _ = dpo.micro_loss(policy, dpo.make_micro(pairs, list(range(8)), tok.pad_token_id), dpo.Reference("adapter", False), 0.1)
+    loss, _ = dpo.micro_loss(
+        policy, dpo.make_micro(pairs, list(range(8)), tok.pad_token_id), dpo.Reference("adapter", False), 0.1
+    )
     assert abs(loss.item() / 8 - LOG2) > 1e-3

@@ -48,11 +48,20 @@ def length_judge(prompts, responses):
 
 def test_eval_compares_models(tiny_model_dir, tiny_sft_dir, tmp_path):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"how tea {w}?" for w in ("hot", "cold", "water", "milk", "sugar", "pot", "cup", "bean")))
-    cfg = load_config(evaluate.EvalConfig, overrides={
-        "out_dir": str(tmp_path / "eval"), "models": [f"random={tiny_model_dir}", f"sft={tiny_sft_dir}"],
-        "rm": "tests.test_evaluate:good_count", "judge": "tests.test_evaluate:length_judge",
-        "prompts": {"path": str(prompts)}, "generation": {"max_new_tokens": 12}})
+    prompts.write_text(
+        "\n".join(f"how tea {w}?" for w in ("hot", "cold", "water", "milk", "sugar", "pot", "cup", "bean"))
+    )
+    cfg = load_config(
+        evaluate.EvalConfig,
+        overrides={
+            "out_dir": str(tmp_path / "eval"),
+            "models": [f"random={tiny_model_dir}", f"sft={tiny_sft_dir}"],
+            "rm": "tests.test_evaluate:good_count",
+            "judge": "tests.test_evaluate:length_judge",
+            "prompts": {"path": str(prompts)},
+            "generation": {"max_new_tokens": 12},
+        },
+    )
     m = evaluate.run(cfg)
     assert set(m["models"]) == {"random", "sft"}
     assert m["models"]["random"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself

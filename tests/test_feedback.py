@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from rlhfkit.inputs.tables import load_table
 from rlhfkit.runtime.config import load_config
 from rlhfkit.stages import feedback
-from rlhfkit.inputs.tables import load_table
 from tests.test_ppo import PROMPTS, good_count  # noqa: F401  (rater used by spec string)
 
 
 def test_feedback_pairs_follow_the_rater_and_splits_are_disjoint(tiny_sft_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = load_config(feedback.FeedbackConfig, overrides={
-        "out_dir": str(tmp_path / "fb"), "model": {"name": str(tiny_sft_dir)}, "prompts": str(prompts),
-        "rater": "tests.test_ppo:good_count", "samples_per_prompt": 3, "n_label_prompts": 40, "n_eval_prompts": 12,
-        "generation": {"max_new_tokens": 10}})
+    cfg = load_config(
+        feedback.FeedbackConfig,
+        overrides={
+            "out_dir": str(tmp_path / "fb"),
+            "model": {"name": str(tiny_sft_dir)},
+            "prompts": str(prompts),
+            "rater": "tests.test_ppo:good_count",
+            "samples_per_prompt": 3,
+            "n_label_prompts": 40,
+            "n_eval_prompts": 12,
+            "generation": {"max_new_tokens": 10},
+        },
+    )
     stats = feedback.run(cfg)
     train = load_table(tmp_path / "fb", "rm_train")
     held = load_table(tmp_path / "fb", "rm_eval")
@@ -35,5 +44,11 @@ def test_feedback_is_a_cli_command(capsys):
 
     assert main(["feedback", "--help"]) == 0
     out = capsys.readouterr().out
-    for key in ("--samples_per_prompt", "--max_pairs_per_prompt", "--min_gap", "--rater", "--generation.max_new_tokens"):
+    for key in (
+        "--samples_per_prompt",
+        "--max_pairs_per_prompt",
+        "--min_gap",
+        "--rater",
+        "--generation.max_new_tokens",
+    ):
         assert key in out, key

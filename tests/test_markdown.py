@@ -15,8 +15,9 @@ from rlhfkit.runtime.errors import RlhfkitError
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "stackexchange" / "tiny.stackexchange.com" / "Posts.xml"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stackexchange"
 REAL = SHARED / "coffee.stackexchange.com" / "Posts.xml"
-needs_rust = pytest.mark.skipif(not markdown.rust_available(),
-                                reason="markdownify-rs not installed (pip install 'rlhfkit[fast]')")
+needs_rust = pytest.mark.skipif(
+    not markdown.rust_available(), reason="markdownify-rs not installed (pip install 'rlhfkit[fast]')"
+)
 
 SNIPPETS = [
     '<p>Run <code>x</code>, see <a href="https://ex.com/?a=1&amp;b=2">docs</a> and '
@@ -36,11 +37,16 @@ SNIPPETS = [
     '<p><strong><img alt="bold"></strong></p>',
     '<pre><code><img alt="in code"> x</code></pre><p><code>a <img alt="inline"></code></p>',
     # sent to markdownify by the pre-pass, still identical:
-    '<p><a href="logo"><img alt="logo"></a></p>', '<p><img alt=" spaced "> <code><img alt="`tick`"></code></p>',
-    '<pre class="lang-py"></pre><pre class="lang-sh"><code>ls</code></pre>', '<pre class="lang-py"/><p>after</p>',
-    '<!-- <img alt="hidden"> --><pre class="lang-py">x</pre>', '<script><img alt="s"></script><pre>x</pre>',
-    '<a title="<img alt=t>" href="y">link</a><img alt="u">', '<p>\uf8ff apple <img alt="x"></p><pre>y</pre>',
-    '<pre><span>x</span><code class="lang-py">y</code></pre>', '<pre><pre class="lang-py">in</pre>out</pre>',
+    '<p><a href="logo"><img alt="logo"></a></p>',
+    '<p><img alt=" spaced "> <code><img alt="`tick`"></code></p>',
+    '<pre class="lang-py"></pre><pre class="lang-sh"><code>ls</code></pre>',
+    '<pre class="lang-py"/><p>after</p>',
+    '<!-- <img alt="hidden"> --><pre class="lang-py">x</pre>',
+    '<script><img alt="s"></script><pre>x</pre>',
+    '<a title="<img alt=t>" href="y">link</a><img alt="u">',
+    '<p>\uf8ff apple <img alt="x"></p><pre>y</pre>',
+    '<pre><span>x</span><code class="lang-py">y</code></pre>',
+    '<pre><pre class="lang-py">in</pre>out</pre>',
 ]
 
 
@@ -49,15 +55,45 @@ def fixture_bodies(path: Path) -> list[str]:
 
 
 def random_html(rng: random.Random) -> str:
-    frags = ["<p>", "</p>", "text ", " ", "\n", "*star* ", "snake_case", '<a href="https://ex.com/a">', "</a>",
-             '<img src="a.png" alt="pic">', '<img alt="">', "<img src=b.png>", '<IMG ALT="Big pic"/>',
-             "<img alt='x*y'>",
-             '<pre class="lang-py"><code>def f():\n    return 1\n</code></pre>', "<pre><code>\n\nx\n</code></pre>",
-             '<pre class="prettyprint"><code class="language-rust">fn x() {}</code></pre>', "<pre>", "</pre>",
-             "<code>",
-             '<code class="language-c">', "</code>", "<h3>", "</h3>", "<ul><li>", "</li></ul>", "<blockquote>",
-             "</blockquote>", "<!-- c -->", "<em>", "</em>", "<br>", "<td>", "<div>", "</div>", "&lt;pre&gt;",
-             "<kbd>"]
+    frags = [
+        "<p>",
+        "</p>",
+        "text ",
+        " ",
+        "\n",
+        "*star* ",
+        "snake_case",
+        '<a href="https://ex.com/a">',
+        "</a>",
+        '<img src="a.png" alt="pic">',
+        '<img alt="">',
+        "<img src=b.png>",
+        '<IMG ALT="Big pic"/>',
+        "<img alt='x*y'>",
+        '<pre class="lang-py"><code>def f():\n    return 1\n</code></pre>',
+        "<pre><code>\n\nx\n</code></pre>",
+        '<pre class="prettyprint"><code class="language-rust">fn x() {}</code></pre>',
+        "<pre>",
+        "</pre>",
+        "<code>",
+        '<code class="language-c">',
+        "</code>",
+        "<h3>",
+        "</h3>",
+        "<ul><li>",
+        "</li></ul>",
+        "<blockquote>",
+        "</blockquote>",
+        "<!-- c -->",
+        "<em>",
+        "</em>",
+        "<br>",
+        "<td>",
+        "<div>",
+        "</div>",
+        "&lt;pre&gt;",
+        "<kbd>",
+    ]
     return "".join(rng.choice(frags) for _ in range(rng.randint(1, 20)))
 
 
@@ -83,8 +119,7 @@ def test_rust_path_rules_on_fixture_and_snippets():
     assert markdown.rust_markdown(SNIPPETS[4]) == "```js\nx\n```"
     assert markdown.rust_markdown(SNIPPETS[5]) == "```\nx\n```\n\n```bash\nls\n```"  # duplicate class: last wins
     assert markdown.rust_markdown(SNIPPETS[8]) == "a  b  c"
-    assert markdown.rust_markdown(SNIPPETS[9]) == \
-        "[enter image description here](https://i.stack.imgur.com/x.png)"
+    assert markdown.rust_markdown(SNIPPETS[9]) == "[enter image description here](https://i.stack.imgur.com/x.png)"
     assert markdown.rust_markdown(SNIPPETS[10]) == "2*3 & cafébare\n\n**bold**"
     assert sum(markdown.FALLBACKS.values()) == before  # all of these took the Rust path
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.apps.runner import load_recipe
+from rlhfkit.runtime.errors import ConfigError
 from tests.conftest import REPO
 from tests.test_reward import preference_pairs
 
@@ -26,8 +26,17 @@ def pairs_file(tmp_path_factory):
 
 
 def _run(run_dir, model, pairs, env=None, extra=()):
-    cmd = [sys.executable, "-m", "rlhfkit.cli", "run", str(RECIPE), f"run_dir={run_dir}", f"vars.model={model}",
-           f"vars.pairs={pairs}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhfkit.cli",
+        "run",
+        str(RECIPE),
+        f"run_dir={run_dir}",
+        f"vars.model={model}",
+        f"vars.pairs={pairs}",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
 
 
@@ -80,7 +89,9 @@ def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_model_dir, p
     assert "[run] eval: running" in p.stdout
 
 
-@pytest.mark.parametrize("recipe", [None, "recipes/tiny.yaml", "recipes/stackllama.yaml"], ids=["embedded-default", "tiny", "stackllama"])
+@pytest.mark.parametrize(
+    "recipe", [None, "recipes/tiny.yaml", "recipes/stackllama.yaml"], ids=["embedded-default", "tiny", "stackllama"]
+)
 def test_shipped_recipes_validate_against_stage_configs(recipe, tmp_path):
     """Every stage section of a shipped recipe loads into its typed config: a renamed field in a
     stage must break this test, not a user's first `rlhfkit run` ten minutes in."""

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from rlhfkit.models.forward import forward_logprobs
+from rlhfkit.models.generation import pad_left
 from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.runtime.io import read_jsonl
-from rlhfkit.models.forward import forward_logprobs
-from rlhfkit.models.generation import pad_left
 from rlhfkit.stages import ppo
 from tests.conftest import WORDS, cli_env
 
@@ -27,7 +27,8 @@ def good_count(prompts, responses):
 
 def ppo_cfg(model_dir, out, steps=16, batch_size=16, **over):
     base = {
-        "out_dir": str(out), "model": {"name": str(model_dir)},
+        "out_dir": str(out),
+        "model": {"name": str(model_dir)},
         "lora": {"r": 16, "alpha": 32, "target_modules": ["all-linear"]},
         "train": {"max_steps": steps, "batch_size": batch_size, "lr": 1e-2, "seed": 0},
         "generation": {"response_min": 6, "response_max": 10},
@@ -41,8 +42,9 @@ def ppo_cfg(model_dir, out, steps=16, batch_size=16, **over):
 @pytest.fixture(scope="module")
 def toy_run(tiny_sft_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
-    summary = ppo.train(reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:],
-                        config=ppo_cfg(tiny_sft_dir, out))
+    summary = ppo.train(
+        reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:], config=ppo_cfg(tiny_sft_dir, out)
+    )
     return out, summary
 
 
@@ -55,9 +57,24 @@ def test_ppo_learns_toy_reward(toy_run):
     for r in recs:
         for k in ("kl", "pg_loss", "vf_loss", "approxkl", "clipfrac", "entropy", "non_score_reward"):
             assert torch.isfinite(torch.tensor(r[k])), (k, r)
-    expected = {"score", "non_score_reward", "kl", "kl_coef", "entropy", "approxkl", "clipfrac", "pg_loss", "vf_loss",
-                "explained_variance", "response_length", "time/generate", "time/score", "time/forward", "time/update",
-                "tokens_per_s"}
+    expected = {
+        "score",
+        "non_score_reward",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "approxkl",
+        "clipfrac",
+        "pg_loss",
+        "vf_loss",
+        "explained_variance",
+        "response_length",
+        "time/generate",
+        "time/score",
+        "time/forward",
+        "time/update",
+        "tokens_per_s",
+    }
     assert expected <= set(recs[0])
     assert summary["eval_reward_after"] > summary["eval_reward_before"]
     table = (out / "before_after.md").read_text()
@@ -70,7 +87,9 @@ def test_ppo_learns_toy_reward(toy_run):
 def _first_step_kl(cfg):
     trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
     idx = trainer.step_prompts(0)
-    rec = trainer.ppo_step([trainer.prompts[i] for i in idx], [trainer.queries[i] for i in idx], trainer._generator(0, 0))
+    rec = trainer.ppo_step(
+        [trainer.prompts[i] for i in idx], [trainer.queries[i] for i in idx], trainer._generator(0, 0)
+    )
     return rec, trainer
 
 
@@ -83,10 +102,18 @@ def test_kl_is_exactly_zero_at_step_0_existing_adapter(tiny_model_dir, tiny_corp
     """Continuing an SFT adapter: the reference is a frozen copy of it, not the bare base (trl#1340)."""
     from rlhfkit.stages import sft
 
-    sft.run(load_config(sft.SFTConfig, overrides={
-        "out_dir": str(tmp_path / "sft"), "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(tiny_corpus), "seq_len": 64}, "lora": {"r": 8, "dropout": 0.0},
-        "train": {"max_steps": 8, "lr": 3e-2, "batch_size": 8}}))
+    sft.run(
+        load_config(
+            sft.SFTConfig,
+            overrides={
+                "out_dir": str(tmp_path / "sft"),
+                "model": {"name": str(tiny_model_dir)},
+                "data": {"path": str(tiny_corpus), "seq_len": 64},
+                "lora": {"r": 8, "dropout": 0.0},
+                "train": {"max_steps": 8, "lr": 3e-2, "batch_size": 8},
+            },
+        )
+    )
     adapter = tmp_path / "sft" / "final"
     rec, trainer = _first_step_kl(ppo_cfg(adapter, tmp_path / "p", steps=1, lora={"continue_adapter": True, "r": 8}))
     assert rec["kl"] == 0.0
@@ -153,6 +180,7 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
 
     model.policy.generate = fake_generate
     from rlhfkit.models.generation import generate
+
     resp, rmask = generate(model.policy, tok, q, [4, 3], ppo.GenerationConfig(), "cpu")
     assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]  # up to and including EOS; row 2 cut to its length 3
     assert resp.tolist() == [[7, eos, pad], [5, 6, 7]]
@@ -164,16 +192,25 @@ def test_compiled_generation_samples_what_eager_samples(tiny_sft_dir, tmp_path):
     from rlhfkit.models.generation import generate
 
     model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "c", steps=1))
-    q = [tok("how tea hot?")["input_ids"], tok("why bread dough rise so slowly?")["input_ids"], tok("tea?")["input_ids"]]
+    q = [
+        tok("how tea hot?")["input_ids"],
+        tok("why bread dough rise so slowly?")["input_ids"],
+        tok("tea?")["input_ids"],
+    ]
     runs = {}
     for compiled in (False, True):
         g = ppo.GenerationConfig(compile=compiled)
         torch.manual_seed(3)
-        runs[compiled] = [generate(model.policy, tok, q, [9, 12, 5], g, "cpu"), generate(model.policy, tok, q[:2], [6, 6], g, "cpu")]
+        runs[compiled] = [
+            generate(model.policy, tok, q, [9, 12, 5], g, "cpu"),
+            generate(model.policy, tok, q[:2], [6, 6], g, "cpu"),
+        ]
     for (r0, m0), (r1, m1) in zip(runs[False], runs[True]):
         assert torch.equal(r0, r1) and torch.equal(m0, m1)
     base = model.policy.get_base_model()
-    assert base._previous_max_cache_length >= len(q[1]) + 12 and hasattr(base, "_compiled_call")  # static cache, compiled decode
+    assert base._previous_max_cache_length >= len(q[1]) + 12 and hasattr(
+        base, "_compiled_call"
+    )  # static cache, compiled decode
 
 
 def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, capsys):
@@ -183,8 +220,19 @@ def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, ca
     ppo.check_generation(ppo.GenerationConfig(top_k=50, accept_kl_bias=True))  # explicit opt-in is allowed
     from rlhfkit.cli import main
 
-    assert main(["ppo", f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count",
-                 f"out_dir={tmp_path / 'x'}", "generation.top_k=50", "prompts.path=builtin:review_openers"]) == 2
+    assert (
+        main(
+            [
+                "ppo",
+                f"model.name={tiny_sft_dir}",
+                "reward=tests.test_ppo:good_count",
+                f"out_dir={tmp_path / 'x'}",
+                "generation.top_k=50",
+                "prompts.path=builtin:review_openers",
+            ]
+        )
+        == 2
+    )
     assert "unbiased when y is drawn from" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
@@ -192,13 +240,30 @@ def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, ca
 def test_resume_is_bitwise(tiny_sft_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"prompts.path={prompts}",
-            "prompts.n_eval=4", "train.max_steps=6", "train.save_every=3", "train.batch_size=8", "train.lr=1e-2", "lora.target_modules=[all-linear]",
-            "generation.response_min=4", "generation.response_max=8", "ppo.mini_batch_size=4", "ppo.ppo_epochs=2",
-            "ppo.score_norm=normalize"]
-    assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after=3, steps=6,
-                                      files=("adapter_model.safetensors", "value_head.safetensors"),
-                                      keys=("score", "kl", "kl_coef", "pg_loss", "vf_loss"))
+    args = [
+        f"model.name={tiny_sft_dir}",
+        "reward=tests.test_ppo:good_count",
+        f"prompts.path={prompts}",
+        "prompts.n_eval=4",
+        "train.max_steps=6",
+        "train.save_every=3",
+        "train.batch_size=8",
+        "train.lr=1e-2",
+        "lora.target_modules=[all-linear]",
+        "generation.response_min=4",
+        "generation.response_max=8",
+        "ppo.mini_batch_size=4",
+        "ppo.ppo_epochs=2",
+        "ppo.score_norm=normalize",
+    ]
+    assert_kill_and_resume_is_bitwise(
+        tmp_path,
+        args,
+        kill_after=3,
+        steps=6,
+        files=("adapter_model.safetensors", "value_head.safetensors"),
+        keys=("score", "kl", "kl_coef", "pg_loss", "vf_loss"),
+    )
 
 
 def assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after, steps, files, keys):
@@ -208,7 +273,10 @@ def assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after, steps, files, 
 
     run = lambda out, extra=(), env=None: subprocess.run(  # noqa: E731
         [sys.executable, "-m", "rlhfkit.cli", "ppo", *args, f"out_dir={out}", *extra],
-        capture_output=True, text=True, env={**cli_env(), **(env or {})})
+        capture_output=True,
+        text=True,
+        env={**cli_env(), **(env or {})},
+    )
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     p = run(straight)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -236,11 +304,27 @@ def rm_dirs(tiny_sft_dir, tmp_path_factory):
     rows = [{"prompt": p, "chosen": f"{p.split()[1]} is good.", "rejected": f"{p.split()[1]} is bad."} for p in PROMPTS]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = {}
-    for kind, lora in (("adapter", ["lora.enabled=true", "lora.r=4", "lora.target_modules=[all-linear]"]),
-                       ("full", ["lora.enabled=false"])):
-        reward.run(load_config(reward.RewardConfig, overrides=[
-            f"out_dir={base / kind}", f"model.name={tiny_sft_dir}", f"data.path={pairs}", "data.eval_fraction=0.1",
-            "data.max_length=64", "train.batch_size=8", "train.lr=3e-3", "train.max_steps=6", "train.seed=0", *lora]))
+    for kind, lora in (
+        ("adapter", ["lora.enabled=true", "lora.r=4", "lora.target_modules=[all-linear]"]),
+        ("full", ["lora.enabled=false"]),
+    ):
+        reward.run(
+            load_config(
+                reward.RewardConfig,
+                overrides=[
+                    f"out_dir={base / kind}",
+                    f"model.name={tiny_sft_dir}",
+                    f"data.path={pairs}",
+                    "data.eval_fraction=0.1",
+                    "data.max_length=64",
+                    "train.batch_size=8",
+                    "train.lr=3e-3",
+                    "train.max_steps=6",
+                    "train.seed=0",
+                    *lora,
+                ],
+            )
+        )
         out[kind] = base / kind / "final"
     return out
 
@@ -303,8 +387,15 @@ def test_rm_critic_trains_and_is_saved_in_final(tiny_sft_dir, rm_dirs, tmp_path)
     from rlhfkit.rewards.scoring import load_scorer
 
     out = tmp_path / "run"
-    cfg = ppo_cfg(tiny_sft_dir, out, steps=3, batch_size=8, reward=str(rm_dirs["adapter"]), critic="rm",
-                  ppo={"mini_batch_size": 4, "ppo_epochs": 2})
+    cfg = ppo_cfg(
+        tiny_sft_dir,
+        out,
+        steps=3,
+        batch_size=8,
+        reward=str(rm_dirs["adapter"]),
+        critic="rm",
+        ppo={"mini_batch_size": 4, "ppo_epochs": 2},
+    )
     trainer = ppo.PPOTrainer(cfg, prompts=PROMPTS[:16], eval_prompts=PROMPTS[-4:])
     model = trainer.accelerator.unwrap_model(trainer.model)
     pad = trainer.tok.pad_token_id
@@ -328,10 +419,27 @@ def test_rm_critic_trains_and_is_saved_in_final(tiny_sft_dir, rm_dirs, tmp_path)
 def test_resume_with_rm_critic_is_bitwise(tiny_sft_dir, rm_dirs, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    args = [f"model.name={tiny_sft_dir}", "reward=tests.test_ppo:good_count", f"critic={rm_dirs['adapter']}",
-            f"prompts.path={prompts}", "prompts.n_eval=2", "train.max_steps=4", "train.save_every=2", "train.batch_size=4", "train.lr=1e-2",
-            "lora.target_modules=[all-linear]", "generation.response_min=4", "generation.response_max=6",
-            "ppo.mini_batch_size=2", "ppo.ppo_epochs=2"]
-    assert_kill_and_resume_is_bitwise(tmp_path, args, kill_after=2, steps=4,
-                                      files=("adapter_model.safetensors", "critic/adapter_model.safetensors"),
-                                      keys=("score", "kl", "pg_loss", "vf_loss", "explained_variance"))
+    args = [
+        f"model.name={tiny_sft_dir}",
+        "reward=tests.test_ppo:good_count",
+        f"critic={rm_dirs['adapter']}",
+        f"prompts.path={prompts}",
+        "prompts.n_eval=2",
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.batch_size=4",
+        "train.lr=1e-2",
+        "lora.target_modules=[all-linear]",
+        "generation.response_min=4",
+        "generation.response_max=6",
+        "ppo.mini_batch_size=2",
+        "ppo.ppo_epochs=2",
+    ]
+    assert_kill_and_resume_is_bitwise(
+        tmp_path,
+        args,
+        kill_after=2,
+        steps=4,
+        files=("adapter_model.safetensors", "critic/adapter_model.safetensors"),
+        keys=("score", "kl", "pg_loss", "vf_loss", "explained_variance"),
+    )

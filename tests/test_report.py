@@ -55,20 +55,35 @@ def make_run_dir(root: Path, over_optimised: bool = True, seed: int = 0, stages:
 
 def _data(run: Path) -> None:
     (run / "data").mkdir(parents=True)
-    (run / "data" / "stats.json").write_text(json.dumps({
-        "source": "stackexchange", "out_dir": str(run / "data"), "format": "datasets",
-        "inputs": [{"site": "coffee", "questions": 120, "answers": 410, "seconds": 0.8}],
-        "rows_by_post_type": {"question": 120, "answer": 410},
-        "questions": 120, "answers": 410,
-        "questions_by_split": {"sft": 40, "rm_train": 50, "rm_eval": 10, "rl_prompts": 20},
-        "rows": {"sft": 40, "rm_train": 310, "rm_eval": 52, "rl_prompts": 20},
-        "pairs": {"rm_train": 310, "rm_eval": 52, "candidates": 500, "candidates_capped": 362},
-        "score_histogram": {str(s): max(1, int(200 * math.exp(-abs(s - 1)))) for s in range(-3, 12)},
-        "skipped": {"no_answers": 14, "closed": 3}, "filtered": {"rm_train": 7},
-        "lengths_chars": {"sft": {"prompt": {"p50": 310, "p90": 900, "p99": 2100, "max": 4000, "mean": 402.5},
-                                  "response": {"p50": 520, "p90": 1500, "p99": 3900, "max": 9000, "mean": 701.0}}},
-        "partial": [], "seconds": 1.25, "mb_per_second": 3.2,
-    }), encoding="utf-8")
+    (run / "data" / "stats.json").write_text(
+        json.dumps(
+            {
+                "source": "stackexchange",
+                "out_dir": str(run / "data"),
+                "format": "datasets",
+                "inputs": [{"site": "coffee", "questions": 120, "answers": 410, "seconds": 0.8}],
+                "rows_by_post_type": {"question": 120, "answer": 410},
+                "questions": 120,
+                "answers": 410,
+                "questions_by_split": {"sft": 40, "rm_train": 50, "rm_eval": 10, "rl_prompts": 20},
+                "rows": {"sft": 40, "rm_train": 310, "rm_eval": 52, "rl_prompts": 20},
+                "pairs": {"rm_train": 310, "rm_eval": 52, "candidates": 500, "candidates_capped": 362},
+                "score_histogram": {str(s): max(1, int(200 * math.exp(-abs(s - 1)))) for s in range(-3, 12)},
+                "skipped": {"no_answers": 14, "closed": 3},
+                "filtered": {"rm_train": 7},
+                "lengths_chars": {
+                    "sft": {
+                        "prompt": {"p50": 310, "p90": 900, "p99": 2100, "max": 4000, "mean": 402.5},
+                        "response": {"p50": 520, "p90": 1500, "p99": 3900, "max": 9000, "mean": 701.0},
+                    }
+                },
+                "partial": [],
+                "seconds": 1.25,
+                "mb_per_second": 3.2,
+            }
+        ),
+        encoding="utf-8",
+    )
     (run / "data" / "config.yaml").write_text("source: stackexchange\nseed: 0\n", encoding="utf-8")
 
 
@@ -76,27 +91,60 @@ def _sft(run: Path, rng: random.Random) -> None:
     recs = [{"step": 0, "eval/loss": 6.0, "eval/perplexity": math.exp(6.0), "eval/tokens": 4096}]
     for s in range(1, 41):
         loss = 6.0 * math.exp(-s / 15) + 1.0 + rng.uniform(-0.05, 0.05)
-        recs.append({"step": s, "loss": loss, "lr": 1e-3 * min(1, s / 5), "tokens": 512 * s, "tokens_per_s": 900 + rng.uniform(-50, 50),
-                     "epoch": s / 40, "grad_norm": 2.0 * math.exp(-s / 20)})
+        recs.append(
+            {
+                "step": s,
+                "loss": loss,
+                "lr": 1e-3 * min(1, s / 5),
+                "tokens": 512 * s,
+                "tokens_per_s": 900 + rng.uniform(-50, 50),
+                "epoch": s / 40,
+                "grad_norm": 2.0 * math.exp(-s / 20),
+            }
+        )
         if s % 10 == 0:
             el = 6.0 * math.exp(-s / 15) + 1.2
             recs.append({"step": s, "eval/loss": el, "eval/perplexity": math.exp(el), "eval/tokens": 4096})
     _jsonl(run / "sft" / "metrics.jsonl", recs)
     (run / "sft" / "config.yaml").write_text(
-        "model:\n  name: tiny\ntemplate:\n  template: 'Question: {prompt}\n\n    Answer: {response}'\n  chat_template: false\n"
-        "train:\n  lr: 0.001  # <not html>\n", encoding="utf-8")
+        "model:\n  name: tiny\ntemplate:\n  template: 'Question: {prompt}\n\n    Answer: {response}'\n  "
+        "chat_template: false\n"
+        "train:\n  lr: 0.001  # <not html>\n",
+        encoding="utf-8",
+    )
 
 
 def _rm(run: Path, rng: random.Random) -> None:
     recs = []
     for s in range(1, 31):
         acc = 0.5 + 0.4 * (1 - math.exp(-s / 10))
-        recs.append({"step": s, "loss": 0.69 * (1 - acc / 2), "accuracy": acc, "margin": 2 * (acc - 0.5), "lr": 1e-4, "pairs": 8 * s})
+        recs.append(
+            {
+                "step": s,
+                "loss": 0.69 * (1 - acc / 2),
+                "accuracy": acc,
+                "margin": 2 * (acc - 0.5),
+                "lr": 1e-4,
+                "pairs": 8 * s,
+            }
+        )
         if s % 10 == 0:
-            recs.append({"step": s, "eval/loss": 0.6, "eval/accuracy": acc - 0.05, "eval/ties": 0, "eval/margin": 1.5 * (acc - 0.5),
-                         "eval/reward_mean": 0.1, "eval/reward_std": 1.2, "eval/pairs": 52})
+            recs.append(
+                {
+                    "step": s,
+                    "eval/loss": 0.6,
+                    "eval/accuracy": acc - 0.05,
+                    "eval/ties": 0,
+                    "eval/margin": 1.5 * (acc - 0.5),
+                    "eval/reward_mean": 0.1,
+                    "eval/reward_std": 1.2,
+                    "eval/pairs": 52,
+                }
+            )
     _jsonl(run / "rm" / "metrics.jsonl", recs)
-    (run / "rm" / "eval_margins.json").write_text(json.dumps([rng.gauss(0.6, 1.0) for _ in range(52)]), encoding="utf-8")
+    (run / "rm" / "eval_margins.json").write_text(
+        json.dumps([rng.gauss(0.6, 1.0) for _ in range(52)]), encoding="utf-8"
+    )
     (run / "rm" / "config.yaml").write_text("model:\n  name: tiny\nlr: 0.0001\n", encoding="utf-8")
 
 
@@ -106,18 +154,44 @@ def _ppo(run: Path, rng: random.Random) -> None:
         kl = 0.02 * s + rng.uniform(0, 0.01)
         beta *= 1 + 0.1 * (kl - 0.1)
         score = 0.1 * s + rng.uniform(-0.05, 0.05)
-        recs.append({"step": s, "score": score, "score_std": 0.3, "reward": score - beta * kl, "non_score_reward": -beta * kl, "kl": kl,
-                     "kl_coef": beta, "entropy": 2.0 - 0.05 * s, "approxkl": 0.01, "clipfrac": 0.1, "pg_loss": -0.02, "vf_loss": 0.3 / s,
-                     "explained_variance": 1 - 1 / s, "response_length": 30 + s, "time/generate": 1.5, "time/score": 0.2,
-                     "time/forward": 0.4, "time/update": 0.9, "tokens_per_s": 120.0})
+        recs.append(
+            {
+                "step": s,
+                "score": score,
+                "score_std": 0.3,
+                "reward": score - beta * kl,
+                "non_score_reward": -beta * kl,
+                "kl": kl,
+                "kl_coef": beta,
+                "entropy": 2.0 - 0.05 * s,
+                "approxkl": 0.01,
+                "clipfrac": 0.1,
+                "pg_loss": -0.02,
+                "vf_loss": 0.3 / s,
+                "explained_variance": 1 - 1 / s,
+                "response_length": 30 + s,
+                "time/generate": 1.5,
+                "time/score": 0.2,
+                "time/forward": 0.4,
+                "time/update": 0.9,
+                "tokens_per_s": 120.0,
+            }
+        )
         if s % 4 == 0:
             recs.append({"step": s, "eval/reward": score - 0.05, "eval/kl": kl, "eval/response_length": 31 + s})
     _jsonl(run / "ppo" / "metrics.jsonl", recs)
     samples = []
     for tag, step, bonus in (("before", 0, 0.0), ("during", 6, 0.4), ("after", N_PPO_STEPS, 1.0)):
         for i, q in enumerate(PROMPTS):
-            samples.append({"step": step, "tag": tag, "prompt": q, "reward": round(i * 0.1 + bonus, 3),
-                            "response": f"[{tag}] answer {i}: use <b>{i + 1}</b> cups & stir\nsecond line"})
+            samples.append(
+                {
+                    "step": step,
+                    "tag": tag,
+                    "prompt": q,
+                    "reward": round(i * 0.1 + bonus, 3),
+                    "response": f"[{tag}] answer {i}: use <b>{i + 1}</b> cups & stir\nsecond line",
+                }
+            )
     _jsonl(run / "ppo" / "samples.jsonl", samples)
     (run / "ppo" / "before_after.md").write_text("| prompt | before | reward | after | reward |\n", encoding="utf-8")
     (run / "ppo" / "config.yaml").write_text("batch_size: 8\nppo:\n  target_kl: 6.0\n", encoding="utf-8")
@@ -126,22 +200,54 @@ def _ppo(run: Path, rng: random.Random) -> None:
 def _eval(run: Path, over_optimised: bool) -> None:
     rm_after, judge_after = (1.4, 0.35) if over_optimised else (1.4, 0.7)
     (run / "eval").mkdir(parents=True)
-    (run / "eval" / "metrics.json").write_text(json.dumps({
-        "models": {
-            "sft": {"rm_score": 0.2, "judge_score": 0.5, "kl": None, "response_length": 40.0, "repetition_rate": 0.05,
-                    "fence_rate": 0.0, "length_drift": None, "perplexity": 12.5},
-            "ppo": {"rm_score": rm_after, "judge_score": judge_after, "kl": 0.25, "response_length": 75.0, "repetition_rate": 0.4,
-                    "fence_rate": 0.3, "length_drift": 0.9, "perplexity": 18.0},
-        },
-        "win_rate": {"ppo_vs_sft": {"rm": 0.8, "judge": 0.35 if over_optimised else 0.65}},
-        "detectors": {"sft": {"repetition": False, "fence_spam": False, "length_drift": False},
-                      "ppo": {"repetition": over_optimised, "fence_spam": False, "length_drift": over_optimised}},
-        "over_optimisation": {"rm_delta": rm_after - 0.2, "judge_delta": judge_after - 0.5, "flag": over_optimised,
-                              "note": "RM score rose while the judge score fell" if over_optimised else "judge agrees"},
-    }), encoding="utf-8")
-    _jsonl(run / "eval" / "samples.jsonl", [
-        {"model": m, "prompt": q, "response": f"{m} says <i>hi</i>", "rm_score": 0.5, "judge_score": None}
-        for m in ("sft", "ppo") for q in PROMPTS[:2]])
+    (run / "eval" / "metrics.json").write_text(
+        json.dumps(
+            {
+                "models": {
+                    "sft": {
+                        "rm_score": 0.2,
+                        "judge_score": 0.5,
+                        "kl": None,
+                        "response_length": 40.0,
+                        "repetition_rate": 0.05,
+                        "fence_rate": 0.0,
+                        "length_drift": None,
+                        "perplexity": 12.5,
+                    },
+                    "ppo": {
+                        "rm_score": rm_after,
+                        "judge_score": judge_after,
+                        "kl": 0.25,
+                        "response_length": 75.0,
+                        "repetition_rate": 0.4,
+                        "fence_rate": 0.3,
+                        "length_drift": 0.9,
+                        "perplexity": 18.0,
+                    },
+                },
+                "win_rate": {"ppo_vs_sft": {"rm": 0.8, "judge": 0.35 if over_optimised else 0.65}},
+                "detectors": {
+                    "sft": {"repetition": False, "fence_spam": False, "length_drift": False},
+                    "ppo": {"repetition": over_optimised, "fence_spam": False, "length_drift": over_optimised},
+                },
+                "over_optimisation": {
+                    "rm_delta": rm_after - 0.2,
+                    "judge_delta": judge_after - 0.5,
+                    "flag": over_optimised,
+                    "note": "RM score rose while the judge score fell" if over_optimised else "judge agrees",
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    _jsonl(
+        run / "eval" / "samples.jsonl",
+        [
+            {"model": m, "prompt": q, "response": f"{m} says <i>hi</i>", "rm_score": 0.5, "judge_score": None}
+            for m in ("sft", "ppo")
+            for q in PROMPTS[:2]
+        ],
+    )
 
 
 class _Page(HTMLParser):
@@ -231,8 +337,20 @@ def test_html_is_self_contained_with_valid_pngs(reported):
     assert page.external == [] and page.scripts == 0
     text = (reported / "report.html").read_text(encoding="utf-8")
     assert "http://" not in text and "https://" not in text
-    for needle in ("SFT", "Reward model", "PPO", "Reward vs KL", "Evaluation", "Win rates", "Detectors", "torch",
-                   "transformers", "CPU count", "<details><summary>sft/config.yaml</summary>", "# &lt;not html&gt;"):
+    for needle in (
+        "SFT",
+        "Reward model",
+        "PPO",
+        "Reward vs KL",
+        "Evaluation",
+        "Win rates",
+        "Detectors",
+        "torch",
+        "transformers",
+        "CPU count",
+        "<details><summary>sft/config.yaml</summary>",
+        "# &lt;not html&gt;",
+    ):
         assert needle in text, needle
 
 
@@ -307,8 +425,14 @@ def test_cli_dispatch(tmp_path, capsys):
     from rlhfkit.cli import main as cli
 
     run = make_run_dir(tmp_path, stages=())
-    _jsonl(run / "ppo" / "samples.jsonl", [{"step": 0, "tag": t, "prompt": q, "response": "r", "reward": 0.0}
-                                           for t in ("before", "after") for q in PROMPTS])
+    _jsonl(
+        run / "ppo" / "samples.jsonl",
+        [
+            {"step": 0, "tag": t, "prompt": q, "response": "r", "reward": 0.0}
+            for t in ("before", "after")
+            for q in PROMPTS
+        ],
+    )
     out = tmp_path / "elsewhere"
     assert cli(["report", str(run), "--max-samples", "2", "--out", str(out)]) == 0
     assert "report.html" in capsys.readouterr().out
@@ -326,7 +450,8 @@ def test_report_in_chromium(reported):
             "return {n: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,"
             " rows: document.querySelectorAll('#ppo-samples tbody tr').length,"
             " warn: Array.from(document.querySelectorAll('.warn')).map(d => d.innerText),"
-            " external: performance.getEntriesByType('resource').map(e => e.name).filter(u => !u.startsWith('data:'))};")
+            " external: performance.getEntriesByType('resource').map(e => e.name).filter(u => !u.startsWith('data:'))};"
+        )
         assert state["n"] >= 8 and state["loaded"] == state["n"], state
         assert state["rows"] == len(PROMPTS)
         assert any("Over-optimisation suspected" in w for w in state["warn"])

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
+from rlhfkit.models.forward import sequence_scores
 from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.io import read_jsonl
-from rlhfkit.models.forward import sequence_scores
 from rlhfkit.stages import reward
 from tests.conftest import WORDS
 
@@ -36,10 +36,22 @@ def pair_file(tmp_path_factory):
 
 
 def rm_cfg(model_dir, pairs, out, *extra):
-    return load_config(reward.RewardConfig, overrides=[
-        f"out_dir={out}", f"model.name={model_dir}", f"data.path={pairs}", "data.eval_fraction=0.2",
-        "data.max_length=64", "train.batch_size=8", "train.lr=3e-3", "train.max_steps=40", "train.seed=0",
-        "lora.enabled=false", *extra])
+    return load_config(
+        reward.RewardConfig,
+        overrides=[
+            f"out_dir={out}",
+            f"model.name={model_dir}",
+            f"data.path={pairs}",
+            "data.eval_fraction=0.2",
+            "data.max_length=64",
+            "train.batch_size=8",
+            "train.lr=3e-3",
+            "train.max_steps=40",
+            "train.seed=0",
+            "lora.enabled=false",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +102,8 @@ def test_score_same_alone_and_in_left_or_right_padded_batches(trained_rm):
     ids = torch.full((3, T), scorer.tok.pad_token_id)
     mask = torch.zeros((3, T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = torch.tensor(s)
+        mask[i, T - len(s) :] = 1
     with torch.no_grad():
         left = sequence_scores(scorer.model, ids, mask).tolist()
     assert left == pytest.approx(alone, abs=1e-5)
@@ -113,9 +125,21 @@ def test_lora_rm_resume_is_bitwise(tiny_model_dir, pair_file, tmp_path):
     straight = tmp_path / "straight"
     reward.run(rm_cfg(tiny_model_dir, pair_file, straight, *args))
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "rlhfkit.cli", "rm", f"out_dir={killed}", f"model.name={tiny_model_dir}",
-           f"data.path={pair_file}", "data.eval_fraction=0.2", "data.max_length=64", "train.batch_size=8",
-           "train.lr=3e-3", "train.seed=0", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhfkit.cli",
+        "rm",
+        f"out_dir={killed}",
+        f"model.name={tiny_model_dir}",
+        f"data.path={pair_file}",
+        "data.eval_fraction=0.2",
+        "data.max_length=64",
+        "train.batch_size=8",
+        "train.lr=3e-3",
+        "train.seed=0",
+        *args,
+    ]
     import os
 
     env = {**os.environ, "RLHFKIT_FAULT_KILL_AFTER_STEP": "6"}
@@ -132,8 +156,8 @@ def test_lora_rm_resume_is_bitwise(tiny_model_dir, pair_file, tmp_path):
 
 
 def test_callable_and_spec_errors():
-    from rlhfkit.runtime.errors import RlhfkitError
     from rlhfkit.rewards.scoring import load_scorer
+    from rlhfkit.runtime.errors import RlhfkitError
 
     s = load_scorer(lambda ps, rs: [len(r) for r in rs])
     assert s(["a", "b"], ["xx", "yyy"]) == [2.0, 3.0]
@@ -151,16 +175,20 @@ def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp
 
     from rlhfkit.data import build_stackexchange
     from rlhfkit.inputs.pairs import load_pairs
-    from rlhfkit.rewards.scoring import RewardModelScorer
     from rlhfkit.inputs.tables import load_table
+    from rlhfkit.rewards.scoring import RewardModelScorer
     from tests.conftest import shared_data
 
     # the three smallest dumps: 0.8, 1.8 and 2.6 MB (1.5 s for the data stage)
     sites = ["coffee.stackexchange.com", "ai.stackexchange.com", "beer.stackexchange.com"]
     dumps = [shared_data("stackexchange", s, "Posts.xml") for s in sites]
     data = tmp_path / "data"
-    build_stackexchange([d.parent for d in dumps], data, seed=0,
-                        fractions={"sft": 0.0, "rm_train": 0.6, "rm_eval": 0.4, "rl_prompts": 0.0})
+    build_stackexchange(
+        [d.parent for d in dumps],
+        data,
+        seed=0,
+        fractions={"sft": 0.0, "rm_train": 0.6, "rm_eval": 0.4, "rl_prompts": 0.0},
+    )
     splits = {s: list(load_table(data, split=s)) for s in ("rm_train", "rm_eval")}
 
     # Independent length filter: tokenizer called directly on "Question: {p}\n\nAnswer: " and the answer
@@ -184,10 +212,23 @@ def test_real_stackexchange_rm_evaluates_on_unseen_questions(tiny_model_dir, tmp
     assert len(held) >= 20 and len({r["site"] for r in held}) >= 2, [len(v) for v in kept.values()]
 
     out = tmp_path / "rm"
-    summary = reward.run(load_config(reward.RewardConfig, overrides=[
-        f"out_dir={out}", f"model.name={tiny_model_dir}", f"data.path={data}", f"data.max_length={max_length}",
-        "lora.enabled=false", "train.batch_size=4", "train.lr=1e-3", "train.max_steps=10", "train.seed=0",
-        "eval_batch_size=8"]))
+    summary = reward.run(
+        load_config(
+            reward.RewardConfig,
+            overrides=[
+                f"out_dir={out}",
+                f"model.name={tiny_model_dir}",
+                f"data.path={data}",
+                f"data.max_length={max_length}",
+                "lora.enabled=false",
+                "train.batch_size=4",
+                "train.lr=1e-3",
+                "train.max_steps=10",
+                "train.seed=0",
+                "eval_batch_size=8",
+            ],
+        )
+    )
     assert f"[rm] {len(kept['rm_train'])} training pairs, {len(held)} held-out pairs" in capsys.readouterr().out
 
     # (a) The rows the stage trained and evaluated on, re-loaded from its own saved config, are the two
@@ -254,8 +295,10 @@ def test_encode_pairs_drops_or_cuts_over_long_pairs(tiny_model_dir):
     from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
     fmt = PromptFormat(TemplateConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
-    rows = [{"prompt": "how tea water? " * 20, "chosen": "tea is good. " * 30, "rejected": "no"},
-            {"prompt": "why?", "chosen": "yes", "rejected": "no"}]
+    rows = [
+        {"prompt": "how tea water? " * 20, "chosen": "tea is good. " * 30, "rejected": "no"},
+        {"prompt": "why?", "chosen": "yes", "rejected": "no"},
+    ]
     assert len(encode_pairs(rows, fmt, 64)) == 1  # the long pair is dropped
     kept = encode_pairs(rows, fmt, 64, truncate=True)
     assert len(kept) == 2
@@ -270,8 +313,11 @@ def test_lora_on_top_layers_only_with_all_linear(tiny_model_dir):
     adapters on every linear layer of the top blocks, none below, head trainable."""
     from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
-    model, _ = load_model(ModelConfig(name=str(tiny_model_dir)),
-                          LoraConfig(target_modules=["all-linear"], num_layers_unfrozen=1), kind="seq_cls")
+    model, _ = load_model(
+        ModelConfig(name=str(tiny_model_dir)),
+        LoraConfig(target_modules=["all-linear"], num_layers_unfrozen=1),
+        kind="seq_cls",
+    )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     lora_layers = {n.split("layers.")[1].split(".")[0] for n in trainable if "lora_" in n}
     assert lora_layers == {"1"}  # the tiny model has 2 blocks: only the top one is adapted
@@ -283,16 +329,18 @@ def test_lora_on_top_layers_only_with_all_linear(tiny_model_dir):
 def test_eval_reports_the_longer_answer_baseline(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
     from rlhfkit.inputs.pairs import encode_pairs
     from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(enabled=False), kind="seq_cls")
     fmt = PromptFormat(TemplateConfig(), AutoTokenizer.from_pretrained(tiny_model_dir))
-    rows = [{"prompt": "how tea?", "chosen": "tea is good and hot water", "rejected": "no"},  # chosen longer
-            {"prompt": "why bread?", "chosen": "bread dough oven", "rejected": "yes"},       # chosen longer
-            {"prompt": "how oven?", "chosen": "hot oven bread dough water", "rejected": "oven"},  # chosen longer
-            {"prompt": "why?", "chosen": "no", "rejected": "bread is good and hot"}]           # rejected longer
+    rows = [
+        {"prompt": "how tea?", "chosen": "tea is good and hot water", "rejected": "no"},  # chosen longer
+        {"prompt": "why bread?", "chosen": "bread dough oven", "rejected": "yes"},  # chosen longer
+        {"prompt": "how oven?", "chosen": "hot oven bread dough water", "rejected": "oven"},  # chosen longer
+        {"prompt": "why?", "chosen": "no", "rejected": "bread is good and hot"},
+    ]  # rejected longer
     pairs = encode_pairs(rows, fmt, 64)
     assert [len(p["chosen_ids"]) > len(p["rejected_ids"]) for p in pairs] == [True, True, True, False]
     stats = reward.evaluate_pairs(model, pairs, tok.pad_token_id, batch_size=3)  # uneven batches: 3 + 1

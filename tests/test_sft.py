@@ -9,18 +9,19 @@ import sys
 import pytest
 import torch
 
+from rlhfkit.algorithms.losses import IGNORE_INDEX, shift_labels
+from rlhfkit.inputs.packing import Sample, collate_packed, pack
+from rlhfkit.models.forward import causal_lm_nll_sum
 from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.io import read_jsonl
-from rlhfkit.algorithms.losses import IGNORE_INDEX, shift_labels
-from rlhfkit.models.forward import causal_lm_nll_sum
-from rlhfkit.inputs.packing import Sample, collate_packed, pack
 from rlhfkit.stages import sft
 from tests.conftest import cli_env
 
 
 def sft_cfg(model_dir, data_path, out, **over):
     base = {
-        "out_dir": str(out), "model": {"name": str(model_dir)},
+        "out_dir": str(out),
+        "model": {"name": str(model_dir)},
         "data": {"path": str(data_path), "seq_len": 64, "eval_fraction": 0.1},
         "train": {"lr": 3e-3, "max_steps": 10, "batch_size": 4, "seed": 1},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
@@ -98,8 +99,9 @@ def test_shift_labels_never_targets_a_new_segment():
 
 # --------------------------------------------------------------------------- training
 def test_loss_falls_and_perplexity_is_exp_eval_loss(tiny_model_dir, tiny_corpus, tmp_path):
-    cfg = sft_cfg(tiny_model_dir, tiny_corpus, tmp_path / "run", train={"max_steps": 50, "lr": 1e-2},
-                  lora={"enabled": False})
+    cfg = sft_cfg(
+        tiny_model_dir, tiny_corpus, tmp_path / "run", train={"max_steps": 50, "lr": 1e-2}, lora={"enabled": False}
+    )
     summary = sft.run(cfg)
     losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 50
@@ -112,8 +114,13 @@ def test_loss_falls_and_perplexity_is_exp_eval_loss(tiny_model_dir, tiny_corpus,
 def test_grad_accum_1x8_equals_8x1(tiny_model_dir, tiny_corpus, tmp_path):
     runs = {}
     for name, (bs, ga) in {"8x1": (8, 1), "1x8": (1, 8)}.items():
-        cfg = sft_cfg(tiny_model_dir, tiny_corpus, tmp_path / name, train={"batch_size": bs, "grad_accum": ga, "max_steps": 3},
-                      data={"packing": False})
+        cfg = sft_cfg(
+            tiny_model_dir,
+            tiny_corpus,
+            tmp_path / name,
+            train={"batch_size": bs, "grad_accum": ga, "max_steps": 3},
+            data={"packing": False},
+        )
         sft.run(cfg)
         from safetensors.torch import load_file
 
@@ -156,8 +163,17 @@ def test_resume_after_kill_is_bitwise_identical(tiny_model_dir, tiny_corpus, tmp
     """20 straight steps == 10 steps, SIGKILL, --resume to 20 (weights bitwise, losses equal)."""
     from safetensors.torch import load_file
 
-    args = [f"model.name={tiny_model_dir}", f"data.path={tiny_corpus}", "data.seq_len=64", "train.max_steps=20",
-            "train.batch_size=4", "train.lr=3e-3", "train.save_every=10", "lora.dropout=0.1", "train.seed=3"]
+    args = [
+        f"model.name={tiny_model_dir}",
+        f"data.path={tiny_corpus}",
+        "data.seq_len=64",
+        "train.max_steps=20",
+        "train.batch_size=4",
+        "train.lr=3e-3",
+        "train.save_every=10",
+        "lora.dropout=0.1",
+        "train.seed=3",
+    ]
     straight = tmp_path / "straight"
     cfg = load_config(sft.SFTConfig, overrides=args + [f"out_dir={straight}"])
     sft.run(cfg)
@@ -207,6 +223,6 @@ def test_topping_up_a_short_block_changes_no_real_token_loss(tiny_model_dir):
     with torch.no_grad():
         together = [causal_lm_nll_sum(model, b) for b in collate_packed([blocks[0], blocks[-1]], pad_id=2)]
         alone = [causal_lm_nll_sum(model, b) for b in collate_packed([blocks[0]]) + collate_packed([blocks[-1]])]
-    (s_t, n_t), = together
+    ((s_t, n_t),) = together
     assert int(n_t) == sum(int(n) for _, n in alone)
     assert abs(s_t.item() - sum(s.item() for s, _ in alone)) < 1e-4

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.runtime.config import load_config
-from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.models.forward import eval_mode, forward_logprobs, sequence_scores, unwrap
 from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.runtime.config import load_config
+from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.runtime.training import StageRun
 from tests.conftest import REPO, WORDS, cli_env
 from tests.test_ppo import PROMPTS, good_count, ppo_cfg
@@ -64,10 +64,18 @@ def sft_adapter(tiny_model_dir, tiny_corpus, tmp_path_factory) -> Path:
     from rlhfkit.stages import sft
 
     out = tmp_path_factory.mktemp("sft_lora") / "run"
-    sft.run(load_config(sft.SFTConfig, overrides={
-        "out_dir": str(out), "model": {"name": str(tiny_model_dir)}, "data": {"path": str(tiny_corpus), "seq_len": 64},
-        "lora": {"r": 8, "dropout": 0.05, "target_modules": ["all-linear"]},
-        "train": {"max_steps": 8, "lr": 3e-2, "batch_size": 8}}))
+    sft.run(
+        load_config(
+            sft.SFTConfig,
+            overrides={
+                "out_dir": str(out),
+                "model": {"name": str(tiny_model_dir)},
+                "data": {"path": str(tiny_corpus), "seq_len": 64},
+                "lora": {"r": 8, "dropout": 0.05, "target_modules": ["all-linear"]},
+                "train": {"max_steps": 8, "lr": 3e-2, "batch_size": 8},
+            },
+        )
+    )
     return out / "final"
 
 
@@ -84,24 +92,62 @@ def _run_chain(chain: str, start: Path, pairs: Path, out: Path) -> Path:
 
     lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}  # other modules than the parent
     if chain in ("sft", "sft>sft"):
-        sft.run(load_config(sft.SFTConfig, overrides={
-            "out_dir": str(out), "model": {"name": str(start)}, "lora": lora,
-            "data": {"path": str(pairs), "text_field": None, "prompt_field": "prompt", "response_field": "chosen",
-                     "seq_len": 64}, "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8}}))
+        sft.run(
+            load_config(
+                sft.SFTConfig,
+                overrides={
+                    "out_dir": str(out),
+                    "model": {"name": str(start)},
+                    "lora": lora,
+                    "data": {
+                        "path": str(pairs),
+                        "text_field": None,
+                        "prompt_field": "prompt",
+                        "response_field": "chosen",
+                        "seq_len": 64,
+                    },
+                    "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
+                },
+            )
+        )
     elif chain == "sft>rm":
-        reward.run(load_config(reward.RewardConfig, overrides={
-            "out_dir": str(out), "model": {"name": str(start)}, "lora": lora,
-            "data": {"path": str(pairs), "max_length": 64}, "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8}}))
+        reward.run(
+            load_config(
+                reward.RewardConfig,
+                overrides={
+                    "out_dir": str(out),
+                    "model": {"name": str(start)},
+                    "lora": lora,
+                    "data": {"path": str(pairs), "max_length": 64},
+                    "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
+                },
+            )
+        )
     elif chain == "sft>dpo":
-        dpo.run(load_config(dpo.DPOConfig, overrides={
-            "out_dir": str(out), "model": {"name": str(start)}, "lora": lora,
-            "data": {"path": str(pairs), "max_length": 64}, "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8}}))
+        dpo.run(
+            load_config(
+                dpo.DPOConfig,
+                overrides={
+                    "out_dir": str(out),
+                    "model": {"name": str(start)},
+                    "lora": lora,
+                    "data": {"path": str(pairs), "max_length": 64},
+                    "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
+                },
+            )
+        )
     else:  # sft>ppo, sft>ppo-continued
         from rlhfkit.stages import ppo
 
         cont = chain.endswith("continued")
-        cfg = ppo_cfg(start, out, steps=3, batch_size=8, lora={**lora, "continue_adapter": cont, "r": 8 if cont else 4},
-                      ppo={"mini_batch_size": 4, "ppo_epochs": 1})
+        cfg = ppo_cfg(
+            start,
+            out,
+            steps=3,
+            batch_size=8,
+            lora={**lora, "continue_adapter": cont, "r": 8 if cont else 4},
+            ppo={"mini_batch_size": 4, "ppo_epochs": 1},
+        )
         ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:24], eval_prompts=[]).fit()
     return out / "final"
 
@@ -116,10 +162,13 @@ def _reloads(final: Path, kind: str, tmp: Path) -> dict[str, torch.Tensor]:
     auto = AutoModelForSequenceClassification if kind == "seq_cls" else AutoModelForCausalLM
     extra = {"num_labels": 1} if kind == "seq_cls" else {}
     tok = AutoTokenizer.from_pretrained(final)
-    ours, _ = load_model(ModelConfig(name=str(final)), LoraConfig(enabled=False), kind=kind, trainable=False, verbose=False)
+    ours, _ = load_model(
+        ModelConfig(name=str(final)), LoraConfig(enabled=False), kind=kind, trainable=False, verbose=False
+    )
     # exactly as the README says: peft's Auto classes read the base from adapter_config.json
     plain = (AutoPeftModelForSequenceClassification if kind == "seq_cls" else AutoPeftModelForCausalLM).from_pretrained(
-        final, **extra)
+        final, **extra
+    )
     merged_dir = tmp / "merged"
     merge.run(merge.MergeConfig(adapter=str(final), out_dir=str(merged_dir)))
     merged = auto.from_pretrained(merged_dir, **extra)
@@ -152,9 +201,18 @@ def test_rm_cannot_continue_a_causal_lm_adapter(sft_adapter, pair_path, tmp_path
     from rlhfkit.stages import reward
 
     with pytest.raises(ConfigError, match="causal-LM adapter"):
-        reward.run(load_config(reward.RewardConfig, overrides={
-            "out_dir": str(tmp_path / "rm"), "model": {"name": str(sft_adapter)}, "lora": {"continue_adapter": True},
-            "data": {"path": str(pair_path), "max_length": 64}, "train": {"max_steps": 1}}))
+        reward.run(
+            load_config(
+                reward.RewardConfig,
+                overrides={
+                    "out_dir": str(tmp_path / "rm"),
+                    "model": {"name": str(sft_adapter)},
+                    "lora": {"continue_adapter": True},
+                    "data": {"path": str(pair_path), "max_length": 64},
+                    "train": {"max_steps": 1},
+                },
+            )
+        )
 
 
 # --------------------------------------------------------------------------- dropout
@@ -225,7 +283,9 @@ def test_disable_dropout_finds_lora_module_and_attention_rates(tiny_sft_dir, tmp
 
 
 def test_continued_adapter_uses_the_configured_dropout(sft_adapter):
-    model, _ = load_model(ModelConfig(name=str(sft_adapter)), LoraConfig(continue_adapter=True, dropout=0.25), verbose=False)
+    model, _ = load_model(
+        ModelConfig(name=str(sft_adapter)), LoraConfig(continue_adapter=True, dropout=0.25), verbose=False
+    )
     drops = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
     assert drops and all(isinstance(d, torch.nn.Dropout) and d.p == 0.25 for d in drops)
     assert model.peft_config["default"].lora_dropout == 0.25
@@ -250,7 +310,9 @@ def test_truncated_pair_shares_identical_prompt_tokens():
     keeps all 50; rejected is cut to 256 − 128 = 128. Per-side cutting gave chosen a 206-token prompt."""
     from rlhfkit.inputs.pairs import encode_pairs
 
-    (pair,) = encode_pairs([{"prompt": "p", "chosen": "c", "rejected": "r"}], _IdFormat(300, 50, 200), 256, truncate=True)
+    (pair,) = encode_pairs(
+        [{"prompt": "p", "chosen": "c", "rejected": "r"}], _IdFormat(300, 50, 200), 256, truncate=True
+    )
     n_c, n_r = pair["chosen_mask"].index(1), pair["rejected_mask"].index(1)
     assert n_c == n_r == 128 and pair["chosen_ids"][:128] == pair["rejected_ids"][:128]
     assert pair["chosen_ids"][:128] == list(range(112)) + list(range(284, 300))
@@ -259,8 +321,8 @@ def test_truncated_pair_shares_identical_prompt_tokens():
 
 
 def test_over_long_prompts_are_cut_or_dropped_and_counted(tiny_sft_dir, tmp_path):
-    from rlhfkit.stages import ppo
     from rlhfkit.inputs.templates import PROMPT_TAIL
+    from rlhfkit.stages import ppo
 
     long = "how " + " ".join(WORDS * 3) + "?"
     cfg = ppo_cfg(tiny_sft_dir, tmp_path / "cut", steps=1, prompts={"max_length": 48})
@@ -283,9 +345,17 @@ def test_reward_model_scorer_cuts_inputs_longer_than_it_was_trained_on(sft_adapt
     from rlhfkit.rewards.scoring import RewardModelScorer
     from rlhfkit.stages import reward
 
-    reward.run(load_config(reward.RewardConfig, overrides={
-        "out_dir": str(tmp_path / "rm"), "model": {"name": str(sft_adapter)}, "data": {"path": str(pair_path), "max_length": 40},
-        "train": {"max_steps": 2, "batch_size": 8}}))
+    reward.run(
+        load_config(
+            reward.RewardConfig,
+            overrides={
+                "out_dir": str(tmp_path / "rm"),
+                "model": {"name": str(sft_adapter)},
+                "data": {"path": str(pair_path), "max_length": 40},
+                "train": {"max_steps": 2, "batch_size": 8},
+            },
+        )
+    )
     scorer = RewardModelScorer(str(tmp_path / "rm" / "final"))
     long_answer = " ".join(WORDS * 2)
     score = scorer(["how tea hot?", "why?"], [long_answer, "good."])
@@ -329,9 +399,18 @@ def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_
 
     # control: generate() left to the model's own generation_config samples something else
     q_ids, q_mask = pad_left(queries, tok.pad_token_id)
-    seqs = spy(input_ids=q_ids, attention_mask=q_mask, do_sample=True, max_new_tokens=12, top_k=0, top_p=1.0,
-               temperature=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    resp = seqs[:, q_ids.shape[1]:]
+    seqs = spy(
+        input_ids=q_ids,
+        attention_mask=q_mask,
+        do_sample=True,
+        max_new_tokens=12,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    resp = seqs[:, q_ids.shape[1] :]
     eos = (resp == tok.eos_token_id).long().cumsum(1)
     rmask = ((eos == 0) | ((eos == 1) & (resp == tok.eos_token_id))).long()
     assert sampler_vs_policy(resp * rmask, rmask, steps[-1]) > 1e-2
@@ -347,13 +426,17 @@ def write_dump(folder: Path, n_questions: int = 72, seed: int = 0) -> Path:
         qid, pid = pid, pid + 1
         answers = [(9, f"<p>{w} {x} is <b>good</b>.</p>"), (3, f"<p>{w} is ok.</p>"), (0, f"<p>{x} {w} is bad.</p>")]
         accepted = pid
-        rows.append(f'<row Id="{qid}" PostTypeId="1" AcceptedAnswerId="{accepted}" Score="5" '
-                    f'Title="{escape(f"how {w} {x}?")}" Body="{escape(f"<p>how {w} {x} q{q}?</p>")}" />')
+        rows.append(
+            f'<row Id="{qid}" PostTypeId="1" AcceptedAnswerId="{accepted}" Score="5" '
+            f'Title="{escape(f"how {w} {x}?")}" Body="{escape(f"<p>how {w} {x} q{q}?</p>")}" />'
+        )
         for score, body in answers:
             rows.append(f'<row Id="{pid}" PostTypeId="2" ParentId="{qid}" Score="{score}" Body="{escape(body)}" />')
             pid += 1
     folder.mkdir(parents=True)
-    (folder / "Posts.xml").write_text('<?xml version="1.0" encoding="utf-8"?>\n<posts>\n' + "\n".join(rows) + "\n</posts>\n")
+    (folder / "Posts.xml").write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n<posts>\n' + "\n".join(rows) + "\n</posts>\n"
+    )
     return folder
 
 
@@ -362,17 +445,40 @@ def test_stackllama_recipe_shape_end_to_end(tiny_model_dir, tmp_path):
     PPO LoRA on the SFT adapter → eval → report, and every output reloads on the raw base."""
     dump = write_dump(tmp_path / "tiny.stackexchange.com")
     run_dir = tmp_path / "run"
-    small = ["vars.seq_len=96", "vars.layers=-1", "sft.train.max_steps=4", "sft.train.lr=1e-2",
-             "rm.train.max_steps=4", "rm.train.lr=1e-2", "ppo.train.max_steps=2", "ppo.train.batch_size=4", "ppo.prompts.n_eval=4",
-             "eval.prompts.n_eval=4", "ppo.generation.response_min=4", "ppo.generation.response_max=8",
-             "ppo.ppo.mini_batch_size=2", "eval.generation.max_new_tokens=8"]
-    cmd = [sys.executable, "-m", "rlhfkit.cli", "run", str(REPO / "recipes" / "stackllama.yaml"), f"run_dir={run_dir}",
-           f"vars.model={tiny_model_dir}", f"vars.dump={dump}", *small]
+    small = [
+        "vars.seq_len=96",
+        "vars.layers=-1",
+        "sft.train.max_steps=4",
+        "sft.train.lr=1e-2",
+        "rm.train.max_steps=4",
+        "rm.train.lr=1e-2",
+        "ppo.train.max_steps=2",
+        "ppo.train.batch_size=4",
+        "ppo.prompts.n_eval=4",
+        "eval.prompts.n_eval=4",
+        "ppo.generation.response_min=4",
+        "ppo.generation.response_max=8",
+        "ppo.ppo.mini_batch_size=2",
+        "eval.generation.max_new_tokens=8",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhfkit.cli",
+        "run",
+        str(REPO / "recipes" / "stackllama.yaml"),
+        f"run_dir={run_dir}",
+        f"vars.model={tiny_model_dir}",
+        f"vars.dump={dump}",
+        *small,
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=REPO)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     for stage in ("data", "sft", "rm", "ppo", "eval", "report"):
         assert json.loads((run_dir / ".stages" / f"{stage}.json").read_text())["status"] == "done", stage
-    adapters = {s: json.loads((run_dir / s / "final" / "adapter_config.json").read_text()) for s in ("sft", "rm", "ppo")}
+    adapters = {
+        s: json.loads((run_dir / s / "final" / "adapter_config.json").read_text()) for s in ("sft", "rm", "ppo")
+    }
     assert adapters["rm"]["task_type"] == "SEQ_CLS" and adapters["ppo"]["task_type"] == "CAUSAL_LM"
     for stage in ("rm", "ppo"):  # started from the SFT adapter, saved folded with it on the raw base
         assert adapters[stage]["base_model_name_or_path"] == str(tiny_model_dir.resolve())

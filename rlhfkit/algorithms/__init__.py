@@ -1,1 +1,2 @@
-"""Layer 1 — pure torch math: PPO / GAE / KL / whitening (rl), preference and sequence losses (losses). No HF imports."""
+"""Layer 1 — pure torch math: PPO / GAE / KL / whitening (rl), preference and sequence losses (losses).
+No HF imports."""

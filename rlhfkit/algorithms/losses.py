@@ -5,8 +5,6 @@ Torch only. B = number of preference pairs, T = response length.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -38,9 +36,9 @@ def _as_vector(name: str, t: torch.Tensor) -> torch.Tensor:
 def pairwise_reward_loss(
     rewards_chosen: torch.Tensor,
     rewards_rejected: torch.Tensor,
-    margin: Optional[torch.Tensor] = None,
+    margin: torch.Tensor | None = None,
     center_coef: float = 0.0,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley-Terry reward-model loss, mean over pairs.
 
     rewards_chosen, rewards_rejected: (B,) (or (B, 1)); margin: (B,) or None
@@ -72,9 +70,7 @@ def pairwise_reward_loss(
     return loss, stats
 
 
-def sequence_logps(
-    token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False
-) -> torch.Tensor:
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Per-sequence log-prob from per-token log-probs.
 
     token_logps, mask: (B, T) -> (B,); sum over real tokens, or their mean
@@ -95,7 +91,7 @@ def dpo_loss(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO-family losses and implicit rewards.
 
     All four logps: (B,) per-sequence log-probs -> losses (B,),
@@ -117,10 +113,7 @@ def dpo_loss(
         raise ValueError(f"label_smoothing only applies to loss_type='sigmoid', not {loss_type!r}")
     logits = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
-        losses = (
-            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
-            - F.logsigmoid(-beta * logits) * label_smoothing
-        )
+        losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
     elif loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
     else:

@@ -12,12 +12,12 @@ works: when the callable returns None the tensor is taken as reduced in place.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-AllReduce = Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]]
+AllReduce = Callable[[torch.Tensor], torch.Tensor | None] | None
 
 KL_KINDS = ("kl", "abs", "mse", "k3", "full")
 
@@ -40,7 +40,7 @@ def _bool(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of `x` over positions where `mask` is 1.
 
     x, mask: (B, T) -> scalar, or the reduced shape when `dim` is given.
@@ -53,7 +53,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -
 def masked_mean(
     x: torch.Tensor,
     mask: torch.Tensor,
-    dim: Optional[int] = None,
+    dim: int | None = None,
     all_reduce: AllReduce = None,
 ) -> torch.Tensor:
     """Mean of `x` over masked entries; an all-zero mask gives 0.
@@ -72,7 +72,7 @@ def masked_mean(
 
 def _masked_mean_var(
     x: torch.Tensor, mask: torch.Tensor, unbiased: bool, all_reduce: AllReduce
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, var) of `x` over masked entries; x, mask: (B, T) -> two scalars."""
     mean = masked_mean(x, mask, all_reduce=all_reduce)
     sq_dev = masked_sum((x - mean) ** 2, mask)
@@ -125,7 +125,7 @@ def compute_gae(
     mask: torch.Tensor,
     gamma: float,
     lam: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised Advantage Estimation over the response tokens.
 
     values, rewards, mask: (B, T) -> advantages (B, T), returns (B, T).
@@ -166,8 +166,8 @@ def kl_penalty(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     kind: str = "kl",
-    logits: Optional[torch.Tensor] = None,
-    ref_logits: Optional[torch.Tensor] = None,
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate from sampled-token log-probs.
 
@@ -213,9 +213,9 @@ def penalized_rewards(
     mask: torch.Tensor,
     kl_coef: float | torch.Tensor,
     kind: str = "kl",
-    logits: Optional[torch.Tensor] = None,
-    ref_logits: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token PPO rewards: -kl_coef * KL_t, plus the score on the last real token.
 
     scores: (B,); logprobs, ref_logprobs, mask: (B, T)
@@ -246,7 +246,7 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss, token-level masked mean.
 
     logprobs, old_logprobs, advantages, mask: (B, T)
@@ -278,7 +278,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     cliprange_value: float,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value-function loss 0.5 * masked_mean(max(sq, sq_clipped)).
 
     values, old_values, returns, mask: (B, T) -> vf_loss (scalar), stats {vf_clipfrac}.
@@ -347,11 +347,11 @@ class AdaptiveKLController:
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
         return self.value
 
-    def state_dict(self) -> Dict[str, float]:
+    def state_dict(self) -> dict[str, float]:
         """Plain floats, safe for torch.save / json."""
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
-    def load_state_dict(self, state: Dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore from `state_dict()` output."""
         self.value = float(state["value"])
         self.target = float(state["target"])
@@ -368,11 +368,11 @@ class FixedKLController:
         """No-op; returns the fixed `value`."""
         return self.value
 
-    def state_dict(self) -> Dict[str, float]:
+    def state_dict(self) -> dict[str, float]:
         """Plain floats, safe for torch.save / json."""
         return {"value": self.value}
 
-    def load_state_dict(self, state: Dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore from `state_dict()` output."""
         self.value = float(state["value"])
 
@@ -405,7 +405,7 @@ class RunningMoments:
         return math.sqrt(self.var)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, all_reduce: AllReduce = None) -> Tuple[float, float]:
+    def update(self, x: torch.Tensor, all_reduce: AllReduce = None) -> tuple[float, float]:
         """Merge a batch of scores (any shape, e.g. (B,)) into the running moments.
 
         Returns (batch_mean, batch_std) of this batch (global when `all_reduce`
@@ -428,11 +428,11 @@ class RunningMoments:
         batch_std = math.sqrt(m2_b / (n_b - 1)) if n_b > 1 else 0.0
         return mean_b, batch_std
 
-    def state_dict(self) -> Dict[str, float]:
+    def state_dict(self) -> dict[str, float]:
         """Plain floats, safe for torch.save / json."""
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
-    def load_state_dict(self, state: Dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore from `state_dict()` output."""
         self.count = float(state["count"])
         self.mean = float(state["mean"])
@@ -448,10 +448,10 @@ class LengthSampler:
         self.min_value = int(min_value)
         self.max_value = int(max_value)
 
-    def __call__(self, generator: Optional[torch.Generator] = None) -> int:
+    def __call__(self, generator: torch.Generator | None = None) -> int:
         """One length drawn with `generator` (torch's default RNG when None)."""
         return int(torch.randint(self.min_value, self.max_value + 1, (1,), generator=generator))
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`n` lengths as a (n,) long tensor."""
         return torch.randint(self.min_value, self.max_value + 1, (n,), generator=generator)

@@ -21,9 +21,11 @@ import argparse
 import os
 import sys
 import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
+
 from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.io import missing_path
 
@@ -57,8 +59,10 @@ def resolve_model(name: str) -> str:
             return str(path / stage / "final")
     if (path / "final").is_dir():  # a stage folder
         return str(path / "final")
-    raise ChatError(f"{path} is neither a model folder (config.json or adapter_config.json) nor a run directory "
-                    f"with {', '.join(s + '/final' for s in RUN_STAGES)}")
+    raise ChatError(
+        f"{path} is neither a model folder (config.json or adapter_config.json) nor a run directory "
+        f"with {', '.join(s + '/final' for s in RUN_STAGES)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -199,9 +203,18 @@ def _context_size(model) -> int | None:
 
 
 # --------------------------------------------------------------------------- generation
-def stream_reply(model, tokenizer, message: str, history: Iterable[Any] | None = None, *,
-                 template: Template | str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_p: float = 0.95, timeout: float | None = 300.0) -> Iterator[str]:
+def stream_reply(
+    model,
+    tokenizer,
+    message: str,
+    history: Iterable[Any] | None = None,
+    *,
+    template: Template | str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    timeout: float | None = 300.0,
+) -> Iterator[str]:
     """Generate a reply to `message` after `history`, yielding the reply so far after each new piece
     of text (each yield extends the previous one). temperature 0 = greedy.
 
@@ -236,9 +249,14 @@ def stream_reply(model, tokenizer, message: str, history: Iterable[Any] | None =
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=int(max_new_tokens), streamer=streamer, pad_token_id=pad,
-                                  stopping_criteria=StoppingCriteriaList([_StopFlag()]))
+    kwargs: dict[str, Any] = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=int(max_new_tokens),
+        streamer=streamer,
+        pad_token_id=pad,
+        stopping_criteria=StoppingCriteriaList([_StopFlag()]),
+    )
     if temperature and temperature > 0:
         kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
     else:
@@ -274,9 +292,17 @@ def stream_reply(model, tokenizer, message: str, history: Iterable[Any] | None =
 
 
 # --------------------------------------------------------------------------- app
-def build_app(model, tokenizer, *, template: Template | str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.7, top_p: float = 0.95, title: str | None = None,
-              description: str | None = None):
+def build_app(
+    model,
+    tokenizer,
+    *,
+    template: Template | str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    title: str | None = None,
+    description: str | None = None,
+):
     """The chat UI as a `gradio.Blocks` (not launched): a ChatInterface whose replies stream from
     `stream_reply`, with max-new-tokens and temperature sliders."""
     import gradio as gr
@@ -289,8 +315,16 @@ def build_app(model, tokenizer, *, template: Template | str | None = None, max_n
 
     def respond(message, history, max_tokens, temp):
         last = ""
-        for last in stream_reply(model, tokenizer, content_text(message), history, template=template,
-                                 max_new_tokens=int(max_tokens), temperature=float(temp), top_p=top_p):
+        for last in stream_reply(
+            model,
+            tokenizer,
+            content_text(message),
+            history,
+            template=template,
+            max_new_tokens=int(max_tokens),
+            temperature=float(temp),
+            top_p=top_p,
+        ):
             yield last
         if not last.strip():  # say so rather than leave an empty bubble
             yield EMPTY_REPLY
@@ -299,10 +333,18 @@ def build_app(model, tokenizer, *, template: Template | str | None = None, max_n
     # in the accordion under the chat instead of above it.
     app = gr.ChatInterface(
         respond,
-        chatbot=gr.Chatbot(elem_id="rlhfkit-chatbot", label="chat", height=460, feedback_options=None,
-                           buttons=["copy", "copy_all"]),
-        textbox=gr.Textbox(elem_id="rlhfkit-input", placeholder="Ask a question and press Enter", lines=1, max_lines=8,
-                           submit_btn=True, stop_btn=True, show_label=False),
+        chatbot=gr.Chatbot(
+            elem_id="rlhfkit-chatbot", label="chat", height=460, feedback_options=None, buttons=["copy", "copy_all"]
+        ),
+        textbox=gr.Textbox(
+            elem_id="rlhfkit-input",
+            placeholder="Ask a question and press Enter",
+            lines=1,
+            max_lines=8,
+            submit_btn=True,
+            stop_btn=True,
+            show_label=False,
+        ),
         additional_inputs=[
             gr.Slider(1, max(2048, int(max_new_tokens)), value=int(max_new_tokens), step=1, label="max new tokens"),
             gr.Slider(0.0, 2.0, value=float(temperature), step=0.05, label="temperature (0 = greedy)"),
@@ -326,8 +368,9 @@ def load(model_or_run: str, *, dtype: str = "float32", device: str = "auto"):
     from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
     target = resolve_model(model_or_run)
-    model, tokenizer = load_model(ModelConfig(name=target, dtype=dtype), LoraConfig(enabled=False), trainable=False,
-                                  verbose=False)
+    model, tokenizer = load_model(
+        ModelConfig(name=target, dtype=dtype), LoraConfig(enabled=False), trainable=False, verbose=False
+    )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if not getattr(model, "hf_device_map", None):  # quantized models are placed by their loader
@@ -338,17 +381,24 @@ def load(model_or_run: str, *, dtype: str = "float32", device: str = "auto"):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Chat with a model in the browser (Gradio); replies stream as they are generated.")
-    parser.add_argument("model", metavar="MODEL_OR_RUN",
-                        help="model folder, adapter folder, hub id, or run directory (ppo/final > dpo/final > sft/final)")
+        prog=PROG, description="Chat with a model in the browser (Gradio); replies stream as they are generated."
+    )
+    parser.add_argument(
+        "model",
+        metavar="MODEL_OR_RUN",
+        help="model folder, adapter folder, hub id, or run directory (ppo/final > dpo/final > sft/final)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit in tokens (default 256)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    parser.add_argument("--template", default=None,
-                        help="text template with {prompt} (\\n allowed), or 'chat' for the tokenizer's chat template; "
-                             "default: the stage's config.yaml, else the chat template, else 'Question: {prompt}\\n\\nAnswer: '")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help="text template with {prompt} (\\n allowed), or 'chat' for the tokenizer's chat template; "
+        "default: the stage's config.yaml, else the chat template, else 'Question: {prompt}\\n\\nAnswer: '",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weight dtype")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--title", default=None, help="page title")
@@ -357,8 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or not 0 <= args.port < 65536:
-        print(f"{PROG}: error: need --max-new-tokens ≥ 1, --temperature ≥ 0, 0 < --top-p ≤ 1 and a port in 0..65535",
-              file=sys.stderr)
+        print(
+            f"{PROG}: error: need --max-new-tokens ≥ 1, --temperature ≥ 0, 0 < --top-p ≤ 1 and a port in 0..65535",
+            file=sys.stderr,
+        )
         return 2
     try:
         chat_target = resolve_model(args.model)  # cheap checks first: no gradio import, no model load
@@ -373,8 +425,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer, target = load(chat_target, dtype=args.dtype, device=args.device)
         template = resolve_template(target, tokenizer, args.template)
-        app = build_app(model, tokenizer, template=template, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p, title=args.title)
+        app = build_app(
+            model,
+            tokenizer,
+            template=template,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            title=args.title,
+        )
     except RlhfkitError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
@@ -383,8 +442,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"[chat] {target} · prompt format: {template.describe()}", file=sys.stderr)
     try:
-        app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,
-                   quiet=True, prevent_thread_lock=True)
+        app.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=False,
+            inbrowser=False,
+            show_error=True,
+            quiet=True,
+            prevent_thread_lock=True,
+        )
         print(f"[chat] serving on {app.local_url} (Ctrl+C to stop)", file=sys.stderr)
         app.block_thread()
     except OSError as exc:  # port in use, address not available

@@ -24,12 +24,11 @@ import math
 import os
 import sys
 from pathlib import Path
-
 from typing import Any
 
-from rlhfkit.runtime.io import atomic_write_bytes
 from rlhfkit.apps import report_render as render
 from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import atomic_write_bytes
 
 STAGE_DIRS = ("data", "sft", "rm", "ppo", "dpo", "eval")
 PROG = "rlhfkit report"
@@ -147,8 +146,11 @@ def section_data(doc: render.Doc, run: Path) -> None:
     doc.table(["statistic", "value"], _flat_numbers(stats), cls="kv")
     inputs = stats.get("inputs")
     if isinstance(inputs, list) and inputs:
-        rows = [[i.get("site", i.get("path", "?")), i.get("questions"), i.get("answers"), i.get("seconds")]
-                for i in inputs if isinstance(i, dict)]
+        rows = [
+            [i.get("site", i.get("path", "?")), i.get("questions"), i.get("answers"), i.get("seconds")]
+            for i in inputs
+            if isinstance(i, dict)
+        ]
         doc.h3("Inputs")
         doc.table(["input", "questions", "answers", "seconds"], rows)
     reasons = [["skipped", k, v] for k, v in (stats.get("skipped") or {}).items()]
@@ -176,7 +178,9 @@ def section_data(doc: render.Doc, run: Path) -> None:
                 continue
             for name, pct in fields.items():
                 if isinstance(pct, dict):
-                    rows.append([split, name, pct.get("p50"), pct.get("p90"), pct.get("p99"), pct.get("max"), pct.get("mean")])
+                    rows.append(
+                        [split, name, pct.get("p50"), pct.get("p90"), pct.get("p99"), pct.get("max"), pct.get("mean")]
+                    )
         if rows:
             doc.h3("Lengths (characters)")
             doc.table(["split", "field", "p50", "p90", "p99", "max", "mean"], rows)
@@ -200,16 +204,22 @@ def section_sft(doc: render.Doc, run: Path) -> None:
         doc.note("No SFT metrics (sft/metrics.jsonl not found or empty).")
         return
     train, evals = _split(records)
-    png = render.multi_plot([
-        ("Training loss", [(train, "loss", "train loss"), (evals, "eval/loss", "eval loss")]),
-        ("Eval perplexity", [(evals, "eval/perplexity", "eval perplexity")]),
-    ])
+    png = render.multi_plot(
+        [
+            ("Training loss", [(train, "loss", "train loss"), (evals, "eval/loss", "eval loss")]),
+            ("Eval perplexity", [(evals, "eval/perplexity", "eval perplexity")]),
+        ]
+    )
     doc.img("sft_loss.png", png, "SFT loss and eval perplexity over steps")
-    png = render.multi_plot([
-        ("Learning rate", [(train, "lr", "lr")]),
-        ("Throughput (tokens/s)", [(train, "tokens_per_s", "tokens/s")]),
-        ("Gradient norm", [(train, "grad_norm", "grad norm")]),
-    ], ncols=3, h=2.4)
+    png = render.multi_plot(
+        [
+            ("Learning rate", [(train, "lr", "lr")]),
+            ("Throughput (tokens/s)", [(train, "tokens_per_s", "tokens/s")]),
+            ("Gradient norm", [(train, "grad_norm", "grad norm")]),
+        ],
+        ncols=3,
+        h=2.4,
+    )
     doc.img("sft_train.png", png, "SFT learning rate, throughput and gradient norm")
     ppl_x, ppl = render.series(evals, "eval/perplexity")
     rows = [
@@ -234,13 +244,21 @@ def section_rm(doc: render.Doc, run: Path) -> None:
         doc.note("No reward-model metrics (rm/metrics.jsonl and rm/eval_margins.json not found).")
         return
     train, evals = _split(records)
-    png = render.multi_plot([
-        ("Accuracy", [(train, "accuracy", "train"), (evals, "eval/accuracy", "eval"),
-                      (evals, "eval/longer_wins", "eval: longer answer wins")]),
-        ("Margin r(chosen) − r(rejected)", [(train, "margin", "train"), (evals, "eval/margin", "eval")]),
-        ("Loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
-        ("Eval reward mean ± std", [(evals, "eval/reward_mean", "mean"), (evals, "eval/reward_std", "std")]),
-    ])
+    png = render.multi_plot(
+        [
+            (
+                "Accuracy",
+                [
+                    (train, "accuracy", "train"),
+                    (evals, "eval/accuracy", "eval"),
+                    (evals, "eval/longer_wins", "eval: longer answer wins"),
+                ],
+            ),
+            ("Margin r(chosen) − r(rejected)", [(train, "margin", "train"), (evals, "eval/margin", "eval")]),
+            ("Loss", [(train, "loss", "train"), (evals, "eval/loss", "eval")]),
+            ("Eval reward mean ± std", [(evals, "eval/reward_mean", "mean"), (evals, "eval/reward_std", "std")]),
+        ]
+    )
     doc.img("rm_curves.png", png, "Reward model accuracy, margin and loss over steps")
     if not records:
         doc.note("rm/metrics.jsonl not found.")
@@ -255,8 +273,10 @@ def section_rm(doc: render.Doc, run: Path) -> None:
             doc.img("rm_margin_hist.png", render.png(fig), "Histogram of held-out reward margins")
             pos = sum(v > 0 for v in vals)
             ties = sum(v == 0 for v in vals)
-            doc.p(f"{len(vals)} held-out pairs: {pos / len(vals):.1%} ranked correctly (margin > 0), "
-                  f"{ties} ties, median margin {sorted(vals)[len(vals) // 2]:.4g}.")
+            doc.p(
+                f"{len(vals)} held-out pairs: {pos / len(vals):.1%} ranked correctly (margin > 0), "
+                f"{ties} ties, median margin {sorted(vals)[len(vals) // 2]:.4g}."
+            )
     else:
         doc.note("rm/eval_margins.json not found: no margin histogram.")
     if evals:
@@ -282,25 +302,48 @@ def _samples_table(doc: render.Doc, samples: list[dict], max_rows: int) -> None:
             rb, ra = render.num(b.get("reward")), render.num(a.get("reward"))
             d = ra - rb if ra is not None and rb is not None else None
             deltas.append(d)
-            rows.append([render.clip(q), render.clip(b.get("response")), render.fmt(rb), render.clip(a.get("response")), render.fmt(ra),
-                         (f"{d:+.4g}" if d is not None else "—")])
+            rows.append(
+                [
+                    render.clip(q),
+                    render.clip(b.get("response")),
+                    render.fmt(rb),
+                    render.clip(a.get("response")),
+                    render.fmt(ra),
+                    (f"{d:+.4g}" if d is not None else "—"),
+                ]
+            )
         doc.table(["prompt", "before", "reward", "after", "reward", "Δ"], rows, cls="samples", anchor="ppo-samples")
         rb = [render.num(before[q].get("reward")) for q in paired]
         ra = [render.num(after[q].get("reward")) for q in paired]
         rb, ra = [x for x in rb if x is not None], [x for x in ra if x is not None]
         if rb and ra:
             better = sum(1 for d in deltas if d is not None and d > 0)
-            doc.p(f"Mean reward on {len(paired)} held-out prompts: before {render.mean(rb):.4g} → after {render.mean(ra):.4g}; "
-                  f"improved on {better} of {len(deltas)} shown.")
+            doc.p(
+                f"Mean reward on {len(paired)} held-out prompts: before {render.mean(rb):.4g} → after "
+                f"{render.mean(ra):.4g}; "
+                f"improved on {better} of {len(deltas)} shown."
+            )
         if len(paired) > max_rows:
             doc.note(f"Showing {max_rows} of {len(paired)} prompts (--max-samples).")
         return
     if samples:
         doc.note("No prompt has both a 'before' and an 'after' sample; the latest samples follow.")
         latest = sorted(samples, key=lambda s: render.num(s.get("step")) or 0)[-max_rows:]
-        doc.table(["step", "tag", "prompt", "response", "reward"],
-                  [[render.fmt(s.get("step")), str(s.get("tag", "")), render.clip(s.get("prompt")), render.clip(s.get("response")),
-                    render.fmt(render.num(s.get("reward")))] for s in latest], cls="samples", anchor="ppo-samples")
+        doc.table(
+            ["step", "tag", "prompt", "response", "reward"],
+            [
+                [
+                    render.fmt(s.get("step")),
+                    str(s.get("tag", "")),
+                    render.clip(s.get("prompt")),
+                    render.clip(s.get("response")),
+                    render.fmt(render.num(s.get("reward"))),
+                ]
+                for s in latest
+            ],
+            cls="samples",
+            anchor="ppo-samples",
+        )
 
 
 def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
@@ -325,7 +368,11 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
                 summary.append([f"{k} first → last", f"{render.fmt(ys[0])} → {render.fmt(ys[-1])}"])
         doc.table(["metric", "value"], summary, cls="kv")
         # score with its ± std band, eval reward, KL, β
-        panels = [p for p in ("score", "kl", "kl_coef") if render.has(train, p) or render.has(evals, {"score": "eval/reward", "kl": "eval/kl"}.get(p, p))]
+        panels = [
+            p
+            for p in ("score", "kl", "kl_coef")
+            if render.has(train, p) or render.has(evals, {"score": "eval/reward", "kl": "eval/kl"}.get(p, p))
+        ]
         if panels:
             fig, axes = render.figure(1, len(panels), w=3.0 * len(panels) + 0.5, h=3.0)
             for ax, key in zip(axes[0], panels):
@@ -335,8 +382,14 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
                         ax.plot(xs, ys, label="score (train)", color="#4c72b0")
                         sx, sd = render.series(train, "score_std")
                         if sx == xs:
-                            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                                            alpha=0.2, color="#4c72b0", label="± std")
+                            ax.fill_between(
+                                xs,
+                                [y - s for y, s in zip(ys, sd)],
+                                [y + s for y, s in zip(ys, sd)],
+                                alpha=0.2,
+                                color="#4c72b0",
+                                label="± std",
+                            )
                     render.line(ax, train, "reward", label="reward (score − β·KL)", linestyle=":")
                     render.line(ax, evals, "eval/reward", label="eval reward", color="#dd8452")
                     render.style(ax, "Score / reward")
@@ -350,7 +403,10 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
             doc.h3("Score, KL and β")
             doc.img("ppo_score_kl.png", render.png(fig), "PPO score, KL and β over steps")
         # reward vs KL
-        pts = [(render.num(r.get("kl")), render.num(r.get("score")), render.num(r.get("step")) or i) for i, r in enumerate(train)]
+        pts = [
+            (render.num(r.get("kl")), render.num(r.get("score")), render.num(r.get("step")) or i)
+            for i, r in enumerate(train)
+        ]
         pts = [p for p in pts if p[0] is not None and p[1] is not None]
         ev = [(render.num(r.get("eval/kl")), render.num(r.get("eval/reward"))) for r in evals]
         ev = [p for p in ev if p[0] is not None and p[1] is not None]
@@ -359,8 +415,15 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
             ax = axes[0][0]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#999999", linewidth=0.8, zorder=1)
-                sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18,
-                                zorder=2, label="train steps")
+                sc = ax.scatter(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    c=[p[2] for p in pts],
+                    cmap="viridis",
+                    s=18,
+                    zorder=2,
+                    label="train steps",
+                )
                 cb = fig.colorbar(sc, ax=ax)
                 cb.set_label("step", fontsize=8)
                 cb.ax.tick_params(labelsize=7)
@@ -370,22 +433,45 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
             doc.h3("Reward vs KL")
             doc.img("ppo_reward_vs_kl.png", render.png(fig), "PPO reward versus KL over training")
         # diagnostics
-        diag = [("entropy", "Entropy"), ("approxkl", "Approx. KL (policy update)"), ("clipfrac", "Clip fraction"),
-                ("pg_loss", "Policy loss"), ("vf_loss", "Value loss"), ("explained_variance", "Explained variance"),
-                ("response_length", "Response length"), ("non_score_reward", "Non-score reward (−β·KL)")]
-        png = render.multi_plot([(title, [(train, k, "train")] + ([(evals, "eval/response_length", "eval")]
-                                                            if k == "response_length" else []))
-                           for k, title in diag], ncols=4, h=2.3)
+        diag = [
+            ("entropy", "Entropy"),
+            ("approxkl", "Approx. KL (policy update)"),
+            ("clipfrac", "Clip fraction"),
+            ("pg_loss", "Policy loss"),
+            ("vf_loss", "Value loss"),
+            ("explained_variance", "Explained variance"),
+            ("response_length", "Response length"),
+            ("non_score_reward", "Non-score reward (−β·KL)"),
+        ]
+        png = render.multi_plot(
+            [
+                (
+                    title,
+                    [(train, k, "train")]
+                    + ([(evals, "eval/response_length", "eval")] if k == "response_length" else []),
+                )
+                for k, title in diag
+            ],
+            ncols=4,
+            h=2.3,
+        )
         if png:
             doc.h3("Diagnostics")
         doc.img("ppo_diagnostics.png", png, "PPO diagnostics over steps")
         # timings
         order = ["time/generate", "time/score", "time/forward", "time/update"]
-        tkeys = sorted({k for r in train for k in r if str(k).startswith("time/") and render.num(r.get(k)) is not None},
-                       key=lambda k: (order.index(k) if k in order else len(order), k))
+        tkeys = sorted(
+            {k for r in train for k in r if str(k).startswith("time/") and render.num(r.get(k)) is not None},
+            key=lambda k: (order.index(k) if k in order else len(order), k),
+        )
         if tkeys:
-            steps = sorted({render.num(r.get("step")) for r in train
-                            if render.num(r.get("step")) is not None and any(render.num(r.get(k)) is not None for k in tkeys)})
+            steps = sorted(
+                {
+                    render.num(r.get("step"))
+                    for r in train
+                    if render.num(r.get("step")) is not None and any(render.num(r.get(k)) is not None for k in tkeys)
+                }
+            )
             fig, axes = render.figure(1, 2, w=9.0, h=3.0, wspace=0.45)
             ax = axes[0][0]
             series = []
@@ -407,8 +493,15 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
             doc.h3("Timings per phase")
             doc.img("ppo_timings.png", render.png(fig), "PPO time per phase")
             total = sum(means)
-            rows = [[k.removeprefix("time/"), m, sum(render.series(train, k)[1]), (f"{m / total:.1%}" if total > 0 else "—")]
-                    for k, m in zip(tkeys, means)]
+            rows = [
+                [
+                    k.removeprefix("time/"),
+                    m,
+                    sum(render.series(train, k)[1]),
+                    (f"{m / total:.1%}" if total > 0 else "—"),
+                ]
+                for k, m in zip(tkeys, means)
+            ]
             tps = render.mean(render.series(train, "tokens_per_s")[1])
             doc.table(["phase", "mean s/step", "total s", "share"], rows)
             if tps is not None:
@@ -420,7 +513,9 @@ def section_ppo(doc: render.Doc, run: Path, max_samples: int) -> None:
         _samples_table(doc, samples, max_samples)
     elif (run / "ppo" / "before_after.md").exists():
         doc.note("ppo/samples.jsonl not found; ppo/before_after.md follows.")
-        doc.details("ppo/before_after.md", (run / "ppo" / "before_after.md").read_text(encoding="utf-8", errors="replace"))
+        doc.details(
+            "ppo/before_after.md", (run / "ppo" / "before_after.md").read_text(encoding="utf-8", errors="replace")
+        )
     else:
         doc.note("No samples (ppo/samples.jsonl not found).")
 
@@ -454,7 +549,16 @@ def section_dpo(doc: render.Doc, run: Path) -> None:
         doc.table(["final eval metric", "value"], [[k, last[k]] for k in last if k.startswith("eval/")], cls="kv")
 
 
-EVAL_COLUMNS = ["rm_score", "judge_score", "kl", "response_length", "repetition_rate", "fence_rate", "length_drift", "perplexity"]
+EVAL_COLUMNS = [
+    "rm_score",
+    "judge_score",
+    "kl",
+    "response_length",
+    "repetition_rate",
+    "fence_rate",
+    "length_drift",
+    "perplexity",
+]
 
 
 def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
@@ -470,14 +574,22 @@ def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
     else:
         models = metrics.get("models") or {}
         if isinstance(models, dict) and models:
-            cols = EVAL_COLUMNS + sorted({k for m in models.values() if isinstance(m, dict) for k in m} - set(EVAL_COLUMNS))
+            cols = EVAL_COLUMNS + sorted(
+                {k for m in models.values() if isinstance(m, dict) for k in m} - set(EVAL_COLUMNS)
+            )
             cols = [c for c in cols if any(isinstance(m, dict) and c in m for m in models.values())]
-            doc.table(["model"] + cols, [[name] + [m.get(c) if isinstance(m, dict) else None for c in cols]
-                                         for name, m in models.items()], cls="eval-models")
+            doc.table(
+                ["model"] + cols,
+                [[name] + [m.get(c) if isinstance(m, dict) else None for c in cols] for name, m in models.items()],
+                cls="eval-models",
+            )
             names = list(models)
             fig, axes = render.figure(1, 2, w=8.5, h=2.9)
             drew = False
-            for ax, key, title in ((axes[0][0], "rm_score", "Reward-model score"), (axes[0][1], "judge_score", "Judge score")):
+            for ax, key, title in (
+                (axes[0][0], "rm_score", "Reward-model score"),
+                (axes[0][1], "judge_score", "Judge score"),
+            ):
                 vals = [render.num(models[n].get(key)) if isinstance(models[n], dict) else None for n in names]
                 have = [i for i, v in enumerate(vals) if v is not None]
                 if have:  # a model without this score gets no bar (not a zero one)
@@ -493,16 +605,26 @@ def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
         wins = metrics.get("win_rate") or {}
         if isinstance(wins, dict) and wins:
             doc.h3("Win rates")
-            doc.table(["comparison", "RM win rate", "judge win rate"],
-                      [[k.replace("_vs_", " vs "), (v or {}).get("rm"), (v or {}).get("judge")] for k, v in wins.items()
-                       if isinstance(v, dict) or v is None])
+            doc.table(
+                ["comparison", "RM win rate", "judge win rate"],
+                [
+                    [k.replace("_vs_", " vs "), (v or {}).get("rm"), (v or {}).get("judge")]
+                    for k, v in wins.items()
+                    if isinstance(v, dict) or v is None
+                ],
+            )
         det = metrics.get("detectors") or {}
         if isinstance(det, dict) and det:
             doc.h3("Detectors")
-            dcols = sorted({k for d in det.values() if isinstance(d, dict) for k in d},
-                           key=lambda k: ((["repetition", "fence_spam", "length_drift"] + [k]).index(k), k))
-            rows = [[name] + [("⚠ flagged" if d.get(c) else ("ok" if c in d else "—")) for c in dcols]
-                    for name, d in det.items() if isinstance(d, dict)]
+            dcols = sorted(
+                {k for d in det.values() if isinstance(d, dict) for k in d},
+                key=lambda k: ((["repetition", "fence_spam", "length_drift"] + [k]).index(k), k),
+            )
+            rows = [
+                [name] + [("⚠ flagged" if d.get(c) else ("ok" if c in d else "—")) for c in dcols]
+                for name, d in det.items()
+                if isinstance(d, dict)
+            ]
             doc.table(["model"] + dcols, rows, cls="detectors")
             hits = [f"{name}: {c}" for name, d in det.items() if isinstance(d, dict) for c in dcols if d.get(c)]
             if hits:
@@ -514,12 +636,15 @@ def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
             flag = over.get("flag")
             if flag is None:  # no verdict written: RM up while the judge is flat or down
                 flag = rm_d is not None and rm_d > 0 and judge_d is not None and judge_d <= 0
-            detail = (f"RM score Δ {render.fmt(rm_d)}, judge score Δ {render.fmt(judge_d)}"
-                      + (f". {over['note']}" if over.get("note") else ""))
+            detail = f"RM score Δ {render.fmt(rm_d)}, judge score Δ {render.fmt(judge_d)}" + (
+                f". {over['note']}" if over.get("note") else ""
+            )
             if flag:
                 flagged = True
-                doc.warn("Over-optimisation suspected: the reward-model score went up while the gold judge stayed "
-                         f"flat or went down. {detail}")
+                doc.warn(
+                    "Over-optimisation suspected: the reward-model score went up while the gold judge stayed "
+                    f"flat or went down. {detail}"
+                )
             elif over.get("flag") is None and judge_d is None:
                 doc.note(f"No gold-judge scores, so over-optimisation could not be checked. {detail}")
             else:
@@ -529,9 +654,21 @@ def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
     if samples:
         doc.h3("Evaluation samples")
         shown = samples[:max_samples]
-        doc.table(["model", "prompt", "response", "RM score", "judge score"],
-                  [[str(s.get("model", "")), render.clip(s.get("prompt")), render.clip(s.get("response")), render.fmt(render.num(s.get("rm_score"))),
-                    render.fmt(render.num(s.get("judge_score")))] for s in shown], cls="samples eval-samples", anchor="eval-samples")
+        doc.table(
+            ["model", "prompt", "response", "RM score", "judge score"],
+            [
+                [
+                    str(s.get("model", "")),
+                    render.clip(s.get("prompt")),
+                    render.clip(s.get("response")),
+                    render.fmt(render.num(s.get("rm_score"))),
+                    render.fmt(render.num(s.get("judge_score"))),
+                ]
+                for s in shown
+            ],
+            cls="samples eval-samples",
+            anchor="eval-samples",
+        )
         if len(samples) > max_samples:
             doc.note(f"Showing {max_samples} of {len(samples)} samples (--max-samples).")
     elif isinstance(metrics, dict):
@@ -572,7 +709,9 @@ def build(run_dir: str | os.PathLike, *, max_samples: int = 50) -> tuple[render.
     try:
         import matplotlib  # noqa: F401
     except ImportError as exc:
-        raise ReportError("matplotlib is needed for the plots: pip install 'rlhfkit[report]' (or pip install matplotlib)") from exc
+        raise ReportError(
+            "matplotlib is needed for the plots: pip install 'rlhfkit[report]' (or pip install matplotlib)"
+        ) from exc
     doc = render.Doc()
     section_overview(doc, run)
     section_data(doc, run)
@@ -586,8 +725,13 @@ def build(run_dir: str | os.PathLike, *, max_samples: int = 50) -> tuple[render.
     return doc, top
 
 
-def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, max_samples: int = 50,
-                 title: str | None = None) -> dict[str, Any]:
+def write_report(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    max_samples: int = 50,
+    title: str | None = None,
+) -> dict[str, Any]:
     """Write report.html, report.md and report_files/*.png; returns their paths and the image count."""
     run = check_run_dir(run_dir)
     out = Path(out_dir).expanduser() if out_dir else run
@@ -607,14 +751,20 @@ def write_report(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None =
     shown_run = run.resolve()
     atomic_write_bytes(out / "report.md", render.render_md(doc, title, shown_run, generated, top).encode("utf-8"))
     atomic_write_bytes(out / "report.html", render.render_html(doc, title, shown_run, generated, top).encode("utf-8"))
-    return {"html": str(out / "report.html"), "md": str(out / "report.md"), "images": len(names),
-            "over_optimisation": bool(top)}
+    return {
+        "html": str(out / "report.html"),
+        "md": str(out / "report.md"),
+        "images": len(names),
+        "over_optimisation": bool(top),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ report_files/) "
-                               "from whatever the stages left in RUN_DIR.")
+        prog=PROG,
+        description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md (+ report_files/) "
+        "from whatever the stages left in RUN_DIR.",
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory (with data/, sft/, rm/, ppo/, dpo/, eval/)")
     parser.add_argument("--out", metavar="DIR", default=None, help="write the report here instead of RUN_DIR")
     parser.add_argument("--max-samples", type=int, default=50, metavar="N", help="rows per samples table (default 50)")

@@ -15,9 +15,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 MAX_CELL_CHARS = 1500
 FILES_DIR = "report_files"
@@ -129,8 +130,15 @@ class Doc:
         self.blocks.append(Block("ok", text))
 
     def table(self, headers: list[str], rows: list[list[Any]], cls: str = "", anchor: str = "") -> None:
-        self.blocks.append(Block("table", headers=list(headers), rows=[[c if isinstance(c, str) else fmt(c) for c in r]
-                                                                       for r in rows], cls=cls, anchor=anchor))
+        self.blocks.append(
+            Block(
+                "table",
+                headers=list(headers),
+                rows=[[c if isinstance(c, str) else fmt(c) for c in r] for r in rows],
+                cls=cls,
+                anchor=anchor,
+            )
+        )
 
     def img(self, name: str, png: bytes | None, alt: str) -> None:
         if png:
@@ -145,8 +153,15 @@ class Doc:
 
 
 # --------------------------------------------------------------------------- plots
-def figure(nrows: int = 1, ncols: int = 1, w: float = 7.5, h: float = 3.2, wspace: float = 0.3, left: float = 0.7,
-            right: float = 0.2):
+def figure(
+    nrows: int = 1,
+    ncols: int = 1,
+    w: float = 7.5,
+    h: float = 3.2,
+    wspace: float = 0.3,
+    left: float = 0.7,
+    right: float = 0.2,
+):
     """A Figure on an Agg canvas. Margins are fixed (in inches) rather than computed by a layout
     engine: constrained layout doubles the cost of a report, and these plots have short labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -157,8 +172,9 @@ def figure(nrows: int = 1, ncols: int = 1, w: float = 7.5, h: float = 3.2, wspac
     axes = fig.subplots(nrows, ncols, squeeze=False)
     gap = 0.8  # inches between rows: the x label of one and the title of the next
     axes_h = max(0.5, (h - 0.85 - gap * (nrows - 1)) / nrows)
-    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=0.5 / h, top=1 - 0.35 / h,
-                        wspace=wspace, hspace=gap / axes_h)
+    fig.subplots_adjust(
+        left=left / w, right=1 - right / w, bottom=0.5 / h, top=1 - 0.35 / h, wspace=wspace, hspace=gap / axes_h
+    )
     return fig, axes
 
 
@@ -187,7 +203,9 @@ def line(ax, records: list[dict], key: str, label: str | None = None, **kw) -> b
     return True
 
 
-def multi_plot(panels: list[tuple[str, list[tuple[list[dict], str, str]]]], ncols: int = 2, h: float = 2.8) -> bytes | None:
+def multi_plot(
+    panels: list[tuple[str, list[tuple[list[dict], str, str]]]], ncols: int = 2, h: float = 2.8
+) -> bytes | None:
     """One subplot per (title, [(records, key, label)...]) panel that has data."""
     panels = [(t, [s for s in curves if has(s[0], s[1])]) for t, curves in panels]
     panels = [(t, s) for t, s in panels if s]
@@ -211,8 +229,6 @@ def multi_plot(panels: list[tuple[str, list[tuple[list[dict], str, str]]]], ncol
     return png(fig)
 
 
-
-
 def version(dist: str) -> str:
     from importlib import metadata
 
@@ -226,6 +242,7 @@ def gpu_name() -> str:
     """GPU(s) of this machine, without importing torch when a cheaper probe answers (torch's import
     is most of a report's time): torch if already imported, the NVIDIA driver's /proc entries,
     nvidia-smi, then torch."""
+
     def from_torch() -> str | None:
         import torch
 
@@ -246,8 +263,13 @@ def gpu_name() -> str:
     smi = shutil.which("nvidia-smi")
     if smi:
         with contextlib.suppress(Exception):
-            out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
-                                 timeout=10, check=True).stdout
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
             names = [line.strip() for line in out.splitlines() if line.strip()]
             if names:
                 return ", ".join(names)
@@ -305,12 +327,15 @@ def esc(s: str) -> str:
 
 def render_html(doc: Doc, title: str, run: Path, generated: str, warn_top: list[str]) -> str:
     toc = [b for b in doc.blocks if b.kind == "h2"]
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>",
-           f"<h1>{esc(title)}</h1>",
-           f'<p class="meta">Run directory: <code>{esc(str(run))}</code> · generated {esc(generated)}</p>',
-           "<nav>" + "".join(f'<a href="#{esc(b.anchor)}">{esc(b.text)}</a>' for b in toc) + "</nav>"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="meta">Run directory: <code>{esc(str(run))}</code> · generated {esc(generated)}</p>',
+        "<nav>" + "".join(f'<a href="#{esc(b.anchor)}">{esc(b.text)}</a>' for b in toc) + "</nav>",
+    ]
     for w in warn_top:
         out.append(f'<div class="warn" role="alert">{esc(w)}</div>')
     for b in doc.blocks:
@@ -381,6 +406,14 @@ def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[st
             out += [f"![{md_text(b.text)}]({FILES_DIR}/{b.name})", ""]
         elif b.kind == "details":
             ticks = "`" * max(3, max((len(m) for m in re.findall(r"`+", b.text)), default=0) + 1)
-            out += [f"<details><summary>{html.escape(b.name)}</summary>", "", ticks, b.text.rstrip("\n"), ticks, "",
-                    "</details>", ""]
+            out += [
+                f"<details><summary>{html.escape(b.name)}</summary>",
+                "",
+                ticks,
+                b.text.rstrip("\n"),
+                ticks,
+                "",
+                "</details>",
+                "",
+            ]
     return "\n".join(out).rstrip("\n") + "\n"

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.runtime.config import merge_dicts, load_config, parse_overrides, read_yaml, to_dict
+from rlhfkit.runtime.config import load_config, merge_dicts, parse_overrides, read_yaml, to_dict
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
-from rlhfkit.stages import STAGES
 from rlhfkit.runtime.io import LOCK_FILE, atomic_write_json, atomic_write_text, lock_dir, written_by_rlhfkit
+from rlhfkit.stages import STAGES
 
 MARKERS = ".stages"  # <run_dir>/.stages/<stage>.json: outside the stage dirs, which stages may wipe
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "resources" / "default_recipe.yaml"
@@ -63,7 +63,9 @@ def load_recipe(path: str | Path | None, overrides: list[str]) -> dict:
         raise ConfigError(f"{path}: 'stages' must list the stages to run ({', '.join(recipe_stages())})")
     for key in recipe:
         if key not in TOP_KEYS and key not in recipe_stages():
-            raise ConfigError(f"{path}: unknown recipe key '{key}' (stages: {', '.join(recipe_stages())}; also {sorted(TOP_KEYS)})")
+            raise ConfigError(
+                f"{path}: unknown recipe key '{key}' (stages: {', '.join(recipe_stages())}; also {sorted(TOP_KEYS)})"
+            )
     for s in stages:
         if s not in recipe_stages():
             raise ConfigError(f"{path}: unknown stage '{s}' (known: {', '.join(recipe_stages())})")
@@ -102,7 +104,9 @@ def _foreign(out: Path) -> bool:
 def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
     run_dir = Path(recipe["run_dir"])
     lock = lock_dir(run_dir)  # noqa: F841  (held until this process ends: one `rlhfkit run` per run_dir)
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump({k: v for k, v in recipe.items() if k != "_path"}, sort_keys=False))
+    atomic_write_text(
+        run_dir / "recipe.yaml", yaml.safe_dump({k: v for k, v in recipe.items() if k != "_path"}, sort_keys=False)
+    )
     upstream, summaries, rerun_rest = "", {}, overwrite
     for name in recipe["stages"]:
         out = run_dir / name
@@ -130,12 +134,23 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
             if hasattr(cfg, "resume"):
                 cfg.resume = resume
             cfg.overwrite = not resume
-        _write_marker(run_dir, name, {"status": "running", "fingerprint": fp, "upstream": upstream, "started": time.time()})
+        _write_marker(
+            run_dir, name, {"status": "running", "fingerprint": fp, "upstream": upstream, "started": time.time()}
+        )
         print(f"[run] {name}: running → {out}")
         t0 = time.time()
         summary = module.run(cfg) if cfg is not None else _run_main(module, name, run_dir)
-        _write_marker(run_dir, name, {"status": "done", "fingerprint": fp, "upstream": upstream,
-                            "seconds": time.time() - t0, "summary": summary})
+        _write_marker(
+            run_dir,
+            name,
+            {
+                "status": "done",
+                "fingerprint": fp,
+                "upstream": upstream,
+                "seconds": time.time() - t0,
+                "summary": summary,
+            },
+        )
         summaries[name] = summary
         upstream = fp
         rerun_rest = True  # a stage that ran invalidates the ones after it

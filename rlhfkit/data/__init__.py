@@ -14,9 +14,25 @@ from rlhfkit.data.scoring import answer_score, candidate_pairs, count_pairs, pic
 from rlhfkit.data.splits import assign_split
 
 __all__ = [
-    "SPLITS", "DataConfig", "SplitFractions", "build", "build_stackexchange", "build_hf", "answer_score",
-    "candidate_pairs", "count_pairs", "pick_sft_answer", "sample_pairs", "assign_split", "html_to_markdown",
-    "split_hh", "detect_schema", "find_dumps", "parse_rows", "iter_posts", "DumpError",
+    "SPLITS",
+    "DataConfig",
+    "SplitFractions",
+    "build",
+    "build_stackexchange",
+    "build_hf",
+    "answer_score",
+    "candidate_pairs",
+    "count_pairs",
+    "pick_sft_answer",
+    "sample_pairs",
+    "assign_split",
+    "html_to_markdown",
+    "split_hh",
+    "detect_schema",
+    "find_dumps",
+    "parse_rows",
+    "iter_posts",
+    "DumpError",
 ]
 
 

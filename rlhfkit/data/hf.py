@@ -18,13 +18,13 @@ text) share a split; `sft` and `rl_prompts` take one row per run of consecutive 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 from rlhfkit.data.jobs import Job
 from rlhfkit.data.scoring import count_pairs, pick_sft_answer, sample_pairs
 from rlhfkit.data.splits import assign_split
-from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.inputs.templates import same_text
+from rlhfkit.runtime.errors import RlhfkitError
 
 HH_SEP = "\n\nAssistant:"
 SCHEMA_COLUMNS = {
@@ -51,8 +51,10 @@ def detect_schema(columns) -> str:
 def check_schema(schema: str, columns) -> None:
     missing = [c for c in SCHEMA_COLUMNS[schema] if c not in set(columns)]
     if missing:
-        raise RlhfkitError(f"schema '{schema}' needs columns {', '.join(SCHEMA_COLUMNS[schema])}; "
-                           f"missing {', '.join(missing)} (columns: {sorted(columns)})")
+        raise RlhfkitError(
+            f"schema '{schema}' needs columns {', '.join(SCHEMA_COLUMNS[schema])}; "
+            f"missing {', '.join(missing)} (columns: {sorted(columns)})"
+        )
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
@@ -64,7 +66,7 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     prompt = chosen[: ic + len(HH_SEP)]
     if rejected[: ir + len(HH_SEP)] != prompt:
         return None
-    return prompt, chosen[ic + len(HH_SEP):], rejected[ir + len(HH_SEP):]
+    return prompt, chosen[ic + len(HH_SEP) :], rejected[ir + len(HH_SEP) :]
 
 
 def _as_int(value) -> int | None:
@@ -140,8 +142,16 @@ class HFReader:
                         continue
                     job.answers, job.sft = [ans[idx][:3]], 0
                 elif split in ("rm_train", "rm_eval"):
-                    pairs = sample_pairs(scores, self.max_pairs, (self.seed, self.site, key),
-                                         [a[0] if a[0] is not None else k for k, a in enumerate(ans)]) if n_pairs else []
+                    pairs = (
+                        sample_pairs(
+                            scores,
+                            self.max_pairs,
+                            (self.seed, self.site, key),
+                            [a[0] if a[0] is not None else k for k, a in enumerate(ans)],
+                        )
+                        if n_pairs
+                        else []
+                    )
                     if not pairs:
                         self.skipped[f"{split}:question_without_pairs"] += 1
                         continue

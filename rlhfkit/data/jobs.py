@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from rlhfkit.data.markdown import convert_lists
 from rlhfkit.data.writer import LengthFilter, SplitWriter
@@ -86,7 +86,7 @@ class ConverterPool:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def __enter__(self) -> "ConverterPool":
+    def __enter__(self) -> ConverterPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -124,7 +124,9 @@ class Emitter:
         self.rows_by_site: Counter = Counter()  # (site, split) -> rows written
 
     def site_rows(self, site: str) -> dict:
-        return {split: self.rows_by_site.get((site, split), 0) for split in ("sft", "rm_train", "rm_eval", "rl_prompts")}
+        return {
+            split: self.rows_by_site.get((site, split), 0) for split in ("sft", "rm_train", "rm_eval", "rl_prompts")
+        }
 
     def _add(self, split: str, row: dict) -> None:
         self.writer.add(split, row)
@@ -164,9 +166,18 @@ class Emitter:
                     continue
                 if self._filtered(split, prompt, [chosen, rejected], cache):
                     continue
-                self._add(split, {**base, "chosen": chosen, "rejected": rejected,
-                                        "chosen_id": job.answers[c][0], "rejected_id": job.answers[r][0],
-                                        "chosen_score": job.answers[c][1], "rejected_score": job.answers[r][1]})
+                self._add(
+                    split,
+                    {
+                        **base,
+                        "chosen": chosen,
+                        "rejected": rejected,
+                        "chosen_id": job.answers[c][0],
+                        "rejected_id": job.answers[r][0],
+                        "chosen_score": job.answers[c][1],
+                        "rejected_score": job.answers[r][1],
+                    },
+                )
         else:
             if self._filtered(split, prompt, [], cache):
                 return

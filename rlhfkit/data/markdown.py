@@ -32,8 +32,8 @@ _CHOICES = ("auto", "python", "rust")
 def _language(classes: list[str]) -> str:
     for cls in classes:
         for prefix in _LANG_PREFIXES:
-            if cls.startswith(prefix) and cls[len(prefix):] not in ("", "none", "default"):
-                return cls[len(prefix):]
+            if cls.startswith(prefix) and cls[len(prefix) :] not in ("", "none", "default"):
+                return cls[len(prefix) :]
     return ""
 
 
@@ -73,8 +73,11 @@ def _python_converter():
         def convert_img(self, el, text, parent_tags):
             return el.attrs.get("alt") or ""
 
-    return StackExchangeConverter(bs4_options={"features": "html.parser", "element_classes": {Tag: _Tag}},
-                                  code_language_callback=_code_language, **_OPTIONS)
+    return StackExchangeConverter(
+        bs4_options={"features": "html.parser", "element_classes": {Tag: _Tag}},
+        code_language_callback=_code_language,
+        **_OPTIONS,
+    )
 
 
 def python_markdown(html: str | None) -> str:
@@ -92,8 +95,11 @@ _FENCE = "\uf8ff"  # sentinel language of every fence; images are U+E000 + index
 _MAX_IMAGES = 0xF8FF - 0xE000
 _PUA = re.compile("[\ue000-\uf8ff]")
 # html.parser treats these as raw text (version-dependent: 3.13+ adds several), so tags inside are not tags
-_UNSAFE = re.compile(r"<(?:script|style|textarea|title|xmp|plaintext|iframe|noembed|noframes|noscript|/img|!(?!--))"
-                     r"|=\s*(?:\"[^\"]*|'[^']*)?<(?:img|pre)(?=[\s/>])", re.I)  # also: <img> in an attribute value
+_UNSAFE = re.compile(
+    r"<(?:script|style|textarea|title|xmp|plaintext|iframe|noembed|noframes|noscript|/img|!(?!--))"
+    r"|=\s*(?:\"[^\"]*|'[^']*)?<(?:img|pre)(?=[\s/>])",
+    re.I,
+)  # also: <img> in an attribute value
 _COMMENT = re.compile(r"<!--(.*?)(-->|$)", re.S)
 _ATTR = re.compile(r"""\s+([^\s"'>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s"'=<>`]+))?""")
 _ATTRS = r"""((?:\s+[^\s"'>/=]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'=<>`]+))?)*)\s*(/?)>"""
@@ -146,7 +152,7 @@ def _prepass(html: str) -> tuple[str, list[str], list[str]] | str:
         if m is None:
             return "odd_tag"
         attrs = _attrs(m.group(2))
-        parts.append(html[pos:m.start()])
+        parts.append(html[pos : m.start()])
         pos = m.end()
         if m.group(1).lower() == "img":
             alt = attrs.get("alt", "")

@@ -70,7 +70,8 @@ class DataConfig:
     """Tokenizer (hub id or local folder) used by max_tokens."""
     schema: Literal["auto", "h4", "paired", "hh", "generic"] = "auto"
     """For source=hf: 'h4' (question, answers[{text, pm_score, selected}]), 'paired' (question, response_j,
-    response_k), 'hh' (chosen/rejected dialogues), 'generic' (prompt, chosen, rejected); 'auto' picks from the columns."""
+    response_k), 'hh' (chosen/rejected dialogues), 'generic' (prompt, chosen, rejected); 'auto' picks from
+    the columns."""
     input_split: str | None = None
     """For source=hf: the split to read from a hub dataset or a multi-split folder (default: train)."""
     workers: int = 0

@@ -6,8 +6,8 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rlhfkit.data.jobs import ConverterPool, Emitter, converted
 from rlhfkit.data.markdown import converter, converter_description
@@ -85,19 +85,29 @@ def _stackexchange(cfg: DataConfig, emitter: Emitter, scratch: Path, pool: Conve
         scan.run(xml_path, display, cfg.allow_partial)
         t_parse = time.time() - t
         site_stats = SiteStats(dump.site)
-        for job, texts in converted(scan.jobs(cfg.max_pairs_per_question, convert, site_stats), pool if convert else None):
+        for job, texts in converted(
+            scan.jobs(cfg.max_pairs_per_question, convert, site_stats), pool if convert else None
+        ):
             emitter.emit(job, texts)
-        info = {"path": str(dump.path), "site": dump.site, "bytes": dump.path.stat().st_size,
-                **site_stats.as_dict(scan), "rows_written": emitter.site_rows(dump.site),
-                "markdown_converter": converter() if convert else None,
-                "seconds": round(time.time() - t, 3), "parse_seconds": round(t_parse, 3)}
+        info = {
+            "path": str(dump.path),
+            "site": dump.site,
+            "bytes": dump.path.stat().st_size,
+            **site_stats.as_dict(scan),
+            "rows_written": emitter.site_rows(dump.site),
+            "markdown_converter": converter() if convert else None,
+            "seconds": round(time.time() - t, 3),
+            "parse_seconds": round(t_parse, 3),
+        }
         inputs.append(info)
         (scratch / f"{dump.site}.store").unlink(missing_ok=True)
         if dump.is_archive:
             shutil.rmtree(xml_path.parent, ignore_errors=True)
         note = f" (PARTIAL: {scan.partial['reason']})" if scan.partial else ""
-        say(f"[data] {dump.site}: {scan.rows} rows, {site_stats.questions} questions, {site_stats.answers} answers "
-            f"in {info['seconds']:.1f}s{note}")
+        say(
+            f"[data] {dump.site}: {scan.rows} rows, {site_stats.questions} questions, {site_stats.answers} answers "
+            f"in {info['seconds']:.1f}s{note}"
+        )
     return inputs
 
 
@@ -115,8 +125,9 @@ def _hf(cfg: DataConfig, emitter: Emitter, pool: ConverterPool, say) -> list[dic
         ds = load_table(str(path) if path.exists() else source, cfg.input_split)
         site = path.name if path.exists() else source
         try:
-            reader = HFReader(ds, cfg.schema, site, cfg.fractions.as_tuple(), cfg.seed, cfg.max_pairs_per_question,
-                              convert=False)
+            reader = HFReader(
+                ds, cfg.schema, site, cfg.fractions.as_tuple(), cfg.seed, cfg.max_pairs_per_question, convert=False
+            )
         except RlhfkitError as exc:
             raise RlhfkitError(f"{source}: {exc}") from None
         reader.convert = cfg.markdown if cfg.markdown is not None else reader.schema == "h4"
@@ -126,9 +137,15 @@ def _hf(cfg: DataConfig, emitter: Emitter, pool: ConverterPool, say) -> list[dic
         pool.resize(max(pool.workers, _workers(cfg, size)))
         for job, texts in converted(reader.jobs(), pool if reader.convert else None):
             emitter.emit(job, texts)
-        info = {"path": source, "site": site, "bytes": size, **reader.stats(),
-                "rows_written": emitter.site_rows(site), "markdown_converter": converter() if reader.convert else None,
-                "seconds": round(time.time() - t, 3)}
+        info = {
+            "path": source,
+            "site": site,
+            "bytes": size,
+            **reader.stats(),
+            "rows_written": emitter.site_rows(site),
+            "markdown_converter": converter() if reader.convert else None,
+            "seconds": round(time.time() - t, 3),
+        }
         inputs.append(info)
         say(f"[data] {site}: {reader.rows} rows ({reader.schema} schema) in {info['seconds']:.1f}s")
     return inputs
@@ -158,9 +175,12 @@ def _stats(cfg: DataConfig, inputs: list[dict], emitter: Emitter, writer: SplitW
         "answers": sum(i["answers"] for i in inputs),
         "questions_by_split": {s: by_split.get(s, 0) for s in SPLITS},
         "rows": rows,
-        "pairs": {"rm_train": rows["rm_train"], "rm_eval": rows["rm_eval"],
-                  "candidates": sum(i["candidate_pairs"] for i in inputs),
-                  "candidates_capped": sum(i["candidate_pairs_capped"] for i in inputs)},
+        "pairs": {
+            "rm_train": rows["rm_train"],
+            "rm_eval": rows["rm_eval"],
+            "candidates": sum(i["candidate_pairs"] for i in inputs),
+            "candidates_capped": sum(i["candidate_pairs_capped"] for i in inputs),
+        },
         "score_histogram": {str(k): v for k, v in sorted(hist.items())},
         "skipped": {k: v for k, v in sorted(skipped.items()) if v},
         "filtered": {k: v for k, v in sorted(emitter.filtered.items()) if v},

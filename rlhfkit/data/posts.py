@@ -15,9 +15,9 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 from xml.parsers import expat
 
 from rlhfkit.runtime.errors import RlhfkitError
@@ -44,15 +44,27 @@ def post_type_name(type_id: int) -> str:
 class DumpError(RlhfkitError):
     """A Posts.xml that cannot be parsed (the message names the file and the line)."""
 
-    def __init__(self, message: str, path: str, line: int | None = None, column: int | None = None, rows: int = 0,
-                 fatal: bool = False):
+    def __init__(
+        self,
+        message: str,
+        path: str,
+        line: int | None = None,
+        column: int | None = None,
+        rows: int = 0,
+        fatal: bool = False,
+    ):
         super().__init__(message)
         self.path, self.line, self.column, self.rows = path, line, column, rows
         self.fatal = fatal  # not a Posts.xml at all: allow_partial does not apply
 
     def as_dict(self) -> dict:
-        return {"file": self.path, "line": self.line, "column": self.column, "rows_parsed": self.rows,
-                "reason": str(self)}
+        return {
+            "file": self.path,
+            "line": self.line,
+            "column": self.column,
+            "rows_parsed": self.rows,
+            "reason": str(self),
+        }
 
 
 @dataclass
@@ -113,7 +125,9 @@ def find_dumps(paths: list[str | os.PathLike]) -> list[Dump]:
         if path.is_dir():
             found = _dumps_in_folder(path)
             if not found:
-                raise RlhfkitError(f"{path}: no Posts.xml, Posts.xml.gz or .7z archive in this folder or its sub-folders")
+                raise RlhfkitError(
+                    f"{path}: no Posts.xml, Posts.xml.gz or .7z archive in this folder or its sub-folders"
+                )
             dumps.extend(found)
         elif path.suffix.lower() == ".7z":
             dumps.append(Dump(_site_of_archive(path), path))
@@ -178,8 +192,13 @@ def parse_rows(path: Path, on_row: Callable[[dict], None], display: str | None =
         if depth == 0:
             state["root"] = tag
             if tag != "posts":
-                raise DumpError(f"{name}: not a Stack Exchange Posts.xml (root element is <{tag}>, expected <posts>)",
-                                name, parser.CurrentLineNumber, parser.CurrentColumnNumber + 1, fatal=True)
+                raise DumpError(
+                    f"{name}: not a Stack Exchange Posts.xml (root element is <{tag}>, expected <posts>)",
+                    name,
+                    parser.CurrentLineNumber,
+                    parser.CurrentColumnNumber + 1,
+                    fatal=True,
+                )
             return
         if depth == 1 and tag == "row":
             state["rows"] += 1
@@ -208,8 +227,14 @@ def parse_rows(path: Path, on_row: Callable[[dict], None], display: str | None =
             msg = "unexpected end of file (truncated?)"
         elif msg == "no element found":
             msg = "no XML content"
-        raise DumpError(f"{name}: malformed XML at line {exc.lineno}, column {exc.offset + 1}: {msg}",
-                        name, exc.lineno, exc.offset + 1, state["rows"], fatal=state["root"] is None) from None
+        raise DumpError(
+            f"{name}: malformed XML at line {exc.lineno}, column {exc.offset + 1}: {msg}",
+            name,
+            exc.lineno,
+            exc.offset + 1,
+            state["rows"],
+            fatal=state["root"] is None,
+        ) from None
     except DumpError:
         raise
     except BaseException as exc:
@@ -217,8 +242,13 @@ def parse_rows(path: Path, on_row: Callable[[dict], None], display: str | None =
             raise
         if isinstance(exc, (EOFError, OSError, zlib.error)):  # truncated / corrupt gzip, unreadable file
             line = parser.CurrentLineNumber
-            raise DumpError(f"{name}: cannot read the file after line {line}: {type(exc).__name__}: {exc}",
-                            name, line, None, state["rows"]) from None
+            raise DumpError(
+                f"{name}: cannot read the file after line {line}: {type(exc).__name__}: {exc}",
+                name,
+                line,
+                None,
+                state["rows"],
+            ) from None
         raise
     if state["root"] is None:
         raise DumpError(f"{name}: no XML content", name, 1, 1, 0, fatal=True)
@@ -253,5 +283,9 @@ def iter_posts(path: str | os.PathLike) -> Iterator[dict]:
                 if not chunk:
                     break
     except expat.ExpatError as exc:
-        raise DumpError(f"{name}: malformed XML at line {exc.lineno}, column {exc.offset + 1}: "
-                        f"{expat.ErrorString(exc.code)}", name, exc.lineno, exc.offset + 1) from None
+        raise DumpError(
+            f"{name}: malformed XML at line {exc.lineno}, column {exc.offset + 1}: {expat.ErrorString(exc.code)}",
+            name,
+            exc.lineno,
+            exc.offset + 1,
+        ) from None

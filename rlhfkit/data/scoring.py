@@ -19,7 +19,7 @@ most 10 per question): the pairs with the smallest hash of (seed, site, question
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def answer_score(upvotes: int, accepted: bool = False) -> int:
@@ -55,7 +55,9 @@ def candidate_pairs(scores: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def sample_pairs(scores: Sequence[int], max_pairs: int, key: tuple = (), ids: Sequence | None = None) -> list[tuple[int, int]]:
+def sample_pairs(
+    scores: Sequence[int], max_pairs: int, key: tuple = (), ids: Sequence | None = None
+) -> list[tuple[int, int]]:
     """Candidate pairs, or `max_pairs` of them (kept in candidate order) when there are more; <= 0: all.
 
     The sample keeps the pairs with the smallest hash of (key, chosen id, rejected id) — `key` is
@@ -72,7 +74,9 @@ def sample_pairs(scores: Sequence[int], max_pairs: int, key: tuple = (), ids: Se
     return pairs
 
 
-def pick_sft_answer(scores: Sequence[int], accepted: Sequence[bool], upvotes: Sequence[int] | None = None) -> int | None:
+def pick_sft_answer(
+    scores: Sequence[int], accepted: Sequence[bool], upvotes: Sequence[int] | None = None
+) -> int | None:
     """Index of the SFT answer: the accepted one, else the top score (ties: more upvotes, then the earlier)."""
     if not scores:
         return None

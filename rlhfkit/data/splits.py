@@ -7,7 +7,7 @@ the input (another dump date, more sites, a different file order).
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 from rlhfkit.data.options import SPLITS
 

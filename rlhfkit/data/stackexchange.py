@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -106,7 +106,7 @@ class SiteScan:
             self._fh.close()
 
     # ------------------------------------------------------------------ planning
-    def jobs(self, max_pairs: int, convert: bool, stats: "SiteStats") -> Iterator[Job]:
+    def jobs(self, max_pairs: int, convert: bool, stats: SiteStats) -> Iterator[Job]:
         """Question jobs in id order (texts read back from the store); fills `stats` as it goes."""
         q_id = np.frombuffer(self.q_id, dtype=np.int64)
         a_id = np.frombuffer(self.a_id, dtype=np.int64)
@@ -154,7 +154,7 @@ class SiteScan:
                     stats.text_chars += job.size()
                     yield job
 
-    def _plan(self, qid, acc, aids, votes, offs, lens, max_pairs, stats: "SiteStats") -> Job | None:
+    def _plan(self, qid, acc, aids, votes, offs, lens, max_pairs, stats: SiteStats) -> Job | None:
         split = assign_split(qid, self.fractions, self.seed, self.site)
         stats.questions_by_split[split] += 1
         accepted = [a == acc for a in aids]

@@ -15,8 +15,9 @@ by the training stages, never here. Ids and scores are null where the source has
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
@@ -26,13 +27,28 @@ from rlhfkit.runtime.errors import RlhfkitError
 _S, _I = pa.string(), pa.int64()
 SCHEMAS: dict[str, pa.Schema] = {
     "sft": pa.schema([("prompt", _S), ("response", _S), ("qid", _I), ("answer_id", _I), ("score", _I), ("site", _S)]),
-    "rm_train": pa.schema([("prompt", _S), ("chosen", _S), ("rejected", _S), ("qid", _I), ("chosen_id", _I),
-                           ("rejected_id", _I), ("chosen_score", _I), ("rejected_score", _I), ("site", _S)]),
+    "rm_train": pa.schema(
+        [
+            ("prompt", _S),
+            ("chosen", _S),
+            ("rejected", _S),
+            ("qid", _I),
+            ("chosen_id", _I),
+            ("rejected_id", _I),
+            ("chosen_score", _I),
+            ("rejected_score", _I),
+            ("site", _S),
+        ]
+    ),
     "rl_prompts": pa.schema([("prompt", _S), ("qid", _I), ("site", _S)]),
 }
 SCHEMAS["rm_eval"] = SCHEMAS["rm_train"]
-TEXT_COLUMNS = {"sft": ("prompt", "response"), "rm_train": ("prompt", "chosen", "rejected"),
-                "rm_eval": ("prompt", "chosen", "rejected"), "rl_prompts": ("prompt",)}
+TEXT_COLUMNS = {
+    "sft": ("prompt", "response"),
+    "rm_train": ("prompt", "chosen", "rejected"),
+    "rm_eval": ("prompt", "chosen", "rejected"),
+    "rl_prompts": ("prompt",),
+}
 
 _ARROW_FILE = "data-00000-of-00001.arrow"
 _BATCH_ROWS = 1000
@@ -128,8 +144,13 @@ class SplitWriter:
                     continue
                 arr = np.frombuffer(lens, dtype=np.int64)
                 p50, p90, p99 = np.percentile(arr, [50, 90, 99])
-                out[split][name] = {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(arr.max()),
-                                    "mean": round(float(arr.mean()), 1)}
+                out[split][name] = {
+                    "p50": int(p50),
+                    "p90": int(p90),
+                    "p99": int(p99),
+                    "max": int(arr.max()),
+                    "mean": round(float(arr.mean()), 1),
+                }
         return out
 
 
@@ -175,7 +196,9 @@ def _write_dataset_dict_metadata(out: Path, rows: dict[str, int]) -> None:
 class LengthFilter:
     """Drops rows longer than max_chars characters and/or max_tokens tokens (prompt + response)."""
 
-    def __init__(self, max_chars: int | None = None, max_tokens: int | None = None, tokenizer: str | Callable | None = None):
+    def __init__(
+        self, max_chars: int | None = None, max_tokens: int | None = None, tokenizer: str | Callable | None = None
+    ):
         self.max_chars, self.max_tokens = max_chars, max_tokens
         self._count: Callable[[str], int] | None = None
         if max_tokens is not None:

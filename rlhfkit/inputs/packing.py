@@ -1,8 +1,9 @@
 """Packing tokenized samples into fixed-length blocks, and collating packed or padded batches.
 
-Packed blocks hold no pad tokens (only the epoch's one short last block is topped up in its batch). Each sample ends in EOS and restarts `position_ids` at 0; the
-model is then called with `attention_mask=None`, so transformers builds a block-diagonal causal
-mask (no attention across samples, as the padding-free collators of TRL/HF do). A sample longer
+Packed blocks hold no pad tokens (only the epoch's one short last block is topped up in its batch).
+Each sample ends in EOS and restarts `position_ids` at 0; the model is then called with
+`attention_mask=None`, so transformers builds a block-diagonal causal mask (no attention across
+samples, as the padding-free collators of TRL/HF do). A sample longer
 than the room left is continued in the next block as a new segment (group_texts style): every
 token appears exactly once, and no target ever crosses a segment start.
 """
@@ -62,7 +63,9 @@ def collate_packed(blocks: list[dict], pad_id: int = 0) -> list[dict]:
     rows = []
     for b in blocks:
         extra = T - len(b["input_ids"])
-        rows.append((b["input_ids"] + [pad_id] * extra, b["position_ids"] + list(range(extra)), b["loss_mask"] + [0] * extra))
+        rows.append(
+            (b["input_ids"] + [pad_id] * extra, b["position_ids"] + list(range(extra)), b["loss_mask"] + [0] * extra)
+        )
     input_ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
     position_ids = torch.tensor([r[1] for r in rows], dtype=torch.long)
     loss_mask = torch.tensor([r[2] for r in rows], dtype=torch.long)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.inputs.tables import load_table
 from rlhfkit.inputs.templates import cut_prompt, same_text
+from rlhfkit.runtime.errors import RlhfkitError
 
 PROMPT_FIELDS = ("prompt", "question")
 CHOSEN_FIELDS = ("chosen", "response_j")
@@ -56,7 +56,11 @@ def _col(cols, candidates, what) -> str:
 def normalise_pairs(table) -> list[dict]:
     """Rows of any pair schema (prompt/question, chosen/response_j, rejected/response_k) as prompt/chosen/rejected."""
     cols = table.column_names if hasattr(table, "column_names") else list(table[0].keys())
-    p, c, r = _col(cols, PROMPT_FIELDS, "prompt"), _col(cols, CHOSEN_FIELDS, "chosen"), _col(cols, REJECTED_FIELDS, "rejected")
+    p, c, r = (
+        _col(cols, PROMPT_FIELDS, "prompt"),
+        _col(cols, CHOSEN_FIELDS, "chosen"),
+        _col(cols, REJECTED_FIELDS, "rejected"),
+    )
     return [{"prompt": row[p], "chosen": row[c], "rejected": row[r]} for row in table]
 
 
@@ -82,9 +86,14 @@ def load_pairs(dc: PairDataConfig) -> tuple[list[dict], list[dict]]:
         raise RlhfkitError("data.path is required: a folder or file of preference pairs")
     if dc.eval_path:
         train = normalise_pairs(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
-        held = normalise_pairs(load_table(dc.eval_path, dc.eval_split if _has_split(dc.eval_path, dc.eval_split) else None))
+        held = normalise_pairs(
+            load_table(dc.eval_path, dc.eval_split if _has_split(dc.eval_path, dc.eval_split) else None)
+        )
     elif _has_split(dc.path, dc.split) and _has_split(dc.path, dc.eval_split):
-        train, held = normalise_pairs(load_table(dc.path, dc.split)), normalise_pairs(load_table(dc.path, dc.eval_split))
+        train, held = (
+            normalise_pairs(load_table(dc.path, dc.split)),
+            normalise_pairs(load_table(dc.path, dc.eval_split)),
+        )
     else:
         rows = normalise_pairs(load_table(dc.path, dc.split if _has_split(dc.path, dc.split) else None))
         held = [r for r in rows if prompt_bucket(r["prompt"]) < dc.eval_fraction]
@@ -121,7 +130,11 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
     dropped or (truncate) cut by truncate_pair."""
     out, too_long, cut, bad, same = [], 0, 0, 0, 0
     for r in rows:
-        if not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected")) or not r["chosen"] or not r["rejected"]:
+        if (
+            not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected"))
+            or not r["chosen"]
+            or not r["rejected"]
+        ):
             bad += 1
             continue
         if same_text(r["chosen"], r["rejected"]):  # a tie in disguise: nothing to learn
@@ -138,8 +151,10 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
             (c_ids, c_mask), (r_ids, r_mask) = truncate_pair(c_ids[:n], c_ids[n:], r_ids[n:], max_length)
         out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask})
     if too_long or bad or same:
-        print(f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens, {bad} malformed pairs and "
-              f"{same} whose chosen == rejected (kept {len(out)} of {len(rows)})")
+        print(
+            f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens, {bad} malformed pairs and "
+            f"{same} whose chosen == rejected (kept {len(out)} of {len(rows)})"
+        )
 
     if cut:
         print(f"[{stage}] cut {cut} of {len(rows)} pairs to {max_length} tokens")
@@ -148,7 +163,9 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
 
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
     """Chosen rows then rejected rows, right-padded: input_ids, attention_mask, response_mask (2B, T)."""
-    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [(p["rejected_ids"], p["rejected_mask"]) for p in pairs]
+    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [
+        (p["rejected_ids"], p["rejected_mask"]) for p in pairs
+    ]
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)

@@ -6,9 +6,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.inputs.tables import load_table
 from rlhfkit.inputs.templates import PROMPT_TAIL, cut_prompt
+from rlhfkit.runtime.errors import RlhfkitError
 
 PROMPT_FIELDS = ("prompt", "query", "question", "text")
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -63,7 +63,9 @@ def read_prompts(path: str, split: str | None, field: str | None) -> list[str]:
         cols = table.column_names
         col = field or next((c for c in PROMPT_FIELDS if c in cols), None)
         if col is None or col not in cols:
-            raise RlhfkitError(f"{path}: no prompt column (looked for {field or ', '.join(PROMPT_FIELDS)}; columns: {cols})")
+            raise RlhfkitError(
+                f"{path}: no prompt column (looked for {field or ', '.join(PROMPT_FIELDS)}; columns: {cols})"
+            )
         prompts = [x for x in table[col] if isinstance(x, str) and x.strip()]
     if not prompts:
         raise RlhfkitError(f"{path}: no prompts")
@@ -88,7 +90,9 @@ def load_prompts(cfg: PromptDataConfig, seed: int = 0) -> tuple[list[str], list[
     return prompts, eval_prompts
 
 
-def encode_prompts(prompts: list[str], fmt, cfg: PromptDataConfig, stage: str) -> tuple[list[str], list[list[int]], dict]:
+def encode_prompts(
+    prompts: list[str], fmt, cfg: PromptDataConfig, stage: str
+) -> tuple[list[str], list[list[int]], dict]:
     """Templated token ids of `prompts`, each at most cfg.max_length long: over-long ones are cut or
     (truncate=false) dropped. Returns (kept prompts, their ids, {"prompts_cut": n, "prompts_dropped": n})."""
     if cfg.max_length < 2 * PROMPT_TAIL:
@@ -104,8 +108,11 @@ def encode_prompts(prompts: list[str], fmt, cfg: PromptDataConfig, stage: str) -
         kept.append(p)
         queries.append(ids)
     if cut or dropped:
-        print(f"[{stage}] {cut} prompts cut and {dropped} dropped: longer than prompts.max_length={cfg.max_length} tokens "
-              f"(kept {len(kept)} of {len(prompts)})")
+        print(
+            f"[{stage}] {cut} prompts cut and {dropped} dropped: longer than "
+            f"prompts.max_length={cfg.max_length} tokens "
+            f"(kept {len(kept)} of {len(prompts)})"
+        )
     if prompts and not kept:
         raise RlhfkitError(f"every prompt is longer than prompts.max_length={cfg.max_length} tokens")
     return kept, queries, {"prompts_cut": cut, "prompts_dropped": dropped}

@@ -53,12 +53,22 @@ def _scaling(cfg: dict, r: int) -> float:
 
 
 def _check_foldable(cfg: dict, where: Path) -> None:
-    problems = [k for k, bad in (("peft_type", cfg.get("peft_type", "LORA") != "LORA"), ("use_dora", cfg.get("use_dora")),
-                                 ("bias", cfg.get("bias", "none") != "none"), ("rank_pattern", cfg.get("rank_pattern")),
-                                 ("alpha_pattern", cfg.get("alpha_pattern"))) if bad]
+    problems = [
+        k
+        for k, bad in (
+            ("peft_type", cfg.get("peft_type", "LORA") != "LORA"),
+            ("use_dora", cfg.get("use_dora")),
+            ("bias", cfg.get("bias", "none") != "none"),
+            ("rank_pattern", cfg.get("rank_pattern")),
+            ("alpha_pattern", cfg.get("alpha_pattern")),
+        )
+        if bad
+    ]
     if problems:
-        raise RlhfkitError(f"{where}: cannot fold this adapter into its child ({', '.join(problems)} set); "
-                           f"merge it first with `rlhfkit merge {where}` and start from the merged folder")
+        raise RlhfkitError(
+            f"{where}: cannot fold this adapter into its child ({', '.join(problems)} set); "
+            f"merge it first with `rlhfkit merge {where}` and start from the merged folder"
+        )
 
 
 def _modules(state: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -83,7 +93,9 @@ def fold_adapters(parent: Path, child: Path) -> None:
         raise RlhfkitError(f"{parent} and {child}: adapters disagree on fan_in_fan_out; cannot fold them")
     pstate, cstate = _weights(parent), _weights(child)
     if any(".lora_embedding_" in k or ".lora_magnitude" in k for k in (*pstate, *cstate)):
-        raise RlhfkitError(f"{parent}: embedding/DoRA adapters cannot be folded; merge the parent first (rlhfkit merge)")
+        raise RlhfkitError(
+            f"{parent}: embedding/DoRA adapters cannot be folded; merge the parent first (rlhfkit merge)"
+        )
     pmods, cmods = _modules(pstate), _modules(cstate)
     r1 = next(iter(pmods.values()))[0].shape[0] if pmods else 0
     r2 = next(iter(cmods.values()))[0].shape[0] if cmods else 0
@@ -108,16 +120,33 @@ def fold_adapters(parent: Path, child: Path) -> None:
     extra.update({k: v for k, v in cstate.items() if not k.endswith(LORA_KEYS)})
     folded.update(extra)
     rank = r1 + r2
-    cfg = {**ccfg, "r": rank, "lora_alpha": rank, "use_rslora": False, "target_modules": sorted(set(pmods) | set(cmods)),
-           "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-           "base_model_name_or_path": pcfg["base_model_name_or_path"],
-           "modules_to_save": sorted(set(pcfg.get("modules_to_save") or []) | set(ccfg.get("modules_to_save") or [])) or None}
+    cfg = {
+        **ccfg,
+        "r": rank,
+        "lora_alpha": rank,
+        "use_rslora": False,
+        "target_modules": sorted(set(pmods) | set(cmods)),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "base_model_name_or_path": pcfg["base_model_name_or_path"],
+        "modules_to_save": sorted(set(pcfg.get("modules_to_save") or []) | set(ccfg.get("modules_to_save") or []))
+        or None,
+    }
     save_file(folded, str(child / WEIGHTS_FILE), metadata={"format": "pt"})
     (child / ADAPTER_FILE).write_text(json.dumps(cfg, indent=2))
     lineage = _lineage(parent) + [{"adapter": str(parent), "rank": r1, "scaling": s1}]
-    (child / LINEAGE_FILE).write_text(json.dumps({
-        "base": pcfg["base_model_name_or_path"], "folded": lineage + [{"adapter": "this stage", "rank": r2, "scaling": s2}],
-        "note": "one LoRA of rank r1+r2 on the base, equal to the chain of adapters merged in order"}, indent=2))
+    (child / LINEAGE_FILE).write_text(
+        json.dumps(
+            {
+                "base": pcfg["base_model_name_or_path"],
+                "folded": lineage + [{"adapter": "this stage", "rank": r2, "scaling": s2}],
+                "note": "one LoRA of rank r1+r2 on the base, equal to the chain of adapters merged in order",
+            },
+            indent=2,
+        )
+    )
 
 
 def _lineage(parent: Path) -> list[dict]:
@@ -143,7 +172,9 @@ def save_model(model, tokenizer, out: Path, model_cfg, lora_cfg, selected_adapte
     if is_adapter_dir(start) and not lora_cfg.continue_adapter:
         fold_adapters(Path(start), Path(out))
     cfg = read_adapter_config(out)
-    if is_default(model_cfg.name) or (is_adapter_dir(start) and is_default(read_adapter_config(start)["base_model_name_or_path"])):
+    if is_default(model_cfg.name) or (
+        is_adapter_dir(start) and is_default(read_adapter_config(start)["base_model_name_or_path"])
+    ):
         cfg["base_model_name_or_path"] = DEFAULT_HUB_ID  # portable, not this machine's cache path
     elif Path(str(cfg["base_model_name_or_path"])).is_dir():
         cfg["base_model_name_or_path"] = str(Path(cfg["base_model_name_or_path"]).resolve())

@@ -16,10 +16,10 @@ import yaml
 from torch import nn
 
 from rlhfkit.models.adapters import disable_dropout, save_model
-from rlhfkit.runtime.config import to_dict
-from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.models.forward import token_scores, unwrap
 from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.runtime.config import to_dict
+from rlhfkit.runtime.errors import ConfigError
 
 VALUE_HEAD, FROM_REWARD = "value_head", "rm"
 
@@ -31,8 +31,10 @@ def critic_source(critic: str, reward: str) -> str | None:
     path = reward if critic == FROM_REWARD else critic
     if not path or not Path(path).is_dir():
         what = f"reward={reward!r}" if critic == FROM_REWARD else f"critic={critic!r}"
-        raise ConfigError(f"critic: {what} is not a reward-model folder; critic='rm' needs reward to be an RM "
-                          f"folder, or give critic=<RM folder> (or critic='value_head')")
+        raise ConfigError(
+            f"critic: {what} is not a reward-model folder; critic='rm' needs reward to be an RM "
+            f"folder, or give critic=<RM folder> (or critic='value_head')"
+        )
     return str(path)
 
 
@@ -59,8 +61,10 @@ def load_critic(path: str, model_cfg: ModelConfig, lora: LoraConfig, policy_tok,
     cfg, lora = replace(model_cfg, name=path, tokenizer=None, revision=None), replace(lora, continue_adapter=True)
     model, tok = load_model(cfg, lora, kind="seq_cls")
     if not hasattr(unwrap(model), "score"):
-        raise ConfigError(f"critic {path}: {type(unwrap(model)).__name__} has no per-token 'score' head "
-                          f"(encoder RMs pool one [CLS] state); use critic='value_head'")
+        raise ConfigError(
+            f"critic {path}: {type(unwrap(model)).__name__} has no per-token 'score' head "
+            f"(encoder RMs pool one [CLS] state); use critic='value_head'"
+        )
     if tok.get_vocab() != policy_tok.get_vocab():
         raise ConfigError(f"critic {path}: its tokenizer differs from the policy's, whose token ids it reads")
     # Dropout off, as in the policy: rollout values and first-epoch values must agree (Huang et al. 2023);

@@ -17,7 +17,6 @@ from rlhfkit.algorithms.losses import IGNORE_INDEX, sequence_logps
 from rlhfkit.algorithms.rl import last_token_index  # noqa: F401  (re-exported: one definition)
 
 
-
 def unwrap(model):
     """The plain HF model beneath accelerate/DDP and peft wrappers."""
     while hasattr(model, "module"):  # DDP / DeepSpeed engine
@@ -45,7 +44,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     second (B, T, V) log-softmax tensor — with a 49k vocabulary that is hundreds of MB.
     """
     B, T, V = logits.shape
-    nll = F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(
+        logits.reshape(B * T, V).float(), labels.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -nll.view(B, T)
 
 
@@ -69,8 +70,15 @@ def causal_lm_nll_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return -logp.sum(), n_tokens
 
 
-def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, return_logits: bool = False,
-                     return_hidden: bool = False, keep: int = 0) -> dict:
+def forward_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    return_logits: bool = False,
+    return_hidden: bool = False,
+    keep: int = 0,
+) -> dict:
     """Log-prob of each next token of a (left- or right-) padded batch.
 
     input_ids, attention_mask (B, T) -> {"logprobs": (B, T-1)} where logprobs[:, t] = log p(input_ids[:, t+1]
@@ -184,8 +192,12 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     captured = {}
     handle = head.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
     finally:
         handle.remove()
     return captured["scores"][..., 0]

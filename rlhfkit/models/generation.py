@@ -13,11 +13,33 @@ from rlhfkit.models.forward import forward_logprobs, unwrap
 # generation_config keys that change which tokens get sampled (logits processors and warpers):
 # a model shipping any of them would not be sampled as the policy the KL estimate assumes.
 DISTRIBUTION_KEYS = {
-    "temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff",
-    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
-    "min_length", "min_new_tokens", "exponential_decay_length_penalty", "sequence_bias", "guidance_scale",
-    "renormalize_logits", "watermarking_config", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "top_h",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "min_length",
+    "min_new_tokens",
+    "exponential_decay_length_penalty",
+    "sequence_bias",
+    "guidance_scale",
+    "renormalize_logits",
+    "watermarking_config",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
 }
 
 
@@ -55,8 +77,8 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s):] = 1
+        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s) :] = 1
     return ids, mask
 
 
@@ -94,8 +116,9 @@ def raw_sampling(policy, tok):
     if ignored and id(saved) not in _SAID:
         print(f"[generate] the model's generation_config sets {ignored}: ignored, samples come from the policy itself")
         _SAID.add(id(saved))
-    hf.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                            pad_token_id=tok.pad_token_id)
+    hf.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     try:
         yield
     finally:
@@ -123,12 +146,20 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
         q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
         with raw_sampling(policy, tok):
             out = policy.generate(
-                input_ids=q_ids.to(device), attention_mask=q_mask.to(device), do_sample=True,
-                max_new_tokens=max(lengths[i : i + chunk]), min_new_tokens=g.min_new_tokens or None,
-                top_k=g.top_k, top_p=g.top_p, temperature=g.temperature,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True, **extra,
+                input_ids=q_ids.to(device),
+                attention_mask=q_mask.to(device),
+                do_sample=True,
+                max_new_tokens=max(lengths[i : i + chunk]),
+                min_new_tokens=g.min_new_tokens or None,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                temperature=g.temperature,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                use_cache=True,
+                **extra,
             )
-        for row, L in zip(out[:, q_ids.shape[1]:].tolist(), lengths[i : i + chunk]):
+        for row, L in zip(out[:, q_ids.shape[1] :].tolist(), lengths[i : i + chunk]):
             row = row[:L]
             if tok.eos_token_id in row:
                 row = row[: row.index(tok.eos_token_id) + 1]
@@ -145,7 +176,9 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
 
 
 @torch.no_grad()
-def response_logprobs(model, queries: list[list[int]], resp: torch.Tensor, rmask: torch.Tensor, pad_id: int) -> torch.Tensor:
+def response_logprobs(
+    model, queries: list[list[int]], resp: torch.Tensor, rmask: torch.Tensor, pad_id: int
+) -> torch.Tensor:
     """Per-token log-probs (B, R) of sampled responses under `model` (0 on masked positions)."""
     dev = next(model.parameters()).device
     q_ids, q_mask = pad_left(queries, pad_id)

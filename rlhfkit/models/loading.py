@@ -230,7 +230,10 @@ def _quantization_kwargs(cfg: ModelConfig) -> dict:
         q = BitsAndBytesConfig(load_in_8bit=True)
     else:
         q = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
         )
     return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
 
@@ -309,8 +312,10 @@ def _apply_adapter(model, adapter: str, kind: str, keep: bool):
     config = None
     if kind == "seq_cls" and task != "SEQ_CLS":
         if keep:
-            raise ConfigError(f"{adapter} is a causal-LM adapter: a reward model cannot continue it "
-                              f"(set lora.continue_adapter=false to merge it and train a fresh LoRA + score head)")
+            raise ConfigError(
+                f"{adapter} is a causal-LM adapter: a reward model cannot continue it "
+                f"(set lora.continue_adapter=false to merge it and train a fresh LoRA + score head)"
+            )
         config = PeftConfig.from_pretrained(adapter)
         config.task_type = None  # plain PeftModel: no generation wrapper around a classifier
     model = PeftModel.from_pretrained(model, adapter, is_trainable=keep, **({"config": config} if config else {}))
@@ -339,8 +344,13 @@ def add_lora(model, lora: LoraConfig, kind: str = "causal_lm"):
     if targets == ["all-linear"]:
         targets = "all-linear"
         if layers is not None:  # peft refuses layers_to_transform with the "all-linear" shorthand
-            targets = sorted({name.rsplit(".", 1)[-1] for name, m in _layer_list(model)[0].named_modules()
-                              if isinstance(m, torch.nn.Linear)})
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in _layer_list(model)[0].named_modules()
+                    if isinstance(m, torch.nn.Linear)
+                }
+            )
     peft_cfg = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -378,4 +388,6 @@ def enable_checkpointing(model) -> None:
 def param_report(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    return (
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    )

@@ -8,8 +8,8 @@ Python callable. `load_scorer(spec)` picks the right one.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import yaml
@@ -30,12 +30,13 @@ class RewardModelScorer(Scorer):
     """A reward-model folder written by `rlhfkit rm` (its final/ dir, or a merged copy)."""
 
     def __init__(self, path: str, batch_size: int = 16, device: str | torch.device | None = None, template=None):
-        from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
         from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+        from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 
         self.name = f"rm:{path}"
-        self.model, self.tok = load_model(ModelConfig(name=str(path)), LoraConfig(enabled=False), kind="seq_cls",
-                                          trainable=False, verbose=False)
+        self.model, self.tok = load_model(
+            ModelConfig(name=str(path)), LoraConfig(enabled=False), kind="seq_cls", trainable=False, verbose=False
+        )
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         saved = Path(path) / "config.yaml"
@@ -46,7 +47,10 @@ class RewardModelScorer(Scorer):
         self.batch_size = batch_size
         # Inputs longer than the RM was trained on (or than its positions) are cut as its training pairs
         # were (pairs.truncate_sequence): prompt head + answer cue, response head. Counted in n_cut.
-        limits = [(trained.get("data") or {}).get("max_length"), getattr(self.model.config, "max_position_embeddings", None)]
+        limits = [
+            (trained.get("data") or {}).get("max_length"),
+            getattr(self.model.config, "max_position_embeddings", None),
+        ]
         self.max_length = min((int(x) for x in limits if x), default=None)
         self.n_cut = 0
 
@@ -59,7 +63,9 @@ class RewardModelScorer(Scorer):
         out: list[float] = []
         pad = self.tok.pad_token_id
         for i in range(0, len(prompts), self.batch_size):
-            seqs = [self._encode(p, r) for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
+            seqs = [
+                self._encode(p, r) for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
+            ]
             T = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), T), pad, dtype=torch.long)
             mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -68,7 +74,6 @@ class RewardModelScorer(Scorer):
                 mask[j, : len(s)] = 1
             out += sequence_scores(self.model, ids.to(self.device), mask.to(self.device)).float().cpu().tolist()
         return out
-
 
     def _encode(self, prompt: str, response: str) -> list[int]:
         from rlhfkit.inputs.pairs import truncate_sequence
@@ -114,14 +119,17 @@ class CallableScorer(Scorer):
         try:
             scores = scores.tolist() if hasattr(scores, "tolist") else list(scores)
         except TypeError:
-            raise RlhfkitError(f"reward function {self.name} returned {type(scores).__name__}, not a sequence of "
-                               f"numbers") from None
+            raise RlhfkitError(
+                f"reward function {self.name} returned {type(scores).__name__}, not a sequence of numbers"
+            ) from None
         if len(scores) != len(prompts):
             raise RlhfkitError(f"reward function {self.name} returned {len(scores)} scores for {len(prompts)} samples")
         for i, s in enumerate(scores):  # a string "1.5" or None is a bug in the function, not a score
             if isinstance(s, (bool, str, bytes)) or not isinstance(s, numbers.Real):
-                raise RlhfkitError(f"reward function {self.name} returned {s!r} (a {type(s).__name__}) for sample {i}; "
-                                   f"scores must be numbers")
+                raise RlhfkitError(
+                    f"reward function {self.name} returned {s!r} (a {type(s).__name__}) for sample {i}; "
+                    f"scores must be numbers"
+                )
         return [float(s) for s in scores]
 
 

@@ -1,1 +1,2 @@
-"""Layer 0 — what every other layer stands on: errors, safe file output, typed configs, checkpoints, the training loop skeleton."""
+"""Layer 0 — what every other layer stands on: errors, safe file output, typed configs, checkpoints,
+the training loop skeleton."""

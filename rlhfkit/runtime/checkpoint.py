@@ -72,8 +72,11 @@ def _rng_state() -> dict:
 
     py = random.getstate()
     npy = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]], "numpy": [npy[0], npy[1].tolist(), *npy[2:]],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npy[0], npy[1].tolist(), *npy[2:]],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -146,8 +149,9 @@ def load(folder: Path, model, optimizer, scheduler, rank: int) -> dict:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state))[:3], sorted(set(state) - set(params))[:3]
-        raise RlhfkitError(f"{folder}: checkpoint does not match the model's trainable weights "
-                           f"(missing {missing}, unexpected {extra})")
+        raise RlhfkitError(
+            f"{folder}: checkpoint does not match the model's trainable weights (missing {missing}, unexpected {extra})"
+        )
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)

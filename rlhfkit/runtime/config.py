@@ -156,7 +156,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "", renamed: dict[str,
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
         f = fields[key]
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+        if (
+            dataclasses.is_dataclass(hints[key])
+            and isinstance(value, dict)
+            and f.default_factory is not dataclasses.MISSING
+        ):
             # Override on top of this stage's own default (e.g. SFT's train.lr), not the class defaults.
             value = merge_dicts(dataclasses.asdict(f.default_factory()), value)
         kwargs[key] = _coerce(value, hints[key], prefix + key, renamed)
@@ -172,7 +176,12 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.\-]*=")
 
 def flag_takes_value(args: list[str], i: int) -> bool:
     """Whether `--key` at args[i] takes args[i+1] as its value (else it is a bare true flag)."""
-    return "=" not in args[i] and i + 1 < len(args) and not args[i + 1].startswith("--") and not _OVERRIDE.match(args[i + 1])
+    return (
+        "=" not in args[i]
+        and i + 1 < len(args)
+        and not args[i + 1].startswith("--")
+        and not _OVERRIDE.match(args[i + 1])
+    )
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -278,7 +287,9 @@ def config_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
             default = "(required)"
         if dataclasses.is_dataclass(tp):
             lines.append(f"\n  [{prefix}{f.name}] {docs.get(f.name, '')}".rstrip())
-            lines.append(config_help(tp, prefix=f"{prefix}{f.name}.", defaults=default if default != "(required)" else None))
+            lines.append(
+                config_help(tp, prefix=f"{prefix}{f.name}.", defaults=default if default != "(required)" else None)
+            )
             continue
         lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default: {default!r})")
         if docs.get(f.name):

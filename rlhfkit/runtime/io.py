@@ -11,17 +11,35 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-from typing import Any, Iterator
+from typing import Any
 
 from rlhfkit.runtime.errors import RlhfkitError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
-PATH_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gguf", ".yaml", ".yml", ".xml",
-                 ".7z", ".gz", ".bz2", ".zip", ".safetensors", ".bin", ".pt"}
+PATH_SUFFIXES = {
+    ".jsonl",
+    ".json",
+    ".parquet",
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".arrow",
+    ".gguf",
+    ".yaml",
+    ".yml",
+    ".xml",
+    ".7z",
+    ".gz",
+    ".bz2",
+    ".zip",
+    ".safetensors",
+    ".bin",
+    ".pt",
+}
 
 
 def missing_path(name: str, what: str) -> RlhfkitError | None:
@@ -34,8 +52,12 @@ def missing_path(name: str, what: str) -> RlhfkitError | None:
     if path.exists():
         return None
     parts = Path(name).parts
-    local = (name.startswith((".", "/", "~")) or path.suffix.lower() in PATH_SUFFIXES or name.count("/") > 1
-             or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir()))
+    local = (
+        name.startswith((".", "/", "~"))
+        or path.suffix.lower() in PATH_SUFFIXES
+        or name.count("/") > 1
+        or (len(parts) > 1 and Path(parts[0]).expanduser().is_dir())
+    )
     if not local:
         return None
     hint = ""
@@ -151,8 +173,9 @@ def lock_dir(path: Path):
         fh.seek(0)
         holder = fh.read().strip() or "?"
         fh.close()
-        raise RlhfkitError(f"{path} is in use by another rlhfkit process (pid {holder}): wait for it to finish, "
-                           f"or use another out_dir") from None
+        raise RlhfkitError(
+            f"{path} is in use by another rlhfkit process (pid {holder}): wait for it to finish, or use another out_dir"
+        ) from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))

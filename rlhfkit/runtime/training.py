@@ -18,16 +18,25 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
 from rlhfkit.runtime import checkpoint
 from rlhfkit.runtime.config import read_yaml, save_config, to_dict
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
-from rlhfkit.runtime.io import append_jsonl, atomic_write_text, fsync_path, fsync_tree, lock_dir, prepare_out_dir, read_jsonl
+from rlhfkit.runtime.io import (
+    append_jsonl,
+    atomic_write_text,
+    fsync_path,
+    fsync_tree,
+    lock_dir,
+    prepare_out_dir,
+    read_jsonl,
+)
 
 CKPT_DIR = "checkpoints"
 FINAL_DIR = "final"
@@ -69,7 +78,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_positive(self, ("lr", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "log_every"))
-        check_positive(self, ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every"), zero_ok=True)
+        check_positive(
+            self, ("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every"), zero_ok=True
+        )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (from epochs) or ≥ 1, got {self.max_steps}")
 
@@ -145,9 +156,13 @@ class StageRun:
 
         # broadcast_buffers=False: buffers here are constants (RoPE inv_freq), and a broadcast in
         # every forward deadlocks when ranks run different numbers of forwards (packed sub-batches).
-        self.accelerator = Accelerator(log_with=report_to or None, project_dir=str(self.out / "trackers"),
-                                       cpu=not torch.cuda.is_available(), mixed_precision="no",
-                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self.accelerator = Accelerator(
+            log_with=report_to or None,
+            project_dir=str(self.out / "trackers"),
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="no",
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
         set_seed(seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
         self.metrics_path = self.out / "metrics.jsonl"
         self.step = 0
@@ -159,8 +174,9 @@ class StageRun:
             self._lock = lock_dir(self.out)  # one writer per out_dir; released when the process ends
             if cfg.resume:
                 saved = json.loads((self.resume_from / "trainer_state.json").read_text()) if self.resume_from else {}
-                _check_resume_config(cfg, self.out / "config.yaml", saved.get("processes", 1),
-                                     self.accelerator.num_processes)
+                _check_resume_config(
+                    cfg, self.out / "config.yaml", saved.get("processes", 1), self.accelerator.num_processes
+                )
             prepare_out_dir(self.out, overwrite=cfg.overwrite, resume=cfg.resume, owner=stage)
             if cfg.resume and self.resume_from is None:  # nothing to resume: a clean start, not a second run appended
                 for name in ("metrics.jsonl", "samples.jsonl"):
@@ -205,8 +221,10 @@ class StageRun:
         if problems:
             raise RlhfkitError(f"--resume: no complete checkpoint in {self.out / CKPT_DIR} ({'; '.join(problems)})")
         if (self.out / FINAL_DIR).exists():
-            raise RlhfkitError(f"--resume: {self.out} has no checkpoint and the run has finished ({FINAL_DIR}/ exists): "
-                               f"nothing to resume; pass --overwrite to train again")
+            raise RlhfkitError(
+                f"--resume: {self.out} has no checkpoint and the run has finished ({FINAL_DIR}/ exists): "
+                f"nothing to resume; pass --overwrite to train again"
+            )
         print(f"[{self.stage}] --resume: no checkpoint in {self.out / CKPT_DIR}; starting from step 0")
         return None
 
@@ -223,9 +241,13 @@ class StageRun:
         acc.wait_for_everyone()
         checkpoint.write_rank_files(tmp, acc.process_index)
         if acc.is_main_process:
-            checkpoint.write_shared_files(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                                          {"step": self.step, "stage": self.stage, "processes": acc.num_processes,
-                                           **(extra or {})})
+            checkpoint.write_shared_files(
+                tmp,
+                acc.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                {"step": self.step, "stage": self.stage, "processes": acc.num_processes, **(extra or {})},
+            )
         acc.wait_for_everyone()
         if acc.is_main_process:
             fsync_tree(tmp)
@@ -241,8 +263,9 @@ class StageRun:
         if self.resume_from is None:
             return None
         acc = self.accelerator
-        state = checkpoint.load(self.resume_from, acc.unwrap_model(self.model), self.optimizer, self.scheduler,
-                                acc.process_index)
+        state = checkpoint.load(
+            self.resume_from, acc.unwrap_model(self.model), self.optimizer, self.scheduler, acc.process_index
+        )
         self.step = int(state["step"])
         if acc.is_main_process:
             # Records past the checkpoint came from the interrupted run: they will be redone.
@@ -255,8 +278,9 @@ class StageRun:
         if self.accelerator.is_main_process:
             append_jsonl(self.metrics_path, record)
         if self.report_to:
-            self.accelerator.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
-                                 step=record["step"])
+            self.accelerator.log(
+                {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=record["step"]
+            )
 
     def maybe_fault(self) -> None:
         """Fault injection for resume tests: SIGKILL right after the checkpoint of step N."""
@@ -285,13 +309,30 @@ class Trainer(StageRun):
     save_final(model, dir) -> None.
     """
 
-    def __init__(self, cfg, stage: str, model, n_items: int, collate: Callable, count: Callable, loss: Callable,
-                 evaluate: Callable | None = None, save_final: Callable | None = None, unit: str = "tokens"):
+    def __init__(
+        self,
+        cfg,
+        stage: str,
+        model,
+        n_items: int,
+        collate: Callable,
+        count: Callable,
+        loss: Callable,
+        evaluate: Callable | None = None,
+        save_final: Callable | None = None,
+        unit: str = "tokens",
+    ):
         super().__init__(cfg, stage)
         self.tc, self.unit = cfg.train, unit
         acc = self.accelerator
-        self.plan = StepPlan(n_items, self.tc.batch_size, self.tc.grad_accum, acc.num_processes, acc.process_index, self.tc.seed)
-        self.total_steps = self.tc.max_steps if self.tc.max_steps > 0 else max(1, math.ceil(self.tc.epochs * self.plan.steps_per_epoch))
+        self.plan = StepPlan(
+            n_items, self.tc.batch_size, self.tc.grad_accum, acc.num_processes, acc.process_index, self.tc.seed
+        )
+        self.total_steps = (
+            self.tc.max_steps
+            if self.tc.max_steps > 0
+            else max(1, math.ceil(self.tc.epochs * self.plan.steps_per_epoch))
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RlhfkitError("the model has no trainable parameters")
@@ -304,9 +345,11 @@ class Trainer(StageRun):
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
         if acc.is_main_process:
-            print(f"[{stage}] global batch = {self.tc.batch_size} per process × {acc.num_processes} processes × "
-                  f"{self.tc.grad_accum} grad_accum = {self.plan.global_batch}; {self.total_steps} steps "
-                  f"({self.plan.steps_per_epoch} per epoch of {n_items} items)")
+            print(
+                f"[{stage}] global batch = {self.tc.batch_size} per process × {acc.num_processes} processes × "
+                f"{self.tc.grad_accum} grad_accum = {self.plan.global_batch}; {self.total_steps} steps "
+                f"({self.plan.steps_per_epoch} per epoch of {n_items} items)"
+            )
 
     # ---------------------------------------------------------------- steps
     @property
@@ -339,14 +382,20 @@ class Trainer(StageRun):
             for k, v in stats.items():
                 v = torch.as_tensor(v, device=acc.device, dtype=torch.float32) * weight
                 stat_sums[k] = stat_sums.get(k, torch.zeros((), device=acc.device)) + v
-        grad_norm = acc.clip_grad_norm_(model.parameters(), self.tc.max_grad_norm) if self.tc.max_grad_norm > 0 else None
+        grad_norm = (
+            acc.clip_grad_norm_(model.parameters(), self.tc.max_grad_norm) if self.tc.max_grad_norm > 0 else None
+        )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss_total = self.sum_across(loss_sum)
-        record = {"step": self.step, "loss": (loss_total / total_units).item(), "lr": self.scheduler.get_last_lr()[0],
-                  self.unit: int(total_units.item())}
+        record = {
+            "step": self.step,
+            "loss": (loss_total / total_units).item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            self.unit: int(total_units.item()),
+        }
         for k, v in stat_sums.items():
             record[k] = (self.sum_across(v) / total_units).item()
         if grad_norm is not None:
@@ -358,7 +407,13 @@ class Trainer(StageRun):
 
         self.maybe_resume()
         acc = self.accelerator
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, disable=not acc.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=self.stage,
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
         last: dict[str, Any] = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
@@ -368,10 +423,19 @@ class Trainer(StageRun):
             record["epoch"] = self.step / self.plan.steps_per_epoch
             last = record
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", **{f"{self.unit[:3]}/s": f"{record[f'{self.unit}_per_s']:.0f}"})
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                **{f"{self.unit[:3]}/s": f"{record[f'{self.unit}_per_s']:.0f}"},
+            )
             if self.step % self.tc.log_every == 0 or self.step == self.total_steps:
                 self.log(record)
-            if self.evaluate_fn and self.tc.eval_every and self.step % self.tc.eval_every == 0 and self.step < self.total_steps:
+            if (
+                self.evaluate_fn
+                and self.tc.eval_every
+                and self.step % self.tc.eval_every == 0
+                and self.step < self.total_steps
+            ):
                 self.log({"step": self.step, **{f"eval/{k}": v for k, v in self.evaluate_fn(self.eval_model).items()}})
             if self.tc.save_every and self.step % self.tc.save_every == 0:
                 self.save_checkpoint()
@@ -383,15 +447,29 @@ class Trainer(StageRun):
             self.log({"step": self.step, **{f"eval/{k}": v for k, v in ev.items()}})
             summary.update({f"eval_{k}": v for k, v in ev.items()})
         model = self.accelerator.unwrap_model(self.model)
-        self.save_final(lambda out: self.save_final_fn(model, out) if self.save_final_fn else model.save_pretrained(out))
+        self.save_final(
+            lambda out: self.save_final_fn(model, out) if self.save_final_fn else model.save_pretrained(out)
+        )
         if self.tc.report_to:
             acc.end_training()
         return summary
 
+
 # --------------------------------------------------------------------------- helpers
 # Keys a resume may change: how long to run and how often to save or log, not what is trained.
-RUN_LENGTH_KEYS = {"out_dir", "overwrite", "resume", "allow_config_change", "train.max_steps", "train.epochs",
-                   "train.save_every", "train.eval_every", "train.keep_checkpoints", "train.log_every", "train.report_to"}
+RUN_LENGTH_KEYS = {
+    "out_dir",
+    "overwrite",
+    "resume",
+    "allow_config_change",
+    "train.max_steps",
+    "train.epochs",
+    "train.save_every",
+    "train.eval_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.report_to",
+}
 
 
 def _check_resume_config(cfg, saved: Path, saved_world: int, world: int) -> None:
@@ -407,9 +485,11 @@ def _check_resume_config(cfg, saved: Path, saved_world: int, world: int) -> None
             changed.remove(key)
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in changed[:6])
-        raise ConfigError(f"--resume: the config differs from {saved} in {diffs}"
-                          + (f" (+{len(changed) - 6} more)" if len(changed) > 6 else "")
-                          + "; pass --allow-config-change to resume anyway")
+        raise ConfigError(
+            f"--resume: the config differs from {saved} in {diffs}"
+            + (f" (+{len(changed) - 6} more)" if len(changed) > 6 else "")
+            + "; pass --allow-config-change to resume anyway"
+        )
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -20,8 +20,12 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "data": Stage("rlhfkit.stages.data", "build preference / SFT / prompt splits from Stack Exchange dumps or HF schemas"),
-    "feedback": Stage("rlhfkit.stages.feedback", "simulated feedback: a rater labels pairs of the policy's own samples"),
+    "data": Stage(
+        "rlhfkit.stages.data", "build preference / SFT / prompt splits from Stack Exchange dumps or HF schemas"
+    ),
+    "feedback": Stage(
+        "rlhfkit.stages.feedback", "simulated feedback: a rater labels pairs of the policy's own samples"
+    ),
     "sft": Stage("rlhfkit.stages.sft", "supervised fine-tuning / domain pre-training with packing", resumable=True),
     "rm": Stage("rlhfkit.stages.reward", "train a reward model on preference pairs", resumable=True),
     "ppo": Stage("rlhfkit.stages.ppo", "PPO against a reward model, classifier or Python function", resumable=True),

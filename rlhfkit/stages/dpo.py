@@ -39,18 +39,25 @@ from typing import Literal
 
 import torch
 
-from rlhfkit.runtime.errors import RlhfkitError
-from rlhfkit.runtime.io import fsync_path
-from rlhfkit.models.adapters import disable_dropout, save_model
 from rlhfkit.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
-from rlhfkit.models.forward import eval_mode, sequence_logprobs
-from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.models.adapters import disable_dropout, save_model
+from rlhfkit.models.forward import eval_mode, sequence_logprobs
+from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.io import fsync_path
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 REF_CACHE = "ref_logps.safetensors"
-STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
+STAT_KEYS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 @dataclass
@@ -107,8 +114,11 @@ CONFIG = DPOConfig
 # --------------------------------------------------------------------------- batches
 def make_micro(pairs: list[dict], indices: list[int], pad_id: int, split: str = "train") -> dict:
     """A micro-batch: the collate_pairs tensors plus which pairs they are (for cached reference log-probs)."""
-    return {"batch": collate_pairs([pairs[i] for i in indices], pad_id), "idx": torch.tensor(indices, dtype=torch.long),
-            "split": split}
+    return {
+        "batch": collate_pairs([pairs[i] for i in indices], pad_id),
+        "idx": torch.tensor(indices, dtype=torch.long),
+        "split": split,
+    }
 
 
 def count_pairs(micro: dict) -> int:
@@ -162,26 +172,32 @@ class Reference:
         return logps.chunk(2)
 
 
-def micro_loss(policy, micro: dict, reference: Reference, beta: float, loss_type: str = "sigmoid",
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def micro_loss(
+    policy, micro: dict, reference: Reference, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed DPO-family loss over the micro-batch's pairs, and summed stats (the Trainer's contract)."""
     ref_c, ref_r = reference.logps(policy, micro)
     dev = _device(policy)
     batch = {k: v.to(dev) for k, v in micro["batch"].items()}
     pol_c, pol_r = sequence_logprobs(policy, batch, average=loss_type == "ipo").chunk(2)
-    losses, rew_c, rew_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                                    label_smoothing=label_smoothing)
+    losses, rew_c, rew_r = dpo_loss(
+        pol_c, pol_r, ref_c, ref_r, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+    )
     stats = {
-        "rewards/chosen": rew_c.sum(), "rewards/rejected": rew_r.sum(), "rewards/margin": (rew_c - rew_r).sum(),
+        "rewards/chosen": rew_c.sum(),
+        "rewards/rejected": rew_r.sum(),
+        "rewards/margin": (rew_c - rew_r).sum(),
         "rewards/accuracy": (rew_c > rew_r).float().sum(),  # a tie counts wrong
-        "logps/chosen": pol_c.detach().sum(), "logps/rejected": pol_r.detach().sum(),
+        "logps/chosen": pol_c.detach().sum(),
+        "logps/rejected": pol_r.detach().sum(),
     }
     return losses.sum(), stats
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[dict], split: str, reference: Reference, cfg: DPOConfig, pad_id: int,
-                   accelerator=None) -> dict:
+def evaluate_pairs(
+    model, pairs: list[dict], split: str, reference: Reference, cfg: DPOConfig, pad_id: int, accelerator=None
+) -> dict:
     """Held-out loss and reward stats (means over pairs), sharded over ranks, model in eval mode."""
     world = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
@@ -192,8 +208,13 @@ def evaluate_pairs(model, pairs: list[dict], split: str, reference: Reference, c
         for i in range(0, len(mine), cfg.eval_batch_size):
             micro = make_micro(pairs, mine[i : i + cfg.eval_batch_size], pad_id, split)
             loss, stats = micro_loss(model, micro, reference, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-            sums += torch.stack([loss.double(), *(stats[k].double() for k in STAT_KEYS),
-                                 torch.tensor(float(count_pairs(micro)), device=dev, dtype=torch.float64)])
+            sums += torch.stack(
+                [
+                    loss.double(),
+                    *(stats[k].double() for k in STAT_KEYS),
+                    torch.tensor(float(count_pairs(micro)), device=dev, dtype=torch.float64),
+                ]
+            )
     if world > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     n = sums[-1].item()
@@ -207,8 +228,9 @@ def evaluate_pairs(model, pairs: list[dict], split: str, reference: Reference, c
 
 # --------------------------------------------------------------------------- precomputed reference
 @torch.no_grad()
-def compute_reference_logps(policy, pairs: list[dict], reference: Reference, pad_id: int, batch_size: int,
-                            accelerator=None) -> torch.Tensor:
+def compute_reference_logps(
+    policy, pairs: list[dict], reference: Reference, pad_id: int, batch_size: int, accelerator=None
+) -> torch.Tensor:
     """(N, 2) float32 CPU tensor of (chosen, rejected) reference log-probs for every pair, sharded over ranks."""
     world = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
@@ -231,8 +253,16 @@ def compute_reference_logps(policy, pairs: list[dict], reference: Reference, pad
 
 def _fingerprint(cfg: DPOConfig, ref_kind: str, pairs: list[dict], eval_pairs: list[dict]) -> str:
     h = hashlib.sha256()
-    ident = (cfg.model.name, cfg.model.revision, cfg.model.dtype, cfg.ref_model, ref_kind, cfg.loss_type == "ipo",
-             cfg.lora.continue_adapter, cfg.lora.enabled)
+    ident = (
+        cfg.model.name,
+        cfg.model.revision,
+        cfg.model.dtype,
+        cfg.ref_model,
+        ref_kind,
+        cfg.loss_type == "ipo",
+        cfg.lora.continue_adapter,
+        cfg.lora.enabled,
+    )
     h.update(repr(ident).encode())
     for split in (pairs, eval_pairs):
         h.update(b"|split|")
@@ -271,7 +301,10 @@ def precomputed_reference(trainer, source: Reference, cfg: DPOConfig, pairs, eva
         if acc.is_main_process:
             print(f"[dpo] {path} was computed for other pairs or another reference; recomputing")
     if acc.is_main_process:
-        print(f"[dpo] precomputing reference log-probs ({source.kind}) for {len(pairs)} train + {len(eval_pairs)} eval pairs")
+        print(
+            f"[dpo] precomputing reference log-probs ({source.kind}) for {len(pairs)} train + {len(eval_pairs)} "
+            f"eval pairs"
+        )
     model = acc.unwrap_model(trainer.model)  # no DDP wrapper: ranks may run different numbers of forwards
     table = {
         "train": compute_reference_logps(model, pairs, source, pad_id, cfg.eval_batch_size, acc),
@@ -308,8 +341,10 @@ def run(cfg: DPOConfig) -> dict:
     eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "dpo", cfg.data.truncate) if eval_rows else []
     if not pairs:
         raise RlhfkitError(f"no training pairs left after encoding (data.max_length={cfg.data.max_length})")
-    print(f"[dpo] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs; loss {cfg.loss_type}, beta {cfg.beta}"
-          + (f", label_smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
+    print(
+        f"[dpo] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs; loss {cfg.loss_type}, beta {cfg.beta}"
+        + (f", label_smoothing {cfg.label_smoothing}" if cfg.label_smoothing else "")
+    )
 
     # Which reference: a separate frozen model, the policy with its fresh adapter disabled, or the
     # starting policy itself (precomputed before the first update).
@@ -322,19 +357,30 @@ def run(cfg: DPOConfig) -> dict:
     elif _peft(model) is not None and not continuing:
         source = Reference("adapter", average)
     else:
-        why = "lora.continue_adapter (disabling the adapter would give the bare base)" if continuing else "full fine-tuning"
+        why = (
+            "lora.continue_adapter (disabling the adapter would give the bare base)"
+            if continuing
+            else "full fine-tuning"
+        )
         if not precompute:
             print(f"[dpo] {why}: the reference is the starting policy, precomputed before the first update")
         source, precompute = Reference("policy", average), True
 
     reference = source
     trainer = Trainer(
-        cfg, "dpo", model, len(pairs), unit="pairs",
+        cfg,
+        "dpo",
+        model,
+        len(pairs),
+        unit="pairs",
         collate=lambda ix: make_micro(pairs, ix, tok.pad_token_id),
         count=count_pairs,
         loss=lambda m, micro: micro_loss(m, micro, reference, cfg.beta, cfg.loss_type, cfg.label_smoothing),
-        evaluate=(lambda m: evaluate_pairs(m, eval_pairs, "eval", reference, cfg, tok.pad_token_id, trainer.accelerator))
-        if eval_pairs else None,
+        evaluate=(
+            lambda m: evaluate_pairs(m, eval_pairs, "eval", reference, cfg, tok.pad_token_id, trainer.accelerator)
+        )
+        if eval_pairs
+        else None,
         save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
     )
     if source.kind == "model" and not (cfg.model.load_in_8bit or cfg.model.load_in_4bit):  # quantized: placed at load
@@ -346,6 +392,8 @@ def run(cfg: DPOConfig) -> dict:
     summary["reference"] = f"{source.kind} (precomputed)" if precompute else source.kind
     summary["out_dir"] = str(trainer.out / "final")
     if "eval_rewards/accuracy" in summary:
-        print(f"[dpo] held-out: loss {summary['eval_loss']:.4f}, reward accuracy {summary['eval_rewards/accuracy']:.3f}, "
-              f"margin {summary['eval_rewards/margin']:.3f} on {summary['eval_pairs']} pairs")
+        print(
+            f"[dpo] held-out: loss {summary['eval_loss']:.4f}, reward accuracy {summary['eval_rewards/accuracy']:.3f}, "
+            f"margin {summary['eval_rewards/margin']:.3f} on {summary['eval_pairs']} pairs"
+        )
     return summary

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.runtime.config import save_config
-from rlhfkit.rewards.detectors import detect
-from rlhfkit.runtime.errors import ConfigError, RlhfkitError
-from rlhfkit.models.generation import FixedLengthSampling, generate, response_logprobs
-from rlhfkit.runtime.io import append_jsonl, atomic_write_json, lock_dir, prepare_out_dir
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 from rlhfkit.inputs.prompts import PromptDataConfig, encode_prompts, load_prompts, read_prompts
-from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.models.generation import FixedLengthSampling, generate, response_logprobs
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.rewards.detectors import detect
+from rlhfkit.rewards.scoring import load_scorer
+from rlhfkit.runtime.config import save_config
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.runtime.io import append_jsonl, atomic_write_json, lock_dir, prepare_out_dir
 
 OVEROPT_EPS = 0.01  # a gold-judge change smaller than this counts as flat
 
@@ -75,7 +75,11 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
     save_config(cfg, out / "config.yaml")
     rm_scorer = load_scorer(rm if rm is not None else cfg.rm)
     judge_scorer = load_scorer(judge if judge is not None else cfg.judge) if (judge is not None or cfg.judge) else None
-    prompts = read_prompts(cfg.prompts.path, cfg.prompts.split, cfg.prompts.field) if cfg.prompts.n_eval == 0 else load_prompts(cfg.prompts)[1]
+    prompts = (
+        read_prompts(cfg.prompts.path, cfg.prompts.split, cfg.prompts.field)
+        if cfg.prompts.n_eval == 0
+        else load_prompts(cfg.prompts)[1]
+    )
     if cfg.prompts.max_prompts > 0:
         prompts = prompts[: cfg.prompts.max_prompts]
     models = [_named(s) for s in cfg.models]
@@ -88,11 +92,15 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
         kept, queries, bounded = encode_prompts(prompts, fmt, cfg.prompts, f"eval {name}")
         if len(kept) != len(prompts):
             if per_model:  # every model must answer the same prompts
-                raise RlhfkitError(f"{name}: its tokenizer drops other prompts than {models[0][0]}'s; set prompts.truncate=true")
+                raise RlhfkitError(
+                    f"{name}: its tokenizer drops other prompts than {models[0][0]}'s; set prompts.truncate=true"
+                )
             prompts = kept
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            resp, rmask = generate(model, tok, queries, [cfg.generation.max_new_tokens] * len(queries), cfg.generation, "cpu")
+            resp, rmask = generate(
+                model, tok, queries, [cfg.generation.max_new_tokens] * len(queries), cfg.generation, "cpu"
+            )
         texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
         logp = response_logprobs(model, queries, resp, rmask, tok.pad_token_id).sum(1)
         samples[name] = {"texts": texts, "queries": queries, "resp": resp, "rmask": rmask, "logp": logp, "tok": tok}
@@ -112,14 +120,18 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
         det = detect(s["texts"], baseline_words)
         if baseline_words is None:
             baseline_words = det["mean_words"]
-        per_model[name].update({
-            "rm_score": sum(s["rm"]) / len(s["rm"]),
-            "judge_score": sum(s["judge"]) / len(s["judge"]) if s["judge"] else None,
-            "kl": kl,
-            "response_length": s["rmask"].sum(1).float().mean().item(),
-            "repetition_rate": det["repetition_rate"], "fence_rate": det["fence_rate"],
-            "length_drift": det["length_drift"], "flags": det["flags"],
-        })
+        per_model[name].update(
+            {
+                "rm_score": sum(s["rm"]) / len(s["rm"]),
+                "judge_score": sum(s["judge"]) / len(s["judge"]) if s["judge"] else None,
+                "kl": kl,
+                "response_length": s["rmask"].sum(1).float().mean().item(),
+                "repetition_rate": det["repetition_rate"],
+                "fence_rate": det["fence_rate"],
+                "length_drift": det["length_drift"],
+                "flags": det["flags"],
+            }
+        )
     del ref
 
     base = models[0][0]
@@ -130,8 +142,12 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
             "judge": _win_rate(samples[name]["judge"], samples[base]["judge"]) if judge_scorer else None,
         }
     for name, _ in models:
-        for p, t, r, j in zip(prompts, samples[name]["texts"], samples[name]["rm"], samples[name]["judge"] or [None] * len(prompts)):
-            append_jsonl(out / "samples.jsonl", {"model": name, "prompt": p, "response": t, "rm_score": r, "judge_score": j})
+        for p, t, r, j in zip(
+            prompts, samples[name]["texts"], samples[name]["rm"], samples[name]["judge"] or [None] * len(prompts)
+        ):
+            append_jsonl(
+                out / "samples.jsonl", {"model": name, "prompt": p, "response": t, "rm_score": r, "judge_score": j}
+            )
     last = models[-1][0]
     metrics = {
         "prompts": len(prompts),
@@ -172,7 +188,9 @@ def _perplexity(model, tok, cfg: EvalConfig) -> float:
     rows = load_rows(cfg.perplexity_data, None)
     dc = SFTDataConfig(path=cfg.perplexity_data, packing=False, text_field="text" if "text" in rows[0] else None)
     samples = encode_rows(rows, PromptFormat(cfg.template, tok), dc, completion_only=False)
-    res = eval_perplexity(model, samples, lambda b: collate_padded(b, tok.pad_token_id, 1024), cfg.generation.batch_size)
+    res = eval_perplexity(
+        model, samples, lambda b: collate_padded(b, tok.pad_token_id, 1024), cfg.generation.batch_size
+    )
     return res["perplexity"]
 
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.inputs.prompts import read_prompts
+from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.models.generation import FixedLengthSampling, generate
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import RlhfkitError
-from rlhfkit.models.generation import FixedLengthSampling, generate
 from rlhfkit.runtime.io import atomic_dir, atomic_write_json
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
-from rlhfkit.inputs.prompts import read_prompts
-from rlhfkit.rewards.scoring import load_scorer
-from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 
 
 @dataclass
@@ -51,7 +51,9 @@ class FeedbackConfig:
     """Prompts held out from everything, for the final gold-judge evaluation."""
     rm_eval_fraction: float = 0.15
     """Share of labelled prompts whose pairs go to rm_eval."""
-    generation: FixedLengthSampling = field(default_factory=lambda: FixedLengthSampling(max_new_tokens=32, batch_size=32))
+    generation: FixedLengthSampling = field(
+        default_factory=lambda: FixedLengthSampling(max_new_tokens=32, batch_size=32)
+    )
     """Sampling settings."""
     seed: int = 0
     """Seed for the prompt split and sampling."""
@@ -109,22 +111,35 @@ def run(cfg: FeedbackConfig) -> dict:
     if not rm_train:
         raise RlhfkitError("the rater found no preference among the samples (all ties?)")
     rl_prompts = [prompts[i] for i in rest]
-    splits = datasets.DatasetDict({
-        "rm_train": datasets.Dataset.from_list(rm_train),
-        "rm_eval": datasets.Dataset.from_list(rm_eval) if rm_eval else datasets.Dataset.from_dict({k: [] for k in rm_train[0]}),
-        "rl_prompts": datasets.Dataset.from_dict({"prompt": rl_prompts}),
-        "eval_prompts": datasets.Dataset.from_dict({"prompt": [prompts[i] for i in eval_idx]}),
-    })
+    splits = datasets.DatasetDict(
+        {
+            "rm_train": datasets.Dataset.from_list(rm_train),
+            "rm_eval": datasets.Dataset.from_list(rm_eval)
+            if rm_eval
+            else datasets.Dataset.from_dict({k: [] for k in rm_train[0]}),
+            "rl_prompts": datasets.Dataset.from_dict({"prompt": rl_prompts}),
+            "eval_prompts": datasets.Dataset.from_dict({"prompt": [prompts[i] for i in eval_idx]}),
+        }
+    )
     stats = {
-        "prompts": len(prompts), "labelled_prompts": len(label_prompts), "samples": len(texts),
-        "pairs": len(pairs), "ties_dropped": ties, "rm_train": len(rm_train), "rm_eval": len(rm_eval),
-        "rl_prompts": len(rl_prompts), "eval_prompts": len(eval_idx),
-        "sample_score_mean": sum(scores) / len(scores), "rater": rater.name,
+        "prompts": len(prompts),
+        "labelled_prompts": len(label_prompts),
+        "samples": len(texts),
+        "pairs": len(pairs),
+        "ties_dropped": ties,
+        "rm_train": len(rm_train),
+        "rm_eval": len(rm_eval),
+        "rl_prompts": len(rl_prompts),
+        "eval_prompts": len(eval_idx),
+        "sample_score_mean": sum(scores) / len(scores),
+        "rater": rater.name,
     }
     with atomic_dir(Path(cfg.out_dir), overwrite=cfg.overwrite, mark="feedback") as tmp:
         splits.save_to_disk(str(tmp))
         atomic_write_json(tmp / "stats.json", stats)
         save_config(cfg, tmp / "config.yaml")
-    print(f"[feedback] {len(pairs)} pairs ({len(rm_train)} train / {len(rm_eval)} eval), {ties} ties dropped; "
-          f"mean rater score of the samples {stats['sample_score_mean']:.3f}")
+    print(
+        f"[feedback] {len(pairs)} pairs ({len(rm_train)} train / {len(rm_eval)} eval), {ties} ties dropped; "
+        f"mean rater score of the samples {stats['sample_score_mean']:.3f}"
+    )
     return stats

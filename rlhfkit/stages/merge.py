@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
+from rlhfkit.models.loading import ADAPTER_FILE, LoraConfig, ModelConfig, load_model
 from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.io import atomic_dir
-from rlhfkit.models.loading import ADAPTER_FILE, LoraConfig, ModelConfig, load_model
 
 
 @dataclass
@@ -37,8 +37,13 @@ def run(cfg: MergeConfig) -> dict:
     kind = "seq_cls" if task == "SEQ_CLS" else "causal_lm"
     out = Path(cfg.out_dir or f"{adapter}-merged")
     with atomic_dir(out, overwrite=cfg.overwrite) as tmp:  # refuses early if out exists
-        model, tok = load_model(ModelConfig(name=str(adapter), dtype=cfg.dtype), LoraConfig(enabled=False),
-                                kind=kind, trainable=False, verbose=False)
+        model, tok = load_model(
+            ModelConfig(name=str(adapter), dtype=cfg.dtype),
+            LoraConfig(enabled=False),
+            kind=kind,
+            trainable=False,
+            verbose=False,
+        )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         save_config(cfg, tmp / "merge_config.yaml")

@@ -22,17 +22,17 @@ import torch
 from torch import nn
 
 from rlhfkit.algorithms import rl
-from rlhfkit.runtime.config import save_config
-from rlhfkit.models.critic import VALUE_HEAD, critic_source, load_critic
-from rlhfkit.runtime.errors import ConfigError, RlhfkitError
-from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
-from rlhfkit.runtime.io import append_jsonl, atomic_write_text
-from rlhfkit.models.adapters import disable_dropout, save_model
-from rlhfkit.models.forward import ScalarHead, eval_mode, forward_logprobs
-from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
 from rlhfkit.inputs.prompts import PromptDataConfig, encode_prompts, load_prompts
-from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.models.adapters import disable_dropout, save_model
+from rlhfkit.models.critic import VALUE_HEAD, critic_source, load_critic
+from rlhfkit.models.forward import ScalarHead, eval_mode, forward_logprobs
+from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
+from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.rewards.scoring import load_scorer
+from rlhfkit.runtime.config import save_config
+from rlhfkit.runtime.errors import ConfigError, RlhfkitError
+from rlhfkit.runtime.io import append_jsonl, atomic_write_text
 from rlhfkit.runtime.training import StageConfig, StageRun, TrainConfig, check_positive
 
 REF_ADAPTER = "reference"
@@ -119,17 +119,26 @@ class PPOConfig(StageConfig):
     """Rollout sampling."""
     ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
     """PPO and KL hyper-parameters."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=1.41e-5, lr_scheduler="constant", batch_size=8, max_steps=100, seed=0))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1.41e-5, lr_scheduler="constant", batch_size=8, max_steps=100, seed=0)
+    )
     """Optimisation and run length, as in every trained stage: max_steps PPO iterations of batch_size
     rollouts per process each; grad_accum mini-batches per optimizer step; lr (AdamW, policy adapter and
     value head or critic), stepped once per iteration by lr_scheduler; seed for prompt order, sampling
     and mini-batch shuffles; eval_every / save_every in iterations."""
     # The keys this stage had before they joined `train` (a config naming one gets told the new key).
     RENAMED: ClassVar[dict[str, str]] = {
-        "steps": "train.max_steps", "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
-        "eval_every": "train.eval_every", "save_every": "train.save_every", "keep_checkpoints": "train.keep_checkpoints",
-        "report_to": "train.report_to", "ppo.grad_accum": "train.grad_accum", "ppo.max_grad_norm": "train.max_grad_norm"}
+        "steps": "train.max_steps",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "seed": "train.seed",
+        "eval_every": "train.eval_every",
+        "save_every": "train.save_every",
+        "keep_checkpoints": "train.keep_checkpoints",
+        "report_to": "train.report_to",
+        "ppo.grad_accum": "train.grad_accum",
+        "ppo.max_grad_norm": "train.max_grad_norm",
+    }
 
     def __post_init__(self):
         if self.train.max_steps < 1:
@@ -157,8 +166,9 @@ class PolicyWithValue(nn.Module):
         """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)];
         keep=R: those of the last R tokens only (B, R[, V]) — the response, after left-padded queries."""
         head = self.v_head is not None
-        out = forward_logprobs(self.policy, input_ids, attention_mask, return_hidden=head, return_logits=return_logits,
-                               keep=keep)
+        out = forward_logprobs(
+            self.policy, input_ids, attention_mask, return_hidden=head, return_logits=return_logits, keep=keep
+        )
         if head:
             out["values"] = self.v_head(out.pop("hidden"))
         else:
@@ -221,8 +231,11 @@ def build_policy(cfg: PPOConfig):
                 p.requires_grad_(False)
     n_drop = disable_dropout(policy)
     if n_drop or cfg.lora.dropout > 0:
-        print(f"[ppo] dropout off in every forward ({n_drop} dropout layers/attention rates were > 0"
-              + (f"; lora.dropout={cfg.lora.dropout} is not used" if cfg.lora.dropout > 0 else "") + ")")
+        print(
+            f"[ppo] dropout off in every forward ({n_drop} dropout layers/attention rates were > 0"
+            + (f"; lora.dropout={cfg.lora.dropout} is not used" if cfg.lora.dropout > 0 else "")
+            + ")"
+        )
     critic = None if rm_path is None else load_critic(rm_path, cfg.model, cfg.lora, tok, cfg.template)
     model = PolicyWithValue(policy, "adapter" if continuing else "disable_adapter", critic)
     tok.padding_side = "left"
@@ -247,25 +260,33 @@ class PPOTrainer(StageRun):
         if not self.prompts:
             raise RlhfkitError("no training prompts")
         self.prompts, self.queries, self.prompt_stats = encode_prompts(self.prompts, self.fmt, cfg.prompts, "ppo")
-        self.eval_prompts, self.eval_queries, _ = (encode_prompts(self.eval_prompts, self.fmt, cfg.prompts, "ppo eval")
-                                                   if self.eval_prompts else ([], [], {}))
+        self.eval_prompts, self.eval_queries, _ = (
+            encode_prompts(self.eval_prompts, self.fmt, cfg.prompts, "ppo eval") if self.eval_prompts else ([], [], {})
+        )
         from rlhfkit.runtime.training import StepPlan
 
-        self.plan = StepPlan(len(self.prompts), cfg.train.batch_size, 1, acc.num_processes, acc.process_index, cfg.train.seed)
+        self.plan = StepPlan(
+            len(self.prompts), cfg.train.batch_size, 1, acc.num_processes, acc.process_index, cfg.train.seed
+        )
         params = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.kl_ctl = (rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon) if p.adaptive_kl
-                       else rl.FixedKLController(p.init_kl_coef))
+        self.kl_ctl = (
+            rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon)
+            if p.adaptive_kl
+            else rl.FixedKLController(p.init_kl_coef)
+        )
         self.score_stats = rl.RunningMoments()
         self.length_sampler = rl.LengthSampler(cfg.generation.response_min, cfg.generation.response_max)
         self.samples_path = self.out / "samples.jsonl"
         if acc.is_main_process:
-            print(f"[ppo] {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
-                  f"{cfg.train.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}")
+            print(
+                f"[ppo] {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
+                f"{cfg.train.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}"
+            )
 
     def step_prompts(self, step: int) -> list[int]:
         """This rank's prompt indices: a continuous stream over seeded epoch permutations, so every
@@ -279,7 +300,9 @@ class PPOTrainer(StageRun):
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
         acc = self.accelerator
-        return torch.Generator().manual_seed(((self.cfg.train.seed * 1_000_003 + step) * 97 + salt) * 64 + acc.process_index)
+        return torch.Generator().manual_seed(
+            ((self.cfg.train.seed * 1_000_003 + step) * 97 + salt) * 64 + acc.process_index
+        )
 
     def _decode(self, resp: torch.Tensor, rmask: torch.Tensor) -> list[str]:
         return [self.tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
@@ -295,7 +318,9 @@ class PPOTrainer(StageRun):
         # 1. Rollout: sample responses from the current policy (left-padded queries, KV cache).
         t0 = time.perf_counter()
         lengths = self.length_sampler.sample(len(queries), generator=gen).tolist()
-        resp, rmask = generate(model.policy, self.tok, queries, lengths, cfg.generation, dev, cfg.generation.response_max)
+        resp, rmask = generate(
+            model.policy, self.tok, queries, lengths, cfg.generation, dev, cfg.generation.response_max
+        )
         q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
         input_ids = torch.cat([q_ids, resp], 1).to(dev)
         attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
@@ -327,7 +352,8 @@ class PPOTrainer(StageRun):
         logits, ref_logits = (old["logits"], ref["logits"]) if full_kl else (None, None)
         del old, ref
         rewards, non_score_reward, kl = rl.penalized_rewards(
-            scores, logprobs, ref_logprobs, rmask, self.kl_ctl.value, p.kl_estimator, logits, ref_logits)
+            scores, logprobs, ref_logprobs, rmask, self.kl_ctl.value, p.kl_estimator, logits, ref_logits
+        )
         t["time/forward"] = time.perf_counter() - t0
 
         # 4 + 5. GAE on the per-token rewards, then advantages whitened across all processes.
@@ -368,12 +394,25 @@ class PPOTrainer(StageRun):
                         acc.backward(loss / len(accum))
                     with torch.no_grad():
                         ent = rl.masked_mean(rl.entropy_from_logits(out["logits"]), m)
-                        local = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": ent, "clipfrac": pg_stats["clipfrac"],
-                                 "vf_clipfrac": vf_stats["vf_clipfrac"]}
+                        local = {
+                            "pg_loss": pg_loss,
+                            "vf_loss": vf_loss,
+                            "entropy": ent,
+                            "clipfrac": pg_stats["clipfrac"],
+                            "vf_clipfrac": vf_stats["vf_clipfrac"],
+                        }
                         names = list(local)
-                        glob = self.sum_across(torch.stack([torch.as_tensor(local[k]).detach().float() for k in names]) * n_tok) / glob_tok
-                        logged = {**dict(zip(names, glob.tolist())), "approxkl": float(pg_stats["approxkl"]),
-                                  "ratio": float(pg_stats["ratio"])}
+                        glob = (
+                            self.sum_across(
+                                torch.stack([torch.as_tensor(local[k]).detach().float() for k in names]) * n_tok
+                            )
+                            / glob_tok
+                        )
+                        logged = {
+                            **dict(zip(names, glob.tolist())),
+                            "approxkl": float(pg_stats["approxkl"]),
+                            "ratio": float(pg_stats["ratio"]),
+                        }
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(v)
                     del out
@@ -394,9 +433,12 @@ class PPOTrainer(StageRun):
         glob = lambda x: (self.sum_across(x.sum().detach()) / self.sum_across(n)).item()  # noqa: E731
         mean_kl = glob(seq_kl)
         record = {
-            "score": glob(raw_scores), "score_std": math.sqrt(max(glob(raw_scores ** 2) - glob(raw_scores) ** 2, 0.0)),
-            "reward": glob(scores), "non_score_reward": glob(rl.masked_sum(non_score_reward, rmask, dim=1)),
-            "kl": mean_kl, "kl_coef": self.kl_ctl.value,
+            "score": glob(raw_scores),
+            "score_std": math.sqrt(max(glob(raw_scores**2) - glob(raw_scores) ** 2, 0.0)),
+            "reward": glob(scores),
+            "non_score_reward": glob(rl.masked_sum(non_score_reward, rmask, dim=1)),
+            "kl": mean_kl,
+            "kl_coef": self.kl_ctl.value,
             "response_length": glob(rmask.sum(1).float()),
             "explained_variance": float(rl.explained_variance(values, returns, rmask, all_reduce=all_reduce)),
             "skipped_minibatches": skipped,
@@ -421,8 +463,15 @@ class PPOTrainer(StageRun):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed + 7919)
             lengths = [self.cfg.generation.response_max] * len(queries)
-            resp, rmask = generate(model.policy, self.tok, queries, lengths, self.cfg.generation, acc.device,
-                                   self.cfg.generation.response_max)
+            resp, rmask = generate(
+                model.policy,
+                self.tok,
+                queries,
+                lengths,
+                self.cfg.generation,
+                acc.device,
+                self.cfg.generation.response_max,
+            )
         responses = self._decode(resp, rmask)
         rewards = self.scorer(prompts, responses)
         with eval_mode(model):
@@ -438,7 +487,9 @@ class PPOTrainer(StageRun):
         }
         if acc.is_main_process:
             for q, r, s in zip(prompts, responses, rewards):
-                append_jsonl(self.samples_path, {"step": self.step, "tag": tag, "prompt": q, "response": r, "reward": s})
+                append_jsonl(
+                    self.samples_path, {"step": self.step, "tag": tag, "prompt": q, "response": r, "reward": s}
+                )
         return result
 
     def _fit(self) -> dict:
@@ -456,12 +507,19 @@ class PPOTrainer(StageRun):
             before = self.evaluate("before")
             if before:
                 self.log({"step": 0, **{f"eval/{k}": v for k, v in before.items()}})
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="ppo", disable=not acc.is_local_main_process, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.train.max_steps,
+            initial=self.step,
+            desc="ppo",
+            disable=not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
         record: dict = {}
         while self.step < cfg.train.max_steps:
             idx = self.step_prompts(self.step)
-            record = self.ppo_step([self.prompts[i] for i in idx], [self.queries[i] for i in idx],
-                                   self._generator(self.step, 0))
+            record = self.ppo_step(
+                [self.prompts[i] for i in idx], [self.queries[i] for i in idx], self._generator(self.step, 0)
+            )
             bad = [k for k in GUARDED_STATS if not math.isfinite(record.get(k, 0.0))]
             if bad:  # stop before a NaN reaches the weights or a checkpoint
                 raise RlhfkitError(f"PPO step {self.step + 1}: non-finite {bad} ({record}); lower lr or raise β")
@@ -482,8 +540,14 @@ class PPOTrainer(StageRun):
         if after:
             self.log({"step": self.step, **{f"eval/{k}": v for k, v in after.items()}})
         self.save_final(self._save_policy)
-        summary = {"stage": "ppo", "steps": self.step, "last_score": record.get("score"), "last_kl": record.get("kl"),
-                   "out_dir": str(self.out / "final"), **self.prompt_stats}
+        summary = {
+            "stage": "ppo",
+            "steps": self.step,
+            "last_score": record.get("score"),
+            "last_kl": record.get("kl"),
+            "out_dir": str(self.out / "final"),
+            **self.prompt_stats,
+        }
         if acc.is_main_process and after:
             summary.update(self._before_after())
         if cfg.train.report_to:
@@ -496,7 +560,9 @@ class PPOTrainer(StageRun):
         model = self.accelerator.unwrap_model(self.model)
         save_model(model.policy, self.tok, out, self.cfg.model, self.cfg.lora, selected_adapters=["default"])
         if model.critic is None:
-            save_file({k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors")
+            )
         else:  # an RM-style folder, whose config.yaml gives the template it scores with
             model.critic.save(out / "critic")
             save_config(self.cfg, out / "critic" / "config.yaml")
@@ -512,7 +578,9 @@ class PPOTrainer(StageRun):
         cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
         for q, a in after.items():
             b = before[q]
-            lines.append(f"| {cell(q)} | {cell(b['response'])} | {b['reward']:.3f} | {cell(a['response'])} | {a['reward']:.3f} |")
+            lines.append(
+                f"| {cell(q)} | {cell(b['response'])} | {b['reward']:.3f} | {cell(a['response'])} | {a['reward']:.3f} |"
+            )
         mb = sum(before[q]["reward"] for q in after) / len(after)
         ma = sum(a["reward"] for a in after.values()) / len(after)
         lines += ["", f"mean reward: before {mb:.4f} → after {ma:.4f} on {len(after)} held-out prompts"]

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhfkit.models.adapters import save_model
 from rlhfkit.algorithms.losses import pairwise_reward_loss
-from rlhfkit.models.forward import sequence_scores
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.models.adapters import save_model
+from rlhfkit.models.forward import sequence_scores
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 
@@ -55,8 +55,9 @@ def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None,
-                   margins: list | None = None) -> dict:
+def evaluate_pairs(
+    model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None, margins: list | None = None
+) -> dict:
     """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over
     ranks and reduced as sums, so any number of processes gives the same numbers. `margins`, when
     given, is filled with this rank's per-pair margins (all of them with one process)."""
@@ -75,12 +76,22 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
         c, r = (x.double() for x in pair_scores(model, batch))
         d = c - r
         lengths = batch["attention_mask"].sum(1)  # tokens the RM sees (after data.truncate, if on)
-        longer = (lengths[: len(c)] > lengths[len(c):]).sum().double()
+        longer = (lengths[: len(c)] > lengths[len(c) :]).sum().double()
         if margins is not None:
             margins += d.float().cpu().tolist()
         both = torch.cat([c, r])
-        sums += torch.stack([torch.tensor(float(len(c)), dtype=torch.float64, device=dev), (d > 0).sum().double(),
-                             (d == 0).sum().double(), d.sum(), -F.logsigmoid(d).sum(), both.sum(), both.square().sum(), longer])
+        sums += torch.stack(
+            [
+                torch.tensor(float(len(c)), dtype=torch.float64, device=dev),
+                (d > 0).sum().double(),
+                (d == 0).sum().double(),
+                d.sum(),
+                -F.logsigmoid(d).sum(),
+                both.sum(),
+                both.square().sum(),
+                longer,
+            ]
+        )
     if world > 1:
         sums = accelerator.reduce(sums, "sum")
     model.train(was_training)
@@ -89,10 +100,17 @@ def evaluate_pairs(model, pairs: list[dict], pad_id: int, batch_size: int, accel
         return {}
     mean = rsum / (2 * n)
     var = max(rsq / (2 * n) - mean**2, 0.0) * (2 * n) / max(2 * n - 1, 1)
-    return {"loss": loss / n, "accuracy": correct / n, "ties": ties / n, "margin": margin / n,
-            "reward_mean": mean, "reward_std": var**0.5, "pairs": int(n),
-            # Baseline "the longer answer wins": Stack Exchange votes favour length (Singhal et al. 2023).
-            "longer_wins": longer / n}
+    return {
+        "loss": loss / n,
+        "accuracy": correct / n,
+        "ties": ties / n,
+        "margin": margin / n,
+        "reward_mean": mean,
+        "reward_std": var**0.5,
+        "pairs": int(n),
+        # Baseline "the longer answer wins": Stack Exchange votes favour length (Singhal et al. 2023).
+        "longer_wins": longer / n,
+    }
 
 
 def run(cfg: RewardConfig) -> dict:
@@ -108,7 +126,9 @@ def run(cfg: RewardConfig) -> dict:
 
     def evaluate(model_):
         last_margins.clear()
-        return evaluate_pairs(model_, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator, last_margins)
+        return evaluate_pairs(
+            model_, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator, last_margins
+        )
 
     def loss(model_, batch):
         dev = next(model_.parameters()).device
@@ -119,7 +139,11 @@ def run(cfg: RewardConfig) -> dict:
         return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
 
     trainer = Trainer(
-        cfg, "rm", model, len(pairs), unit="pairs",
+        cfg,
+        "rm",
+        model,
+        len(pairs),
+        unit="pairs",
         collate=lambda ix: collate_pairs([pairs[i] for i in ix], tok.pad_token_id),
         count=lambda batch: batch["input_ids"].shape[0] // 2,
         loss=loss,
@@ -133,11 +157,18 @@ def run(cfg: RewardConfig) -> dict:
 
         if len(last_margins) != len(eval_pairs):  # several processes each hold a shard: score them all here
             last_margins.clear()
-            evaluate_pairs(trainer.accelerator.unwrap_model(trainer.model), eval_pairs, tok.pad_token_id,
-                           cfg.eval_batch_size, margins=last_margins)
+            evaluate_pairs(
+                trainer.accelerator.unwrap_model(trainer.model),
+                eval_pairs,
+                tok.pad_token_id,
+                cfg.eval_batch_size,
+                margins=last_margins,
+            )
         atomic_write_json(trainer.out / "eval_margins.json", last_margins)
     if "eval_accuracy" in summary:
-        print(f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
-              f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}; "
-              f"'the longer answer wins' scores {summary['eval_longer_wins']:.3f} on them")
+        print(
+            f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
+            f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}; "
+            f"'the longer answer wins' scores {summary['eval_longer_wins']:.3f} on them"
+        )
     return summary

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.runtime.errors import RlhfkitError
-from rlhfkit.models.forward import causal_lm_nll_sum
-from rlhfkit.models.adapters import save_model
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
 from rlhfkit.inputs.packing import Sample, collate_packed, collate_padded, count_targets, pack
 from rlhfkit.inputs.tables import load_table
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
+from rlhfkit.models.adapters import save_model
+from rlhfkit.models.forward import causal_lm_nll_sum
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 BUILTIN_CORPUS = "builtin:qa"
@@ -147,14 +147,19 @@ def check_packing(model) -> None:
     a, b = torch.randint(0, vocab, (1, 6), generator=g), torch.randint(0, vocab, (1, 5), generator=g)
     dev = next(model.parameters()).device
     with torch.no_grad():
-        packed = model(input_ids=torch.cat([a, b], 1).to(dev),
-                       position_ids=torch.cat([torch.arange(6), torch.arange(5)])[None].to(dev), use_cache=False).logits
+        packed = model(
+            input_ids=torch.cat([a, b], 1).to(dev),
+            position_ids=torch.cat([torch.arange(6), torch.arange(5)])[None].to(dev),
+            use_cache=False,
+        ).logits
         alone = model(input_ids=b.to(dev), use_cache=False).logits
     model.train(was_training)
     err = (packed[0, 6:] - alone[0]).abs().max().item()
     if err > 1e-3:
-        raise RlhfkitError(f"packing would leak attention across samples for {type(model).__name__} "
-                           f"(max logit diff {err:.2e}); set data.packing=false")
+        raise RlhfkitError(
+            f"packing would leak attention across samples for {type(model).__name__} "
+            f"(max logit diff {err:.2e}); set data.packing=false"
+        )
 
 
 # --------------------------------------------------------------------------- stage
@@ -185,11 +190,14 @@ def run(cfg: SFTConfig) -> dict:
         check_packing(model)
         items = pack(train_samples, dc.seq_len)
         eval_items = pack(eval_samples, dc.seq_len)
+
         def collate_items(batch):
             return collate_packed(batch, tok.pad_token_id)
 
-        print(f"[sft] packed {len(train_samples)} samples ({sum(len(s.input_ids) for s in train_samples):,} tokens) "
-              f"into {len(items)} blocks of {dc.seq_len}")
+        print(
+            f"[sft] packed {len(train_samples)} samples ({sum(len(s.input_ids) for s in train_samples):,} tokens) "
+            f"into {len(items)} blocks of {dc.seq_len}"
+        )
     else:
         items, eval_items = train_samples, eval_samples
         n_trunc = sum(len(s.input_ids) > dc.seq_len for s in items)
@@ -209,9 +217,17 @@ def run(cfg: SFTConfig) -> dict:
     def evaluate(model_) -> dict:
         return eval_perplexity(model_, eval_items, collate_items, cfg.train.batch_size, trainer.accelerator)
 
-    trainer = Trainer(cfg, "sft", model, len(items), collate=lambda ix: collate_items([items[i] for i in ix]),
-                      count=count_targets, loss=loss, evaluate=evaluate if eval_items else None,
-                      save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora))
+    trainer = Trainer(
+        cfg,
+        "sft",
+        model,
+        len(items),
+        collate=lambda ix: collate_items([items[i] for i in ix]),
+        count=count_targets,
+        loss=loss,
+        evaluate=evaluate if eval_items else None,
+        save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
+    )
     before = None
     if eval_items and trainer.resume_from is None:
         before = evaluate(trainer.eval_model)
@@ -221,7 +237,9 @@ def run(cfg: SFTConfig) -> dict:
     if before:
         summary["eval_perplexity_before"] = before["perplexity"]
     if "eval_perplexity" in summary:
-        print(f"[sft] after training: eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_perplexity']:.2f}")
+        print(
+            f"[sft] after training: eval loss {summary['eval_loss']:.4f}, perplexity {summary['eval_perplexity']:.2f}"
+        )
     summary["out_dir"] = str(Path(cfg.out_dir) / "final")
     return summary
 
