@@ -9,12 +9,13 @@ Rules on top of markdownify's defaults:
   intraword `_` is never emphasis in CommonMark, and `snake\\_case` is noise in training text).
 
 Converters (env `RLHFKIT_MARKDOWN`): `python` (markdownify on BeautifulSoup), `rust` (markdownify-rs,
-`pip install 'rlhfkit[fast]'`, ≈15× faster), `auto` (default: rust when importable). markdownify-rs has no
-hooks for the two custom rules, so a regex pre-pass applies them: each `<img>` becomes a `<span>` holding a
-private-use placeholder (swapped for the alt text afterwards), and every fence is opened with a sentinel
-language that is replaced, in order, by each `<pre>`'s language. Bodies the pre-pass cannot vouch for
-(comments holding tags, `<script>`, odd attributes, empty `<pre>`...) go to markdownify, so the output is
-the same with either converter; `FALLBACKS` counts them by reason in this process.
+`pip install 'rlhfkit[fast]'`, much faster: docs/benchmarks.md), `auto` (default: rust when importable).
+markdownify-rs has no hooks for the two custom rules, so a regex pre-pass applies them: each `<img>`
+becomes a `<span>` holding a private-use placeholder (swapped for the alt text afterwards), and every
+fence is opened with a sentinel language that is replaced, in order, by each `<pre>`'s language. Bodies
+the pre-pass cannot vouch for (comments holding tags, `<script>`, odd attributes, empty `<pre>`...) go
+to markdownify, so the output is the same with either converter; `FALLBACKS` counts them by reason in
+this process.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _python_converter():
 
     class _Tag(Tag):
         """bs4 Tag with a fast `find_parent(name)`: markdownify asks `node.find_parent('pre')` for every
-        tag, and bs4's generic search (SoupStrainer per call) was ~25% of the conversion time."""
+        tag, and bs4's generic search (SoupStrainer per call) was a large share of the conversion time."""
 
         def find_parent(self, name=None, attrs={}, **kwargs):  # noqa: B006 - bs4's signature
             if isinstance(name, str) and not attrs and not kwargs:
@@ -133,7 +134,7 @@ def _classes(attrs: dict[str, str]) -> list[str]:
 
 def _prepass(html: str) -> tuple[str, list[str], list[str]] | str:
     """(html for markdownify-rs, alt texts, fence languages), or the reason to use markdownify instead."""
-    if not _TAG_START.search(html):  # nothing to rewrite (~90% of bodies)
+    if not _TAG_START.search(html):  # nothing to rewrite (most bodies)
         return html, [], []
     if not html.isascii() and _PUA.search(html):
         return "private_use_chars"

@@ -86,7 +86,7 @@ def forward_logprobs(
     the last-layer state at the position that *predicts* token t+1 (what a value head reads).
     keep=K > 0: only the predictions of the last K tokens — every output (B, K[, ·]) — and the LM head
     runs on those K positions only (HF `logits_to_keep`): PPO's left-padded queries are ~half the
-    sequence, so no (B, Q, V) logits are made (7% lower peak RSS in benchmarks/bench_ppo.py; time unchanged).
+    sequence, so no (B, Q, V) logits are made (memory; docs/benchmarks/ppo.md has the measurement).
     """
     extra = {"logits_to_keep": keep + 1} if keep and _accepts_logits_to_keep(type(unwrap(model))) else {}
     out = model(

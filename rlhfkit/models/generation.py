@@ -60,8 +60,8 @@ class SamplingConfig:
     batch_size: int = 16
     """Prompts generated at once (0 = all at once)."""
     compile: bool = False
-    """Static KV cache + torch.compile of the decode step: ~1 min compile on CPU, then generate ~15% faster
-    there (docs/benchmarks/ppo.md); on CUDA it runs as CUDA graphs. Off by default: short runs lose."""
+    """Static KV cache + torch.compile of the decode step (on CUDA: CUDA graphs). The one-off compile costs
+    more than short runs gain, so it is off by default; docs/benchmarks/ppo.md has the measured trade."""
 
 
 @dataclass

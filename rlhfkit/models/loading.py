@@ -41,13 +41,13 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub ids."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype. Keep float32 on CPUs without native bf16: bf16 is ≥ 6× slower there."""
+    """Weight dtype. Keep float32 on CPUs without native bf16, where bf16 is emulated and much slower."""
     load_in_8bit: bool = False
     """Load the base weights in 8-bit (bitsandbytes, CUDA only); train a LoRA adapter on top."""
     load_in_4bit: bool = False
     """Load the base weights in 4-bit NF4 (bitsandbytes, CUDA only; QLoRA)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: ~half the memory for ~25% more time."""
+    """Recompute activations in the backward pass: less activation memory for more compute."""
     attn_implementation: str | None = None
     """Attention kernel: 'sdpa' (default), 'eager', 'flash_attention_2' (GPU)."""
     trust_remote_code: bool = False
