@@ -1,5 +1,5 @@
 """Bad inputs a hostile but fair user tries, each run through the CLI as a user runs it, with what
-they see and what is kept. tests/test_reliability.py asserts every probe's checks; run this file to
+they see and what is kept. tests/e2e/test_reliability.py asserts every probe's checks; run this file to
 print the table in docs/reliability.md:
 
     python -m tests.reliability_probes          # from the repository root; ~1 min on 2 CPU cores
@@ -520,7 +520,7 @@ def main() -> int:
     import tempfile
 
     from tests.conftest import build_tiny_model, build_tiny_tokenizer
-    from tests.test_reward import preference_pairs
+    from tests.stages.test_reward import preference_pairs
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:

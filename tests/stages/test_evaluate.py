@@ -56,8 +56,8 @@ def test_eval_compares_models(tiny_model_dir, tiny_sft_dir, tmp_path):
         overrides={
             "out_dir": str(tmp_path / "eval"),
             "models": [f"random={tiny_model_dir}", f"sft={tiny_sft_dir}"],
-            "rm": "tests.test_evaluate:good_count",
-            "judge": "tests.test_evaluate:length_judge",
+            "rm": "tests.stages.test_evaluate:good_count",
+            "judge": "tests.stages.test_evaluate:length_judge",
             "prompts": {"path": str(prompts)},
             "generation": {"max_new_tokens": 12},
         },

@@ -22,7 +22,7 @@ from rlhfkit.data import build_hf, build_stackexchange
 from rlhfkit.data.options import SPLITS
 from rlhfkit.inputs.tables import load_table
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # <repo>/../shared
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # <repo>/../shared
 ALL_RM = {"sft": 0.0, "rm_train": 1.0, "rm_eval": 0.0, "rl_prompts": 0.0}
 _ROW = re.compile(r"<row\s(.*?)/>", re.S)
 _ATTR = re.compile(r'(\w+)="([^"]*)"')

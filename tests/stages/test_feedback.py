@@ -5,7 +5,7 @@ from __future__ import annotations
 from rlhfkit.inputs.tables import load_table
 from rlhfkit.runtime.config import load_config
 from rlhfkit.stages import feedback
-from tests.test_ppo import PROMPTS, good_count  # noqa: F401  (rater used by spec string)
+from tests.stages.test_ppo import PROMPTS, good_count  # noqa: F401  (rater used by spec string)
 
 
 def test_feedback_pairs_follow_the_rater_and_splits_are_disjoint(tiny_sft_dir, tmp_path):
@@ -17,7 +17,7 @@ def test_feedback_pairs_follow_the_rater_and_splits_are_disjoint(tiny_sft_dir, t
             "out_dir": str(tmp_path / "fb"),
             "model": {"name": str(tiny_sft_dir)},
             "prompts": str(prompts),
-            "rater": "tests.test_ppo:good_count",
+            "rater": "tests.stages.test_ppo:good_count",
             "samples_per_prompt": 3,
             "n_label_prompts": 40,
             "n_eval_prompts": 12,

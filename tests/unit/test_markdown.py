@@ -12,8 +12,8 @@ import pytest
 from rlhfkit.data import build_stackexchange, markdown
 from rlhfkit.runtime.errors import RlhfkitError
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "stackexchange" / "tiny.stackexchange.com" / "Posts.xml"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stackexchange"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "stackexchange" / "tiny.stackexchange.com" / "Posts.xml"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "stackexchange"
 REAL = SHARED / "coffee.stackexchange.com" / "Posts.xml"
 needs_rust = pytest.mark.skipif(
     not markdown.rust_available(), reason="markdownify-rs not installed (pip install 'rlhfkit[fast]')"

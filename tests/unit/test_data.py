@@ -35,7 +35,7 @@ from rlhfkit.inputs.tables import load_table
 from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "stackexchange"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stackexchange"
 TINY = FIXTURES / "tiny.stackexchange.com" / "Posts.xml"
 SITE = "tiny.stackexchange.com"
 ONLY = {s: {t: float(t == s) for t in SPLITS} for s in SPLITS}  # fractions sending every question to one split

@@ -13,7 +13,7 @@ import torch
 from rlhfkit.apps.runner import load_recipe
 from rlhfkit.runtime.errors import ConfigError
 from tests.conftest import REPO
-from tests.test_reward import preference_pairs
+from tests.stages.test_reward import preference_pairs
 
 RECIPE = REPO / "recipes" / "tiny.yaml"
 

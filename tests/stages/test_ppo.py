@@ -225,7 +225,7 @@ def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, ca
             [
                 "ppo",
                 f"model.name={tiny_sft_dir}",
-                "reward=tests.test_ppo:good_count",
+                "reward=tests.stages.test_ppo:good_count",
                 f"out_dir={tmp_path / 'x'}",
                 "generation.top_k=50",
                 "prompts.path=builtin:review_openers",
@@ -242,7 +242,7 @@ def test_resume_is_bitwise(tiny_sft_dir, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [
         f"model.name={tiny_sft_dir}",
-        "reward=tests.test_ppo:good_count",
+        "reward=tests.stages.test_ppo:good_count",
         f"prompts.path={prompts}",
         "prompts.n_eval=4",
         "train.max_steps=6",
@@ -348,7 +348,7 @@ def test_critic_option_needs_an_rm_folder(tmp_path):
     assert critic_source("value_head", "") is None
     assert critic_source("rm", str(tmp_path)) == critic_source(str(tmp_path), "") == str(tmp_path)
     with pytest.raises(ConfigError, match="critic='rm' needs reward to be an RM folder"):
-        critic_source("rm", "tests.test_ppo:good_count")
+        critic_source("rm", "tests.stages.test_ppo:good_count")
     with pytest.raises(ConfigError, match="is not a reward-model folder"):
         critic_source(str(tmp_path / "missing"), "")
 
@@ -421,7 +421,7 @@ def test_resume_with_rm_critic_is_bitwise(tiny_sft_dir, rm_dirs, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     args = [
         f"model.name={tiny_sft_dir}",
-        "reward=tests.test_ppo:good_count",
+        "reward=tests.stages.test_ppo:good_count",
         f"critic={rm_dirs['adapter']}",
         f"prompts.path={prompts}",
         "prompts.n_eval=2",

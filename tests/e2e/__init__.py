@@ -1,0 +1,1 @@
+"""End to end: recipes, real data, several processes, every bad input through the CLI."""

@@ -1,0 +1,1 @@
+"""Unit tests: pure math, configs, builders, the package layout — no training loop."""
