@@ -88,67 +88,35 @@ def pair_path(tmp_path_factory) -> Path:
 
 def _run_chain(chain: str, start: Path, pairs: Path, out: Path) -> Path:
     """Run one stage on `start` (an adapter folder, unless chain is the plain SFT) and return its final/."""
-    from rlhfkit.stages import dpo, reward, sft
+    from rlhfkit.stages import dpo, ppo, reward, sft
 
     lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}  # other modules than the parent
-    if chain in ("sft", "sft>sft"):
-        sft.run(
-            load_config(
-                sft.SFTConfig,
-                overrides={
-                    "out_dir": str(out),
-                    "model": {"name": str(start)},
-                    "lora": lora,
-                    "data": {
-                        "path": str(pairs),
-                        "text_field": None,
-                        "prompt_field": "prompt",
-                        "response_field": "chosen",
-                        "seq_len": 64,
-                    },
-                    "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
-                },
-            )
-        )
-    elif chain == "sft>rm":
-        reward.run(
-            load_config(
-                reward.RewardConfig,
-                overrides={
-                    "out_dir": str(out),
-                    "model": {"name": str(start)},
-                    "lora": lora,
-                    "data": {"path": str(pairs), "max_length": 64},
-                    "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
-                },
-            )
-        )
-    elif chain == "sft>dpo":
-        dpo.run(
-            load_config(
-                dpo.DPOConfig,
-                overrides={
-                    "out_dir": str(out),
-                    "model": {"name": str(start)},
-                    "lora": lora,
-                    "data": {"path": str(pairs), "max_length": 64},
-                    "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
-                },
-            )
-        )
-    else:  # sft>ppo, sft>ppo-continued
-        from rlhfkit.stages import ppo
-
+    if chain.startswith("sft>ppo"):
         cont = chain.endswith("continued")
-        cfg = ppo_cfg(
-            start,
-            out,
-            steps=3,
-            batch_size=8,
-            lora={**lora, "continue_adapter": cont, "r": 8 if cont else 4},
-            ppo={"mini_batch_size": 4, "ppo_epochs": 1},
-        )
+        over = {**lora, "continue_adapter": cont, "r": 8 if cont else 4}
+        cfg = ppo_cfg(start, out, steps=3, batch_size=8, lora=over, ppo={"mini_batch_size": 4, "ppo_epochs": 1})
         ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:24], eval_prompts=[]).fit()
+        return out / "final"
+    pair_data = {"path": str(pairs), "max_length": 64}
+    sft_data = {"path": str(pairs), "prompt_field": "prompt", "response_field": "chosen", "seq_len": 64}
+    stage, data = {
+        "sft": (sft, sft_data),
+        "sft>sft": (sft, sft_data),
+        "sft>rm": (reward, pair_data),
+        "sft>dpo": (dpo, pair_data),
+    }[chain]
+    stage.run(
+        load_config(
+            stage.CONFIG,
+            overrides={
+                "out_dir": str(out),
+                "model": {"name": str(start)},
+                "lora": lora,
+                "data": data,
+                "train": {"max_steps": 4, "lr": 3e-2, "batch_size": 8},
+            },
+        )
+    )
     return out / "final"
 
 
