@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.inputs.templates import STACKLLAMA_TEMPLATE, split_template
 from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.io import missing_path
 
@@ -34,7 +35,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 PROG = "rlhfkit chat"
-DEFAULT_TEMPLATE = "Question: {prompt}\n\nAnswer: "
+DEFAULT_TEMPLATE = split_template(STACKLLAMA_TEMPLATE)[0]  # the stages' default, up to the answer
 RUN_STAGES = ("ppo", "dpo", "sft")
 EMPTY_REPLY = "(the model ended its reply without producing any text)"
 
@@ -81,9 +82,7 @@ class Template:
 
 
 def _text_template(text: str, source: str) -> Template:
-    t = text.replace("{question}", "{prompt}")
-    if "{response}" in t:  # a stage's full template: the model continues what precedes the response
-        t = t.split("{response}", 1)[0]
+    t, _ = split_template(text)  # a stage's full template: the model continues what precedes the response
     if "{prompt}" not in t:
         raise ChatError(f"template from {source} has no {{prompt}} placeholder: {text!r}")
     return Template(t, source)

@@ -29,6 +29,13 @@ def same_text(a: str, b: str) -> bool:
     return " ".join(a.split()) == " ".join(b.split())
 
 
+def split_template(template: str) -> tuple[str, str]:
+    """(the text before the response, the text after it), {question} read as {prompt}; a template
+    without {response} is all prefix (the model continues it). The one parser of template strings."""
+    prefix, _, suffix = template.replace("{question}", "{prompt}").partition("{response}")
+    return prefix, suffix
+
+
 @dataclass
 class TemplateConfig:
     template: str = STACKLLAMA_TEMPLATE
@@ -50,8 +57,7 @@ class PromptFormat:
     def __init__(self, cfg: TemplateConfig, tokenizer):
         self.cfg = cfg
         self.tok = tokenizer
-        t = cfg.template.replace("{question}", "{prompt}")
-        self.prefix_t, self.suffix_t = t.split("{response}", 1)
+        self.prefix_t, self.suffix_t = split_template(cfg.template)
         if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("template.chat_template: this tokenizer has no chat template")
 
