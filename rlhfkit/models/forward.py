@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -201,3 +202,24 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     finally:
         handle.remove()
     return captured["scores"][..., 0]
+
+
+@torch.no_grad()
+def eval_perplexity(model, items, collate_items, batch_size: int, accelerator=None) -> dict:
+    """Token-weighted mean NLL over `items` (sharded over ranks) and its exp."""
+    was_training = model.training
+    model.eval()
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    dev = next(model.parameters()).device
+    nll, n = torch.zeros((), device=dev), torch.zeros((), device=dev)
+    mine = items[rank::world]
+    for i in range(0, len(mine), batch_size):
+        for sub in collate_items(mine[i : i + batch_size]):
+            s, k = causal_lm_nll_sum(model, {key: v.to(dev) for key, v in sub.items()})
+            nll, n = nll + s, n + k
+    if world > 1:
+        nll, n = accelerator.reduce(nll, "sum"), accelerator.reduce(n, "sum")
+    model.train(was_training)
+    mean = (nll / n.clamp(min=1)).item()
+    return {"loss": mean, "perplexity": math.exp(mean), "tokens": int(n.item())}

@@ -183,7 +183,8 @@ def _win_rate(a: list[float], b: list[float]) -> float:
 
 def _perplexity(model, tok, cfg: EvalConfig) -> float:
     from rlhfkit.inputs.packing import collate_padded
-    from rlhfkit.stages.sft import SFTDataConfig, encode_rows, eval_perplexity, load_rows
+    from rlhfkit.inputs.rows import SFTDataConfig, encode_rows, load_rows
+    from rlhfkit.models.forward import eval_perplexity
 
     rows = load_rows(cfg.perplexity_data, None)
     dc = SFTDataConfig(path=cfg.perplexity_data, packing=False, text_field="text" if "text" in rows[0] else None)

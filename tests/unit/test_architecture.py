@@ -103,3 +103,15 @@ def test_cli_and_recipe_runner_read_one_stage_registry():
     for name, stage in stages.STAGES.items():  # every registered stage is importable and has its entry point
         module = importlib.import_module(stage.module)
         assert hasattr(module, "run") or hasattr(module, "main"), name
+
+
+def test_stages_do_not_import_each_other():
+    """Stages talk only through the run directory: no stage module imports another stage module."""
+    bad = [
+        f"{path.relative_to(REPO)}:{line} imports {target}"
+        for path, module in _modules()
+        if module.startswith("rlhfkit.stages.")
+        for target, _, line in _imports(path)
+        if target.startswith("rlhfkit.stages.") and target != module
+    ]
+    assert not bad, "\n".join(bad)
