@@ -24,7 +24,7 @@ import yaml
 
 from rlhfkit.runtime.config import load_config, merge_dicts, parse_overrides, read_yaml, to_dict
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
-from rlhfkit.runtime.io import LOCK_FILE, atomic_write_json, atomic_write_text, lock_dir, written_by_rlhfkit
+from rlhfkit.runtime.io import atomic_write_json, atomic_write_text, contents, lock_dir, written_by_rlhfkit
 from rlhfkit.stages import STAGES
 
 MARKERS = ".stages"  # <run_dir>/.stages/<stage>.json: outside the stage dirs, which stages may wipe
@@ -96,11 +96,6 @@ def _fingerprint(cfg, upstream: str) -> str:
     return hashlib.sha256((upstream + json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
 
 
-def _foreign(out: Path) -> bool:
-    """`out` holds something (beyond a lock file)."""
-    return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
-
-
 def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
     run_dir = Path(recipe["run_dir"])
     lock = lock_dir(run_dir)  # noqa: F841  (held until this process ends: one `rlhfkit run` per run_dir)
@@ -127,7 +122,7 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
             elif marker.get("status") == "running":
                 resume = STAGES[name].resumable
                 print(f"[run] {name}: interrupted earlier — " + ("resuming" if resume else "starting again"))
-        if not overwrite and _foreign(out) and marker is None and not written_by_rlhfkit(out):
+        if not overwrite and out.is_dir() and contents(out) and marker is None and not written_by_rlhfkit(out):
             # whatever the earlier stages did: a folder rlhfkit did not write is never wiped without --overwrite
             raise RlhfkitError(f"{out} exists but was not written by `rlhfkit run`: move it away or pass --overwrite")
         if cfg is not None:

@@ -127,7 +127,7 @@ def written_by_rlhfkit(path: Path) -> bool:
     return (Path(path) / OWNER_FILE).is_file()
 
 
-def _contents(path: Path) -> list[Path]:
+def contents(path: Path) -> list[Path]:
     """What is in `path` beyond its lock file, and beyond a config.yaml that rlhfkit wrote there before
     failing on bad input (so the corrected rerun is not blocked)."""
     ignore = _OWN_EARLY if written_by_rlhfkit(path) else {LOCK_FILE}
@@ -143,7 +143,7 @@ def prepare_out_dir(path: Path, overwrite: bool = False, resume: bool = False, o
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RlhfkitError(f"output path {path} exists and is not a directory")
-    if path.exists() and _contents(path):
+    if path.exists() and contents(path):
         if resume:
             return path
         if not overwrite:

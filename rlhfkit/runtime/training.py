@@ -146,7 +146,6 @@ class StageRun:
         from accelerate.utils import set_seed
 
         self.cfg, self.stage, self.report_to, self.keep = cfg, stage, cfg.train.report_to, cfg.train.keep_checkpoints
-        report_to, seed = cfg.train.report_to, cfg.train.seed
         self.out = Path(cfg.out_dir)
         # mixed_precision="no": explicit, or a transformers.Trainer that ran earlier in this process
         # (TRL defaults to bf16) leaves its setting in accelerate's shared state.
@@ -157,13 +156,13 @@ class StageRun:
         # broadcast_buffers=False: buffers here are constants (RoPE inv_freq), and a broadcast in
         # every forward deadlocks when ranks run different numbers of forwards (packed sub-batches).
         self.accelerator = Accelerator(
-            log_with=report_to or None,
+            log_with=self.report_to or None,
             project_dir=str(self.out / "trackers"),
             cpu=not torch.cuda.is_available(),
             mixed_precision="no",
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
-        set_seed(seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
+        set_seed(cfg.train.seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
         self.metrics_path = self.out / "metrics.jsonl"
         self.step = 0
         self.scheduler = None
@@ -183,7 +182,7 @@ class StageRun:
                     (self.out / name).unlink(missing_ok=True)
             save_config(cfg, self.out / "config.yaml")
         self.accelerator.wait_for_everyone()
-        if report_to:
+        if self.report_to:
             self.accelerator.init_trackers(stage, config=_flat(to_dict(cfg)))
 
     def fit(self) -> dict:
