@@ -157,7 +157,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
         },
     )
     t_load = time.perf_counter()
-    trainer = ppo.PPOTrainer(cfg, reward_fn=vader_scores, prompts=["x"], eval_prompts=[])
+    trainer = ppo.RLTrainer(cfg, reward_fn=vader_scores, prompts=["x"], eval_prompts=[])
     t_load = time.perf_counter() - t_load
     tok = trainer.tok
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -170,7 +170,8 @@ def worker_rlhfkit(args, work: dict) -> dict:
         timed = s >= args.warmup
         prof = start_profile(args, s)
         t0 = time.perf_counter()
-        rec = trainer.ppo_step(prompts, queries, trainer._generator(s, 0))
+        trainer.prompts, trainer.queries = prompts, queries
+        rec = trainer.rl_step(list(range(len(queries))), trainer._generator(s, 0))
         wall = time.perf_counter() - t0
         if prof is not None:
             prof.__exit__(None, None, None)

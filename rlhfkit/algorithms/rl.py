@@ -206,38 +206,50 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (positions * _bool(mask).long()).argmax(dim=1)
 
 
-def penalized_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float | torch.Tensor,
-    kind: str = "kl",
-    logits: torch.Tensor | None = None,
-    ref_logits: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token PPO rewards: -kl_coef * KL_t, plus the score on the last real token.
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float | torch.Tensor
+) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL_t, plus the score on the last real token.
 
-    scores: (B,); logprobs, ref_logprobs, mask: (B, T)
-    -> rewards (B, T), non_score_reward (B, T), kl (B, T); all 0 where mask is 0.
-    Rows with no real token receive no score.
+    scores: (B,); kl, mask: (B, T) -> rewards (B, T), 0 where mask is 0. Rows with no real token
+    receive no score.
     """
     # Ziegler et al. 2019 / Ouyang et al. 2022: R(x, y) = r(x, y) - beta * KL,
     # with the sequence score credited at the final token (TRL compute_rewards).
     m = _bool(mask)
-    zeros = torch.zeros_like(logprobs)
-    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kind, logits, ref_logits), zeros)
-    kl = kl.to(logprobs.dtype)
-    non_score_reward = -kl_coef * kl
-    scores = scores.to(logprobs.dtype)
+    non_score_reward = torch.where(m, -kl_coef * kl, torch.zeros_like(kl))
+    scores = scores.to(kl.dtype)
     score = torch.where(m.any(dim=1), scores, torch.zeros_like(scores))
-    rewards = non_score_reward.scatter_add(1, last_token_index(mask).unsqueeze(1), score.unsqueeze(1))
-    return rewards, non_score_reward, kl
+    return non_score_reward.scatter_add(1, last_token_index(mask).unsqueeze(1), score.unsqueeze(1))
 
 
 # --------------------------------------------------------------------------- #
 # PPO losses and diagnostics
 # --------------------------------------------------------------------------- #
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate max(−A r, −A clip(r, 1−ε_low, 1+ε_high)) and where it clipped.
+
+    logprobs, old_logprobs, mask: (B, T); advantages: (B, T) or (B,) (broadcast over T)
+    -> losses (B, T), clipped (B, T) bool; both 0/False where mask is 0.
+    """
+    # Schulman et al. 2017, eq. 7; clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025, §3.1).
+    m = _bool(mask)
+    adv = advantages.unsqueeze(1).expand_as(logprobs) if advantages.dim() == 1 else advantages
+    logratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))  # zeroed before exp
+    ratio = torch.exp(logratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    losses = torch.where(m, torch.max(unclipped, clipped), torch.zeros_like(unclipped))
+    return losses, m & (clipped > unclipped)
 
 
 def policy_loss(
@@ -246,30 +258,36 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss, token-level masked mean.
 
     logprobs, old_logprobs, advantages, mask: (B, T)
     -> pg_loss (scalar), stats {clipfrac, approxkl, policykl, ratio} (detached scalars).
     """
-    # Schulman et al. 2017, eq. 7, as a loss: max(-A r, -A clip(r, 1-eps, 1+eps)).
-    # Padding is zeroed *before* exp so it cannot produce inf/nan gradients.
+    m = _bool(mask)
+    high = cliprange if cliprange_high is None else cliprange_high
+    losses, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, m, cliprange, high)
+    pg_loss = masked_mean(losses, m)
+    stats = ratio_stats(logprobs, old_logprobs, m)
+    stats["clipfrac"] = masked_mean(clipped.to(logprobs.dtype), m)
+    return pg_loss, stats
+
+
+@torch.no_grad()
+def ratio_stats(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token-level ratio diagnostics: approxkl (k2), policykl (k1), mean ratio.
+
+    logprobs, old_logprobs, mask: (B, T) -> detached scalars.
+    """
     m = _bool(mask)
     logratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))
-    advantages = torch.where(m, advantages, torch.zeros_like(advantages))
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((pg_losses2 > pg_losses).to(ratio.dtype), m),
-            # approxkl = 0.5 * E[(logp - old_logp)^2] (k2), as logged by TRL-classic.
-            "approxkl": 0.5 * masked_mean(logratio.square(), m),
-            "policykl": masked_mean(-logratio, m),
-            "ratio": masked_mean(ratio, m),
-        }
-    return pg_loss, stats
+    return {
+        # approxkl = 0.5 * E[(logp - old_logp)^2] (k2), as logged by TRL-classic.
+        "approxkl": 0.5 * masked_mean(logratio.square(), m),
+        "policykl": masked_mean(-logratio, m),
+        "ratio": masked_mean(torch.exp(logratio), m),
+    }
 
 
 def value_loss(

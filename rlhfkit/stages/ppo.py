@@ -1,17 +1,24 @@
-"""PPO-RLHF: policy (+LoRA) with a value head (or a critic from the RM), per-token KL penalty to a frozen reference.
+"""RL stage: one trainer, the estimator is a setting (`algo`): PPO, RLOO, GRPO (+ Dr. GRPO / DAPO), REINFORCE++.
 
-The update reads as a numbered story (as vwxyzjn's summarize_from_feedback_details):
-  1 rollout   2 score   3 KL-penalised reward   4 whiten/normalise scores   5 GAE + whitened advantages
-  6 minibatch epochs (clipped policy + value losses)   7 log.
+Each iteration is a numbered story over one `Rollout` record (as vwxyzjn's summarize_from_feedback_details):
+  1 rollout     sample k responses per prompt from the current policy
+  2 score       the reward source on the decoded text (dynamic sampling re-draws groups with no signal),
+                then baseline, running normalisation, clipping
+  3 logprobs    no-grad forwards: policy log-probs, reference log-probs, values (ppo), per-token KL
+  4 advantages  the estimator: GAE (ppo), leave-one-out (rloo), group-normalised (grpo), whitened
+                returns-to-go (reinforce_pp)
+  5 update      epochs of mini-batches: clipped surrogate (+ value loss, or + k3 KL for grpo), guards
+  6 log         global means of what the literature logs; adapt β.
 Reference = the same weights with the adapter disabled (fresh LoRA) or a frozen copy of the starting
 adapter (continued LoRA), so KL at step 0 is exactly 0 and no second copy of the base exists.
 Every dropout is off and the no-grad forwards run in eval mode (as TRL-classic; Huang et al. 2023), so
-the first mini-batch's ratio is 1 before any update. Prompts are bounded by prompts.max_length.
+the first mini-batch's ratio is 1 before any update. Only `ppo` builds a value head or critic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,24 +26,24 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from torch import nn
 
-from rlhfkit.algorithms import rl
+from rlhfkit.algorithms import estimators, rl
 from rlhfkit.inputs.prompts import PromptDataConfig, encode_prompts, load_prompts
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
-from rlhfkit.models.adapters import disable_dropout, save_model
-from rlhfkit.models.critic import VALUE_HEAD, critic_source, load_critic
-from rlhfkit.models.forward import ScalarHead, eval_mode, forward_logprobs
+from rlhfkit.models import policy as policy_model
+from rlhfkit.models.adapters import save_model
+from rlhfkit.models.critic import VALUE_HEAD, critic_source
+from rlhfkit.models.forward import eval_mode, forward_logprobs
 from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
-from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.models.loading import LoraConfig, ModelConfig
 from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
-from rlhfkit.runtime.io import append_jsonl, atomic_write_text
-from rlhfkit.runtime.training import StageConfig, StageRun, TrainConfig, check_positive
+from rlhfkit.runtime.io import append_jsonl, atomic_write_text, read_jsonl
+from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfig, check_positive
 
-REF_ADAPTER = "reference"
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
+GROUP_ALGOS = ("rloo", "grpo", "reinforce_pp_baseline")
 
 
 @dataclass
@@ -54,6 +61,8 @@ class GenerationConfig(SamplingConfig):
 
 @dataclass
 class PPOHyperConfig:
+    """Policy-gradient and KL hyper-parameters; the estimator-specific ones say which `algo` reads them."""
+
     init_kl_coef: float = 0.2
     """β: weight of the per-token KL penalty (initial value when adaptive)."""
     adaptive_kl: bool = True
@@ -65,15 +74,29 @@ class PPOHyperConfig:
     kl_estimator: Literal["kl", "abs", "mse", "full"] = "kl"
     """Per-token KL estimator for the penalty: k1 'kl', 'abs', 'mse' (k2), or exact 'full' over the vocab."""
     gamma: float = 1.0
-    """Discount."""
+    """Discount (ppo, reinforce_pp)."""
     lam: float = 0.95
-    """GAE λ."""
+    """GAE λ (ppo)."""
     cliprange: float = 0.2
-    """Policy ratio clip ε."""
+    """Policy ratio clip ε (the lower side too when clip_high is set)."""
+    clip_high: float = 0.0
+    """Upper ratio clip ε_high, e.g. 0.28 for DAPO's clip-higher (Yu et al. 2025); 0 = cliprange."""
     cliprange_value: float = 0.2
-    """Value clip around the rollout values."""
+    """Value clip around the rollout values (ppo)."""
     vf_coef: float = 0.1
-    """Value-loss weight."""
+    """Value-loss weight (ppo)."""
+    loss_agg: Literal["auto", "token", "sequence", "constant"] = "auto"
+    """How per-token losses make the batch loss: 'token' (mean over all tokens: PPO, DAPO), 'sequence'
+    (mean per response, then over responses: GRPO), 'constant' (sum over tokens / (responses ×
+    generation.response_max): Dr. GRPO). auto = sequence for grpo, token otherwise; rloo has one ratio
+    per response (sequence)."""
+    group_std: bool = True
+    """grpo: divide group advantages by the group's std; false = Dr. GRPO (Liu et al. 2025)."""
+    dynamic_sampling: bool = False
+    """Group estimators: re-draw groups whose k scores are all equal (no learning signal) with other
+    prompts, up to max_refills rounds; groups still equal stay out of the loss (DAPO)."""
+    max_refills: int = 3
+    """Rounds of re-drawing for dynamic_sampling."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts."""
     mini_batch_size: int = 4
@@ -87,19 +110,31 @@ class PPOHyperConfig:
     score_clip: float = 0.0
     """Clip scores to ±score_clip after scaling (0 = off)."""
     ratio_threshold: float = 10.0
-    """Skip a mini-batch whose mean probability ratio exceeds this (a stability guard from TRL-classic)."""
+    """Skip a mini-batch whose mean probability ratio exceeds this (a stability guard from TRL-classic):
+    it adds no gradient, and an optimizer step whose mini-batches were all skipped is not taken."""
     early_stop_kl: float = 0.0
     """Stop the epoch loop early once approx KL of a mini-batch exceeds this (0 = off)."""
 
     def __post_init__(self):
         check_positive(self, ("mini_batch_size", "ppo_epochs", "horizon", "cliprange"))
-        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl"), zero_ok=True)
+        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl", "clip_high"), zero_ok=True)
+        check_positive(self, ("max_refills",), zero_ok=True)
 
 
 @dataclass
 class PPOConfig(StageConfig):
     out_dir: str = "runs/ppo"
     """Output directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/, final/)."""
+    algo: Literal["ppo", "rloo", "grpo", "reinforce_pp", "reinforce_pp_baseline"] = "ppo"
+    """Estimator: 'ppo' (GAE with a value head or critic), 'rloo' (leave-one-out baseline, KL in the
+    sequence reward; Ahmadian et al. 2024), 'grpo' (group-normalised advantages, k3 KL as a loss term;
+    Shao et al. 2024; ppo.loss_agg / clip_high / group_std / dynamic_sampling give Dr. GRPO and DAPO),
+    'reinforce_pp' (REINFORCE++: token-level KL in the reward, returns whitened over the global batch;
+    Hu et al. 2025), 'reinforce_pp_baseline' (the group's mean score subtracted first). Only ppo builds,
+    trains and saves a value model."""
+    samples_per_prompt: int = 0
+    """k: responses sampled per prompt (a group, kept on one process); train.batch_size counts
+    rollouts, prompts × k. 0 = 1 for ppo and reinforce_pp, 4 for rloo, grpo and reinforce_pp_baseline."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Policy start: a base/merged model, or an SFT adapter folder (merged, or continued with lora.continue_adapter)."""
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(dropout=0.0))
@@ -142,55 +177,31 @@ class PPOConfig(StageConfig):
 
     def __post_init__(self):
         if self.train.max_steps < 1:
-            raise ValueError(f"train.max_steps must be ≥ 1 PPO iterations, got {self.train.max_steps}")
+            raise ValueError(f"train.max_steps must be ≥ 1 RL iterations, got {self.train.max_steps}")
         if self.train.epochs != 1.0:
-            raise ValueError("train.epochs does not apply to PPO (prompts are streamed); set train.max_steps")
+            raise ValueError("train.epochs does not apply to RL (prompts are streamed); set train.max_steps")
+        grouped = self.algo in GROUP_ALGOS
+        if self.samples_per_prompt == 0:
+            self.samples_per_prompt = 4 if grouped else 1
+        k = self.samples_per_prompt
+        if k < 1 or (grouped and k < 2):
+            raise ValueError(f"samples_per_prompt must be ≥ {2 if grouped else 1} for algo={self.algo}, got {k}")
+        if self.train.batch_size % k:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} (rollouts per process) must be a multiple of "
+                f"samples_per_prompt={k}: every process holds whole groups"
+            )
+        if self.algo != "ppo" and self.critic != VALUE_HEAD:
+            raise ValueError(f"critic={self.critic!r} applies to algo=ppo only; {self.algo} has no value model")
+        if self.ppo.dynamic_sampling and not grouped:
+            raise ValueError(f"ppo.dynamic_sampling needs a group estimator ({', '.join(GROUP_ALGOS)})")
+        if self.ppo.loss_agg == "auto":
+            self.ppo.loss_agg = "sequence" if self.algo in ("grpo", "rloo") else "token"
+        elif self.algo == "rloo" and self.ppo.loss_agg != "sequence":
+            raise ValueError("algo=rloo has one ratio per response: ppo.loss_agg must be auto or sequence")
 
 
 CONFIG = PPOConfig
-
-
-# --------------------------------------------------------------------------- model pieces
-class PolicyWithValue(nn.Module):
-    """Policy LM + value head on its last hidden state (or a separate critic), as one module for
-    accelerate/DDP/checkpoints."""
-
-    def __init__(self, policy, reference: Literal["disable_adapter", "adapter"], critic: nn.Module | None = None):
-        super().__init__()
-        self.policy = policy
-        self.critic = critic
-        self.v_head = ScalarHead(policy.config.get_text_config().hidden_size) if critic is None else None
-        self.reference = reference
-
-    def forward(self, input_ids, attention_mask, return_logits=False, keep: int = 0):
-        """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)];
-        keep=R: those of the last R tokens only (B, R[, V]) — the response, after left-padded queries."""
-        head = self.v_head is not None
-        out = forward_logprobs(
-            self.policy, input_ids, attention_mask, return_hidden=head, return_logits=return_logits, keep=keep
-        )
-        if head:
-            out["values"] = self.v_head(out.pop("hidden"))
-        else:
-            values = self.critic(input_ids, attention_mask)
-            out["values"] = values[:, -keep:] if keep else values
-        return out
-
-    @contextlib.contextmanager
-    def as_reference(self):
-        """The frozen reference: adapter off, or the frozen copy of the starting adapter."""
-        if self.reference == "disable_adapter":
-            with self.policy.disable_adapter():
-                yield self.policy
-        else:
-            self.policy.set_adapter(REF_ADAPTER)
-            try:
-                yield self.policy
-            finally:
-                self.policy.set_adapter("default")
-                for n, p in self.policy.named_parameters():  # set_adapter may re-enable grads
-                    if f".{REF_ADAPTER}." in n:
-                        p.requires_grad_(False)
 
 
 def check_generation(g: GenerationConfig) -> None:
@@ -216,34 +227,55 @@ def check_generation(g: GenerationConfig) -> None:
 
 
 def build_policy(cfg: PPOConfig):
-    """Policy + value head (or critic) and how to reach the reference (never a second copy of base weights)."""
-    rm_path = critic_source(cfg.critic, cfg.reward)
-    path = resolve_model_path(cfg.model.name)
-    continuing = is_adapter_dir(path) and cfg.lora.continue_adapter
-    if not continuing and not cfg.lora.enabled:
-        raise ConfigError("PPO with lora.enabled=false would need a second full copy as reference; use LoRA")
-    policy, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
-    if continuing:  # reference = frozen copy of the starting adapter (fixes trl#1340: KL(step 0) = 0)
-        policy.load_adapter(path, adapter_name=REF_ADAPTER, is_trainable=False)
-        policy.set_adapter("default")
-        for n, p in policy.named_parameters():
-            if f".{REF_ADAPTER}." in n:
-                p.requires_grad_(False)
-    n_drop = disable_dropout(policy)
-    if n_drop or cfg.lora.dropout > 0:
-        print(
-            f"[ppo] dropout off in every forward ({n_drop} dropout layers/attention rates were > 0"
-            + (f"; lora.dropout={cfg.lora.dropout} is not used" if cfg.lora.dropout > 0 else "")
-            + ")"
-        )
-    critic = None if rm_path is None else load_critic(rm_path, cfg.model, cfg.lora, tok, cfg.template)
-    model = PolicyWithValue(policy, "adapter" if continuing else "disable_adapter", critic)
-    tok.padding_side = "left"
-    return model, tok
+    """The policy (+ value head or critic for ppo only) and its tokenizer, from the stage's config."""
+    critic = critic_source(cfg.critic, cfg.reward) if cfg.algo == "ppo" else None
+    return policy_model.build_policy(cfg.model, cfg.lora, cfg.template, critic, value_head=cfg.algo == "ppo")
+
+
+# --------------------------------------------------------------------------- the record
+@dataclass
+class Rollout:
+    """One iteration's batch on this process, filled phase by phase (B = prompts × k rows, the k samples
+    of a prompt in consecutive rows; R = response tokens; Q + R = left-padded query + right-padded response)."""
+
+    prompts: list[str]
+    """B prompt texts."""
+    queries: list[list[int]]
+    """B prompt token ids."""
+    response_ids: list[list[int]]
+    """B sampled response token ids (up to and including EOS)."""
+    responses: list[str]
+    """B decoded responses (what the reward source reads)."""
+    raw_scores: torch.Tensor | None = None
+    """(B,) the reward source's scores."""
+    scores: torch.Tensor | None = None
+    """(B,) scores after baseline, running normalisation and clipping."""
+    weights: torch.Tensor | None = None
+    """(B,) 1 = in the loss; 0 = a group dynamic sampling could not replace."""
+    input_ids: torch.Tensor | None = None
+    """(B, Q+R) query + response."""
+    attention_mask: torch.Tensor | None = None
+    """(B, Q+R)."""
+    response_mask: torch.Tensor | None = None
+    """(B, R) 1 = real response token."""
+    logprobs: torch.Tensor | None = None
+    """(B, R) policy log-probs of the sampled tokens, no grad, before any update."""
+    ref_logprobs: torch.Tensor | None = None
+    """(B, R) reference log-probs."""
+    values: torch.Tensor | None = None
+    """(B, R) value estimates (ppo), else None."""
+    kl: torch.Tensor | None = None
+    """(B, R) per-token KL estimate (ppo.kl_estimator)."""
+    rewards: torch.Tensor | None = None
+    """(B, R) per-token rewards −β·KL_t + score on the last token (ppo, reinforce_pp), else None."""
+    advantages: torch.Tensor | None = None
+    """(B, R) per token, or (B,) per response (rloo, grpo)."""
+    returns: torch.Tensor | None = None
+    """(B, R) value targets (ppo), else None."""
 
 
 # --------------------------------------------------------------------------- trainer
-class PPOTrainer(StageRun):
+class RLTrainer(StageRun):
     def __init__(self, cfg: PPOConfig, reward_fn=None, prompts=None, eval_prompts=None):
         check_generation(cfg.generation)
         super().__init__(cfg, "ppo")
@@ -263,8 +295,7 @@ class PPOTrainer(StageRun):
         self.eval_prompts, self.eval_queries, _ = (
             encode_prompts(self.eval_prompts, self.fmt, cfg.prompts, "ppo eval") if self.eval_prompts else ([], [], {})
         )
-        from rlhfkit.runtime.training import StepPlan
-
+        self.k = cfg.samples_per_prompt
         self.plan = StepPlan(
             len(self.prompts), cfg.train.batch_size, 1, acc.num_processes, acc.process_index, cfg.train.seed
         )
@@ -284,18 +315,20 @@ class PPOTrainer(StageRun):
         self.samples_path = self.out / "samples.jsonl"
         if acc.is_main_process:
             print(
-                f"[ppo] {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
-                f"{cfg.train.batch_size} rollouts × {acc.num_processes} processes per step; reward: {self.scorer.name}"
+                f"[ppo] algo={cfg.algo}: {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
+                f"{cfg.train.batch_size // self.k} prompts × {self.k} samples × {acc.num_processes} processes "
+                f"per step; reward: {self.scorer.name}"
             )
 
     def step_prompts(self, step: int) -> list[int]:
         """This rank's prompt indices: a continuous stream over seeded epoch permutations, so every
-        step has exactly batch_size × processes rollouts (DDP needs equal work on every rank)."""
-        G, acc = self.cfg.train.batch_size * self.accelerator.num_processes, self.accelerator
+        step has exactly batch_size / k prompts per process (DDP needs equal work on every rank)."""
+        acc = self.accelerator
+        G = self.cfg.train.batch_size // self.k * acc.num_processes
         n, out = len(self.prompts), []
         for i in range(step * G, (step + 1) * G):
-            epoch, k = divmod(i, n)
-            out.append(self.plan.order(epoch)[k])
+            epoch, j = divmod(i, n)
+            out.append(self.plan.order(epoch)[j])
         return out[acc.process_index :: acc.num_processes]
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
@@ -304,151 +337,226 @@ class PPOTrainer(StageRun):
             ((self.cfg.train.seed * 1_000_003 + step) * 97 + salt) * 64 + acc.process_index
         )
 
-    def _decode(self, resp: torch.Tensor, rmask: torch.Tensor) -> list[str]:
-        return [self.tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
+    def global_mean(self, num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a loss Σ_ranks num / Σ_ranks den: DDP averages the rank gradients, so
+        num · world / Σ den gives the gradient of the global loss whatever the process count."""
+        return num * self.accelerator.num_processes / self.sum_across(den.detach().float()).clamp(min=1e-8)
 
-    # ------------------------------------------------------------------ one PPO iteration
-    def ppo_step(self, prompts: list[str], queries: list[list[int]], gen: torch.Generator) -> dict:
-        cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
-        model, dev = acc.unwrap_model(self.model), acc.device
-        full_kl = p.kl_estimator == "full"
-        all_reduce = self.sum_across if acc.num_processes > 1 else None  # cross-rank sums for the masked statistics
-        t = {}
-
-        # 1. Rollout: sample responses from the current policy (left-padded queries, KV cache).
+    # ------------------------------------------------------------------ one iteration
+    def rl_step(self, prompt_idx: list[int], gen: torch.Generator) -> dict:
+        """The numbered story of the module docstring, over one Rollout."""
+        t: dict[str, float] = {}
         t0 = time.perf_counter()
+        ro = self.rollout(prompt_idx, gen)  # 1
+        t["time/generate"], t0 = time.perf_counter() - t0, time.perf_counter()
+        self.score(ro, gen)  # 2
+        t["time/score"], t0 = time.perf_counter() - t0, time.perf_counter()
+        self.logprobs(ro)  # 3
+        t["time/forward"], t0 = time.perf_counter() - t0, time.perf_counter()
+        self.advantages(ro)  # 4
+        t["time/advantages"], t0 = time.perf_counter() - t0, time.perf_counter()
+        stats = self.update(ro, gen)  # 5
+        t["time/update"] = time.perf_counter() - t0
+        return self.log_step(ro, stats, t)  # 6
+
+    def rollout(self, prompt_idx: list[int], gen: torch.Generator) -> Rollout:
+        """1. k responses per prompt from the current policy (left-padded queries, KV cache)."""
+        cfg, acc = self.cfg, self.accelerator
+        idx = [i for i in prompt_idx for _ in range(self.k)]
+        queries = [self.queries[i] for i in idx]
         lengths = self.length_sampler.sample(len(queries), generator=gen).tolist()
-        resp, rmask = generate(
-            model.policy, self.tok, queries, lengths, cfg.generation, dev, cfg.generation.response_max
-        )
-        q_ids, q_mask = pad_left(queries, self.tok.pad_token_id)
-        input_ids = torch.cat([q_ids, resp], 1).to(dev)
-        attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
-        rmask = rmask.to(dev)
-        R = resp.shape[1]
-        t["time/generate"] = time.perf_counter() - t0
+        g, policy = cfg.generation, acc.unwrap_model(self.model).policy
+        resp, rmask = generate(policy, self.tok, queries, lengths, g, acc.device, g.response_max)
+        ids, texts = self._decode(resp, rmask)
+        return Rollout([self.prompts[i] for i in idx], queries, ids, texts)
 
-        # 2. Score: the reward source sees the decoded text; baseline, running scaling, clipping.
-        t0 = time.perf_counter()
-        responses = self._decode(resp, rmask.cpu())
-        raw_scores = torch.tensor(self.scorer(prompts, responses), dtype=torch.float32, device=dev)
-        scores = raw_scores - p.reward_baseline
+    def _decode(self, resp: torch.Tensor, rmask: torch.Tensor) -> tuple[list[list[int]], list[str]]:
+        """(B, R) right-padded responses -> their token ids and decoded texts."""
+        ids = [r[m.bool()].tolist() for r, m in zip(resp.cpu(), rmask.cpu())]
+        return ids, [self.tok.decode(r, skip_special_tokens=True) for r in ids]
+
+    def score(self, ro: Rollout, gen: torch.Generator) -> None:
+        """2. Scores of the decoded text; dynamic sampling; baseline, running scaling, clipping."""
+        p, dev = self.cfg.ppo, self.accelerator.device
+        all_reduce = self.sum_across if self.accelerator.num_processes > 1 else None
+        ro.raw_scores = torch.tensor(self.scorer(ro.prompts, ro.responses), dtype=torch.float32, device=dev)
+        ro.weights = torch.ones_like(ro.raw_scores)
+        if p.dynamic_sampling:
+            self._refill(ro, gen)
+        scores = ro.raw_scores - p.reward_baseline
         if p.score_norm != "none":
-            mean, std = self.score_stats.update(scores, all_reduce=all_reduce)
+            self.score_stats.update(scores, all_reduce=all_reduce)
             scores = (scores - self.score_stats.mean) if p.score_norm == "normalize" else scores
             scores = scores / (self.score_stats.std + 1e-8)
         if p.score_clip > 0:
             scores = scores.clamp(-p.score_clip, p.score_clip)
-        t["time/score"] = time.perf_counter() - t0
+        ro.scores = scores
 
-        # 3. KL-penalised reward: old log-probs and values, reference log-probs, −β·KL_t per token.
-        #    Every forward keeps only the R response positions (the queries are left-padded before them).
-        t0 = time.perf_counter()
-        with torch.no_grad(), eval_mode(model):
-            old = model(input_ids, attention_mask, return_logits=full_kl, keep=R)
+    def _refill(self, ro: Rollout, gen: torch.Generator) -> None:
+        """DAPO dynamic sampling: groups with k equal scores are replaced by groups of other prompts
+        (drawn with the step's generator); rounds are global so every process runs the same number."""
+        k = self.k
+        for _ in range(self.cfg.ppo.max_refills):
+            flat = estimators.degenerate_groups(ro.raw_scores, k)
+            if self.sum_across(flat.sum().float()).item() == 0:
+                break
+            slots = flat.nonzero().flatten().tolist()
+            if not slots:
+                continue
+            new = self.rollout(torch.randint(len(self.prompts), (len(slots),), generator=gen).tolist(), gen)
+            new_scores = torch.tensor(self.scorer(new.prompts, new.responses), dtype=torch.float32)
+            for j, g in enumerate(slots):
+                rows, src = slice(g * k, (g + 1) * k), slice(j * k, (j + 1) * k)
+                for name in ("prompts", "queries", "response_ids", "responses"):
+                    getattr(ro, name)[rows] = getattr(new, name)[src]
+                ro.raw_scores[rows] = new_scores[src].to(ro.raw_scores.device)
+        flat = estimators.degenerate_groups(ro.raw_scores, k)
+        ro.weights = (~flat).repeat_interleave(k).float()
+
+    @torch.no_grad()
+    def logprobs(self, ro: Rollout) -> None:
+        """3. Policy, reference (and value) forwards over the response positions only, in eval mode."""
+        p, acc = self.cfg.ppo, self.accelerator
+        model, dev, pad = acc.unwrap_model(self.model), acc.device, self.tok.pad_token_id
+        q_ids, q_mask = pad_left(ro.queries, pad)
+        R = max(len(r) for r in ro.response_ids)
+        resp = torch.full((len(ro.response_ids), R), pad, dtype=torch.long)
+        rmask = torch.zeros_like(resp)
+        for i, r in enumerate(ro.response_ids):
+            resp[i, : len(r)], rmask[i, : len(r)] = torch.tensor(r, dtype=torch.long), 1
+        ro.input_ids = torch.cat([q_ids, resp], 1).to(dev)
+        ro.attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
+        ro.response_mask = rmask.to(dev)
+        full = p.kl_estimator == "full"
+        with eval_mode(model):
+            old = model(ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
             with model.as_reference() as ref_model:
-                ref = forward_logprobs(ref_model, input_ids, attention_mask, return_logits=full_kl, keep=R)
-        logprobs, values, ref_logprobs = old["logprobs"], old["values"], ref["logprobs"]
-        logits, ref_logits = (old["logits"], ref["logits"]) if full_kl else (None, None)
-        del old, ref
-        rewards, non_score_reward, kl = rl.penalized_rewards(
-            scores, logprobs, ref_logprobs, rmask, self.kl_ctl.value, p.kl_estimator, logits, ref_logits
-        )
-        t["time/forward"] = time.perf_counter() - t0
+                ref = forward_logprobs(ref_model, ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
+        ro.logprobs, ro.values, ro.ref_logprobs = old["logprobs"], old["values"], ref["logprobs"]
+        kl = rl.kl_penalty(ro.logprobs, ro.ref_logprobs, p.kl_estimator, old.get("logits"), ref.get("logits"))
+        ro.kl = torch.where(ro.response_mask.bool(), kl, torch.zeros_like(kl)).to(ro.logprobs.dtype)
 
-        # 4 + 5. GAE on the per-token rewards, then advantages whitened across all processes.
-        t0 = time.perf_counter()
-        advantages, returns = rl.compute_gae(values, rewards, rmask, p.gamma, p.lam)
-        if p.whiten_advantages:
-            advantages = rl.masked_whiten(advantages, rmask, all_reduce=all_reduce)
+    @torch.no_grad()
+    def advantages(self, ro: Rollout) -> None:
+        """4. The estimator (`algo`)."""
+        cfg, p, k = self.cfg, self.cfg.ppo, self.k
+        all_reduce = self.sum_across if self.accelerator.num_processes > 1 else None
+        m, beta = ro.response_mask, self.kl_ctl.value
+        if cfg.algo == "rloo":  # KL in the sequence reward (Ahmadian et al. 2024; TRL RLOOTrainer)
+            ro.advantages = estimators.rloo_advantages(ro.scores - beta * rl.masked_sum(ro.kl, m, dim=1), k)
+        elif cfg.algo == "grpo":  # KL is a loss term (update)
+            ro.advantages = estimators.group_advantages(ro.scores, k, scale=p.group_std)
+        elif cfg.algo == "ppo":
+            ro.rewards = rl.token_rewards(ro.scores, ro.kl, m, beta)
+            ro.advantages, ro.returns = rl.compute_gae(ro.values, ro.rewards, m, p.gamma, p.lam)
+            if p.whiten_advantages:
+                ro.advantages = rl.masked_whiten(ro.advantages, m, all_reduce=all_reduce)
+        else:  # REINFORCE++ (-baseline): returns-to-go of the KL-penalised rewards, whitened globally
+            scores = estimators.group_mean_baseline(ro.scores, k) if cfg.algo == "reinforce_pp_baseline" else ro.scores
+            ro.rewards = rl.token_rewards(scores, ro.kl, m, beta)
+            returns = estimators.discounted_returns(ro.rewards, m, p.gamma)
+            ro.advantages = rl.masked_whiten(returns, m * ro.weights[:, None], all_reduce=all_reduce)
 
-        # 6. Minibatch epochs: clipped surrogate + clipped value loss, guards on ratio and approx KL.
-        B, mb = len(queries), p.mini_batch_size
-        stats: dict[str, list[float]] = {}
-        skipped, stop = 0, False
+    def loss(self, ro: Rollout, idx: list[int], out: dict) -> tuple[torch.Tensor, dict]:
+        """This rank's share of the mini-batch loss `idx` (model output `out`) and its local stats."""
+        cfg, p = self.cfg, self.cfg.ppo
+        m, w, old = ro.response_mask[idx], ro.weights[idx], ro.logprobs[idx]
+        new, adv, high = out["logprobs"], ro.advantages[idx], p.clip_high or p.cliprange
+        if cfg.algo == "rloo":
+            losses, clipped = estimators.sequence_surrogate(new, old, adv, m, p.cliprange, high)
+            clipfrac = (clipped.float() * w).sum() / w.sum().clamp(min=1)
+        else:
+            losses, clipped = rl.clipped_surrogate(new, old, adv, m, p.cliprange, high)
+            clipfrac = rl.masked_mean(clipped.float(), m)
+            if cfg.algo == "grpo" and self.kl_ctl.value > 0:  # k3 KL to the reference as a loss term
+                k3 = rl.kl_penalty(new, ro.ref_logprobs[idx], "k3")
+                losses = losses + self.kl_ctl.value * torch.where(m.bool(), k3, torch.zeros_like(k3))
+        num, den = estimators.aggregate(losses, m, p.loss_agg, w, cfg.generation.response_max)
+        loss = self.global_mean(num, den)
+        stats = {"pg_loss": (num.detach(), den.detach()), "clipfrac": clipfrac}
+        if ro.values is not None:
+            vf_loss, vf_stats = rl.value_loss(out["values"], ro.values[idx], ro.returns[idx], m, p.cliprange_value)
+            n_tok = m.sum().float()
+            loss = loss + p.vf_coef * self.global_mean(vf_loss * n_tok, n_tok)
+            stats.update(vf_loss=vf_loss, vf_clipfrac=vf_stats["vf_clipfrac"])
+        return loss, stats
+
+    def update(self, ro: Rollout, gen: torch.Generator) -> dict[str, list[float]]:
+        """5. ppo_epochs passes of shuffled mini-batches, grad_accum of them per optimizer step; guards on
+        the ratio (a blown-up mini-batch adds no gradient) and on approx KL (early stop)."""
+        cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
+        B, R, mb = len(ro.prompts), ro.response_mask.shape[1], p.mini_batch_size
+        stats: dict[str, list[float]] = {"skipped_minibatches": [0.0]}
         self.model.train()
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
             groups = [order[i : i + mb] for i in range(0, B, mb)]
             for g0 in range(0, len(groups), cfg.train.grad_accum):
-                accum = groups[g0 : g0 + cfg.train.grad_accum]
-                for k, idx in enumerate(accum):
-                    ctx = contextlib.nullcontext() if k == len(accum) - 1 else acc.no_sync(self.model)
-                    with ctx:
-                        out = self.model(input_ids[idx], attention_mask[idx], return_logits=True, keep=R)
-                        new_logprobs, new_values = out["logprobs"], out["values"]
-                        m = rmask[idx]
-                        pg_loss, pg_stats = rl.policy_loss(new_logprobs, logprobs[idx], advantages[idx], m, p.cliprange)
-                        vf_loss, vf_stats = rl.value_loss(new_values, values[idx], returns[idx], m, p.cliprange_value)
-                        # Token means over the *global* mini-batch (DDP averages the rank gradients),
-                        # and guard decisions taken on global numbers so every rank takes the same one.
-                        n_tok = m.sum().float()
-                        glob_tok = self.sum_across(n_tok.clone()).clamp(min=1)
-                        share = n_tok * acc.num_processes / glob_tok
-                        pg_stats["ratio"] = self.sum_across(pg_stats["ratio"].detach() * n_tok) / glob_tok
-                        pg_stats["approxkl"] = self.sum_across(pg_stats["approxkl"].detach() * n_tok) / glob_tok
-                        loss = (pg_loss + p.vf_coef * vf_loss) * share
-                        if float(pg_stats["ratio"]) > p.ratio_threshold:  # a blown-up ratio: skip, don't step on it
-                            skipped += 1
-                            loss = loss * 0.0
-                        acc.backward(loss / len(accum))
-                    with torch.no_grad():
-                        ent = rl.masked_mean(rl.entropy_from_logits(out["logits"]), m)
-                        local = {
-                            "pg_loss": pg_loss,
-                            "vf_loss": vf_loss,
-                            "entropy": ent,
-                            "clipfrac": pg_stats["clipfrac"],
-                            "vf_clipfrac": vf_stats["vf_clipfrac"],
-                        }
-                        names = list(local)
-                        glob = (
-                            self.sum_across(
-                                torch.stack([torch.as_tensor(local[k]).detach().float() for k in names]) * n_tok
-                            )
-                            / glob_tok
-                        )
-                        logged = {
-                            **dict(zip(names, glob.tolist())),
-                            "approxkl": float(pg_stats["approxkl"]),
-                            "ratio": float(pg_stats["ratio"]),
-                        }
+                accum, skipped = groups[g0 : g0 + cfg.train.grad_accum], 0
+                for j, idx in enumerate(accum):
+                    sync = contextlib.nullcontext() if j == len(accum) - 1 else acc.no_sync(self.model)
+                    with sync:
+                        out = self.model(ro.input_ids[idx], ro.attention_mask[idx], return_logits=True, keep=R)
+                        loss, local = self.loss(ro, idx, out)
+                        logged = self._global_stats(ro, idx, out, local)
+                        if logged["ratio"] > p.ratio_threshold:  # decided on global numbers: every rank agrees
+                            skipped, loss = skipped + 1, loss * 0.0
+                        acc.backward(loss / len(accum))  # a zero loss still joins DDP's gradient all-reduce
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(v)
                     del out
                 if cfg.train.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
-                self.optimizer.step()
+                if skipped < len(accum):  # Adam's momentum would move the weights on an all-zero gradient
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                stats["skipped_minibatches"][0] += skipped
                 if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
-                    stop = True
-                    break
-            if stop:
-                break
-        t["time/update"] = time.perf_counter() - t0
+                    return stats
+        return stats
 
-        # 7. Log: global means (across processes) of what the PPO literature logs; adapt β.
-        n = torch.tensor(float(B), device=dev)
-        seq_kl = rl.masked_sum(kl, rmask, dim=1)
-        glob = lambda x: (self.sum_across(x.sum().detach()) / self.sum_across(n)).item()  # noqa: E731
-        mean_kl = glob(seq_kl)
+    @torch.no_grad()
+    def _global_stats(self, ro: Rollout, idx: list[int], out: dict, local: dict) -> dict[str, float]:
+        """Token-weighted means over all ranks of one mini-batch's diagnostics (pg_loss: Σ num / Σ den)."""
+        m = ro.response_mask[idx]
+        n_tok = m.sum().float()
+        ratio = rl.ratio_stats(out["logprobs"], ro.logprobs[idx], m)
+        num, den = local.pop("pg_loss")
+        local = {**local, **ratio, "entropy": rl.masked_mean(rl.entropy_from_logits(out["logits"]), m)}
+        names = list(local)
+        vals = torch.stack([torch.as_tensor(local[k]).detach().float() for k in names] + [n_tok, num, den])
+        vals = torch.cat([vals[: len(names)] * n_tok, vals[len(names) :]])
+        glob = self.sum_across(vals)
+        tok = glob[len(names)].clamp(min=1)
+        logged = {k: float(glob[i] / tok) for i, k in enumerate(names)}
+        logged["pg_loss"] = float(glob[-2] / glob[-1].clamp(min=1e-8))
+        return logged
+
+    def log_step(self, ro: Rollout, stats: dict[str, list[float]], t: dict[str, float]) -> dict:
+        """6. Global means (across processes) of what the RL literature logs; adapt β."""
+        all_reduce = self.sum_across if self.accelerator.num_processes > 1 else None
+        m, dev = ro.response_mask, self.accelerator.device
+        n = self.sum_across(torch.tensor(float(len(ro.prompts)), device=dev))
+        glob = lambda x: (self.sum_across(x.sum().detach().float()) / n).item()  # noqa: E731
+        mean_kl = glob(rl.masked_sum(ro.kl, m, dim=1))
+        raw = ro.raw_scores
         record = {
-            "score": glob(raw_scores),
-            "score_std": math.sqrt(max(glob(raw_scores**2) - glob(raw_scores) ** 2, 0.0)),
-            "reward": glob(scores),
-            "non_score_reward": glob(rl.masked_sum(non_score_reward, rmask, dim=1)),
+            "score": glob(raw),
+            "score_std": math.sqrt(max(glob(raw**2) - glob(raw) ** 2, 0.0)),
+            "reward": glob(ro.scores),
+            "non_score_reward": -self.kl_ctl.value * mean_kl,
             "kl": mean_kl,
             "kl_coef": self.kl_ctl.value,
-            "response_length": glob(rmask.sum(1).float()),
-            "explained_variance": float(rl.explained_variance(values, returns, rmask, all_reduce=all_reduce)),
-            "skipped_minibatches": skipped,
+            "response_length": glob(m.sum(1).float()),
             **({"rm_inputs_cut": self.scorer.n_cut} if hasattr(self.scorer, "n_cut") else {}),
+            **({"dropped_groups": glob(1 - ro.weights) * n.item() / self.k} if self.cfg.ppo.dynamic_sampling else {}),
             **{k: sum(v) / len(v) for k, v in stats.items()},
             **t,
         }
-        tokens = self.sum_across(attention_mask.sum().float()).item()
-        record["tokens_per_s"] = tokens / max(sum(t.values()), 1e-9)
-        self.kl_ctl.update(mean_kl, int(self.sum_across(n).item()))
+        if ro.values is not None:
+            record["explained_variance"] = float(rl.explained_variance(ro.values, ro.returns, m, all_reduce=all_reduce))
+        record["tokens_per_s"] = self.sum_across(ro.attention_mask.sum().float()).item() / max(sum(t.values()), 1e-9)
+        self.kl_ctl.update(mean_kl, int(n.item()))
         return record
 
     # ------------------------------------------------------------------ eval / loop
@@ -462,17 +570,9 @@ class PPOTrainer(StageRun):
         queries = self.eval_queries[acc.process_index :: acc.num_processes]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.train.seed + 7919)
-            lengths = [self.cfg.generation.response_max] * len(queries)
-            resp, rmask = generate(
-                model.policy,
-                self.tok,
-                queries,
-                lengths,
-                self.cfg.generation,
-                acc.device,
-                self.cfg.generation.response_max,
-            )
-        responses = self._decode(resp, rmask)
+            g = self.cfg.generation
+            resp, rmask = generate(model.policy, self.tok, queries, [g.response_max] * len(queries), g, acc.device)
+        responses = self._decode(resp, rmask)[1]
         rewards = self.scorer(prompts, responses)
         with eval_mode(model):
             logp = response_logprobs(model.policy, queries, resp, rmask, self.tok.pad_token_id)
@@ -501,8 +601,8 @@ class PPOTrainer(StageRun):
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.score_stats.load_state_dict(state["score_stats"])
             if acc.is_main_process:
-                kept = [r for r in _read(self.samples_path) if r["step"] <= self.step]
-                atomic_write_text(self.samples_path, "".join(_dump(r) for r in kept))
+                kept = [r for r in read_jsonl(self.samples_path) if r["step"] <= self.step]
+                atomic_write_text(self.samples_path, "".join(json.dumps(r) + "\n" for r in kept))
         else:
             before = self.evaluate("before")
             if before:
@@ -517,13 +617,11 @@ class PPOTrainer(StageRun):
         record: dict = {}
         while self.step < cfg.train.max_steps:
             idx = self.step_prompts(self.step)
-            record = self.ppo_step(
-                [self.prompts[i] for i in idx], [self.queries[i] for i in idx], self._generator(self.step, 0)
-            )
+            record = self.rl_step(idx, self._generator(self.step, 0))
             bad = [k for k in GUARDED_STATS if not math.isfinite(record.get(k, 0.0))]
             if bad:  # stop before a NaN reaches the weights or a checkpoint
-                raise RlhfkitError(f"PPO step {self.step + 1}: non-finite {bad} ({record}); lower lr or raise β")
-            self.scheduler.step()  # once per PPO iteration (train.lr_scheduler, over train.max_steps)
+                raise RlhfkitError(f"RL step {self.step + 1}: non-finite {bad} ({record}); lower lr or raise β")
+            self.scheduler.step()  # once per RL iteration (train.lr_scheduler, over train.max_steps)
             self.step += 1
             record = {"step": self.step, **record, "lr": self.scheduler.get_last_lr()[0]}
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
@@ -542,6 +640,7 @@ class PPOTrainer(StageRun):
         self.save_final(self._save_policy)
         summary = {
             "stage": "ppo",
+            "algo": cfg.algo,
             "steps": self.step,
             "last_score": record.get("score"),
             "last_kl": record.get("kl"),
@@ -559,17 +658,17 @@ class PPOTrainer(StageRun):
 
         model = self.accelerator.unwrap_model(self.model)
         save_model(model.policy, self.tok, out, self.cfg.model, self.cfg.lora, selected_adapters=["default"])
-        if model.critic is None:
+        if model.v_head is not None:
             save_file(
                 {k: v.contiguous() for k, v in model.v_head.state_dict().items()}, str(out / "value_head.safetensors")
             )
-        else:  # an RM-style folder, whose config.yaml gives the template it scores with
+        elif model.critic is not None:  # an RM-style folder, whose config.yaml gives the template it scores with
             model.critic.save(out / "critic")
             save_config(self.cfg, out / "critic" / "config.yaml")
 
     def _before_after(self) -> dict:
         """Seed-003-style table: the same eval prompts before and after PPO, with rewards."""
-        rows = _read(self.samples_path)
+        rows = read_jsonl(self.samples_path)
         before = {r["prompt"]: r for r in rows if r["tag"] == "before"}
         after = {r["prompt"]: r for r in rows if r["tag"] == "after" and r["prompt"] in before}
         if not after:
@@ -588,20 +687,8 @@ class PPOTrainer(StageRun):
         return {"eval_reward_before": mb, "eval_reward_after": ma}
 
 
-def _read(path: Path) -> list[dict]:
-    from rlhfkit.runtime.io import read_jsonl
-
-    return read_jsonl(path)
-
-
-def _dump(r: dict) -> str:
-    import json
-
-    return json.dumps(r) + "\n"
-
-
 def run(cfg: PPOConfig) -> dict:
-    return PPOTrainer(cfg).fit()
+    return RLTrainer(cfg).fit()
 
 
 def train(reward_fn=None, prompts=None, eval_prompts=None, config=None, **overrides) -> dict:
@@ -615,4 +702,4 @@ def train(reward_fn=None, prompts=None, eval_prompts=None, config=None, **overri
         cfg = config
     else:
         cfg = load_config(PPOConfig, overrides={**(config or {}), **overrides})
-    return PPOTrainer(cfg, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts).fit()
+    return RLTrainer(cfg, reward_fn=reward_fn, prompts=prompts, eval_prompts=eval_prompts).fit()

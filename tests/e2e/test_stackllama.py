@@ -95,7 +95,7 @@ def _run_chain(chain: str, start: Path, pairs: Path, out: Path) -> Path:
         cont = chain.endswith("continued")
         over = {**lora, "continue_adapter": cont, "r": 8 if cont else 4}
         cfg = ppo_cfg(start, out, steps=3, batch_size=8, lora=over, ppo={"mini_batch_size": 4, "ppo_epochs": 1})
-        ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:24], eval_prompts=[]).fit()
+        ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:24], eval_prompts=[]).fit()
         return out / "final"
     pair_data = {"path": str(pairs), "max_length": 64}
     sft_data = {"path": str(pairs), "prompt_field": "prompt", "response_field": "chosen", "seq_len": 64}
@@ -208,19 +208,19 @@ def test_ppo_runs_without_dropout(where, tiny_sft_dir, sft_adapter, tmp_path, mo
     else:
         cfg = ppo_cfg(_dropout_base(tiny_sft_dir, tmp_path), tmp_path / "p", steps=3)
     per_step: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = []
-    policy_loss, ppo_step = rl.policy_loss, ppo.PPOTrainer.ppo_step
+    surrogate, rl_step = rl.clipped_surrogate, ppo.RLTrainer.rl_step
 
-    def spy_loss(new, old, adv, mask, clip):
+    def spy_loss(new, old, adv, mask, *clip):
         per_step[-1].append((new.detach().clone(), old.clone(), mask.clone()))
-        return policy_loss(new, old, adv, mask, clip)
+        return surrogate(new, old, adv, mask, *clip)
 
     def spy_step(self, *a, **k):
         per_step.append([])
-        return ppo_step(self, *a, **k)
+        return rl_step(self, *a, **k)
 
-    monkeypatch.setattr(rl, "policy_loss", spy_loss)
-    monkeypatch.setattr(ppo.PPOTrainer, "ppo_step", spy_step)
-    trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
+    monkeypatch.setattr(rl, "clipped_surrogate", spy_loss)
+    monkeypatch.setattr(ppo.RLTrainer, "rl_step", spy_step)
+    trainer = ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
     if where == "base":  # the base really had attention dropout (0.3 in its config) before PPO turned it off
         policy = trainer.accelerator.unwrap_model(trainer.model).policy
         attn = [m for m in policy.modules() if hasattr(m, "attention_dropout")]
@@ -294,7 +294,7 @@ def test_over_long_prompts_are_cut_or_dropped_and_counted(tiny_sft_dir, tmp_path
 
     long = "how " + " ".join(WORDS * 3) + "?"
     cfg = ppo_cfg(tiny_sft_dir, tmp_path / "cut", steps=1, prompts={"max_length": 48})
-    trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:8] + [long], eval_prompts=[long, PROMPTS[9]])
+    trainer = ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:8] + [long], eval_prompts=[long, PROMPTS[9]])
     full = trainer.fmt.encode_prompt(long)
     assert len(full) > 48
     assert trainer.prompt_stats == {"prompts_cut": 1, "prompts_dropped": 0}
@@ -303,7 +303,7 @@ def test_over_long_prompts_are_cut_or_dropped_and_counted(tiny_sft_dir, tmp_path
     assert trainer.eval_queries[0] == trainer.queries[-1]
 
     cfg = ppo_cfg(tiny_sft_dir, tmp_path / "drop", steps=1, prompts={"max_length": 48, "truncate": False})
-    trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:8] + [long], eval_prompts=[])
+    trainer = ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:8] + [long], eval_prompts=[])
     assert trainer.prompt_stats == {"prompts_cut": 0, "prompts_dropped": 1} and long not in trainer.prompts
     assert len(trainer.queries) == 8
 

@@ -85,11 +85,8 @@ def test_ppo_learns_toy_reward(toy_run):
 
 
 def _first_step_kl(cfg):
-    trainer = ppo.PPOTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
-    idx = trainer.step_prompts(0)
-    rec = trainer.ppo_step(
-        [trainer.prompts[i] for i in idx], [trainer.queries[i] for i in idx], trainer._generator(0, 0)
-    )
+    trainer = ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
+    rec = trainer.rl_step(trainer.step_prompts(0), trainer._generator(0, 0))
     return rec, trainer
 
 
@@ -362,7 +359,7 @@ def test_rm_critic_starts_as_the_reward_model(tiny_sft_dir, rm_dirs, tmp_path, k
     from rlhfkit.models.forward import sequence_scores
 
     cfg = ppo_cfg(tiny_sft_dir, tmp_path / "c", steps=1, reward=str(rm_dirs[kind]), critic="rm")
-    trainer = ppo.PPOTrainer(cfg, prompts=PROMPTS[:8], eval_prompts=[])
+    trainer = ppo.RLTrainer(cfg, prompts=PROMPTS[:8], eval_prompts=[])
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert model.v_head is None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("critic.")]
@@ -377,7 +374,7 @@ def test_rm_critic_starts_as_the_reward_model(tiny_sft_dir, rm_dirs, tmp_path, k
         first = model(ids, mask)["values"][:, q_ids.shape[1] - 1]
         rm_q = sequence_scores(trainer.scorer.model, q_ids, q_mask)
     assert (first - rm_q).abs().max().item() <= 1e-5
-    rec = trainer.ppo_step(PROMPTS[:8], trainer.queries[:8], trainer._generator(0, 0))
+    rec = trainer.rl_step(list(range(8)), trainer._generator(0, 0))
     assert rec["kl"] == 0.0 and rec["non_score_reward"] == 0.0 and math.isfinite(rec["vf_loss"])
 
 
@@ -396,7 +393,7 @@ def test_rm_critic_trains_and_is_saved_in_final(tiny_sft_dir, rm_dirs, tmp_path)
         critic="rm",
         ppo={"mini_batch_size": 4, "ppo_epochs": 2},
     )
-    trainer = ppo.PPOTrainer(cfg, prompts=PROMPTS[:16], eval_prompts=PROMPTS[-4:])
+    trainer = ppo.RLTrainer(cfg, prompts=PROMPTS[:16], eval_prompts=PROMPTS[-4:])
     model = trainer.accelerator.unwrap_model(trainer.model)
     pad = trainer.tok.pad_token_id
     before = _critic_values(model, trainer.fmt, *TEXTS, pad)

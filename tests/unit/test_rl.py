@@ -22,8 +22,8 @@ from rlhfkit.algorithms.rl import (
     masked_sum,
     masked_var,
     masked_whiten,
-    penalized_rewards,
     policy_loss,
+    token_rewards,
     value_loss,
 )
 
@@ -228,15 +228,16 @@ def test_kl_unknown_kind_names_valid_kinds():
         kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "full")
 
 
-def test_penalized_rewards_score_on_last_real_token():
+def test_token_rewards_score_on_last_real_token():
     logprobs = torch.tensor([[-1.0, -1.0, -1.0, 9.0], [-2.0, 9.0, 9.0, 9.0], [0.0] * 4], dtype=DT)
     ref_logprobs = torch.tensor([[-1.5, -0.5, -1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0] * 4], dtype=DT)
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     scores = torch.tensor([3.0, -2.0, 5.0], dtype=DT)
-    rewards, non_score, kl = penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    kl = torch.where(mask.bool(), kl_penalty(logprobs, ref_logprobs, "kl"), torch.zeros_like(logprobs))
+    rewards = token_rewards(scores, kl, mask, kl_coef=0.1)
     # kl (k1) row 0 = [0.5, -0.5, 0, pad]; row 1 = [-1, pads]; -0.1*kl is the penalty.
     assert kl.tolist() == [[0.5, -0.5, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0] * 4]
-    assert torch.allclose(non_score, -0.1 * kl, atol=0)
+    non_score = -0.1 * kl
     # Score lands on index 2 (row 0) and 0 (row 1); an empty row gets nothing.
     expected = non_score.clone()
     expected[0, 2] += 3.0
