@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--algos", nargs="+", default=["ppo", "rloo", "grpo"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/rl_estimators"))
     ap.add_argument("overrides", nargs="*", help="extra key=value for every RL run")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     for algo in a.algos:
         work = a.out / algo
         work.mkdir(parents=True, exist_ok=True)
