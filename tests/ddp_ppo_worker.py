@@ -1,6 +1,6 @@
 """Run PPO with rollouts fed in (deterministic per prompt), for the 1- vs 2-process equality test.
 
-torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH
+torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO]
 """
 
 import sys
@@ -11,8 +11,13 @@ import rlhfkit.stages.ppo as ppo
 
 
 def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0):
-    """Responses that depend only on the query: the same rollouts whatever the process count."""
-    rows = [[(sum(q) * (j + 7)) % 300 + 3 for j in range(6)] for q in queries]
+    """Responses that depend only on the query and which of its k samples this is (groups are whole on
+    every rank): the same rollouts whatever the process count."""
+    seen: dict[tuple, int] = {}
+    rows = []
+    for q in queries:
+        n = seen[tuple(q)] = seen.get(tuple(q), -1) + 1
+        rows.append([(sum(q) * (j + 7) + 31 * n * (j + 1)) % 300 + 3 for j in range(6)])
     resp = torch.tensor(rows)
     mask = torch.ones_like(resp)
     return resp, mask
@@ -24,6 +29,7 @@ def score(prompts, responses):
 
 if __name__ == "__main__":
     model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    algo = sys.argv[4] if len(sys.argv) > 4 else "ppo"
     ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
     ppo.train(
@@ -32,6 +38,7 @@ if __name__ == "__main__":
         eval_prompts=[],
         config={
             "out_dir": out,
+            "algo": algo,
             "overwrite": True,
             "model": {"name": model_dir},
             "lora": {"r": 4, "target_modules": ["all-linear"]},

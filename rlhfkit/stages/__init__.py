@@ -28,7 +28,12 @@ STAGES: dict[str, Stage] = {
     ),
     "sft": Stage("rlhfkit.stages.sft", "supervised fine-tuning / domain pre-training with packing", resumable=True),
     "rm": Stage("rlhfkit.stages.reward", "train a reward model on preference pairs", resumable=True),
-    "ppo": Stage("rlhfkit.stages.ppo", "PPO against a reward model, classifier or Python function", resumable=True),
+    "ppo": Stage(
+        "rlhfkit.stages.ppo",
+        "RL (algo: ppo | rloo | grpo | reinforce_pp) against a reward model, classifier or Python function",
+        resumable=True,
+    ),
+    "rl": Stage("rlhfkit.stages.ppo", "the same stage as `ppo` (an alias)", in_recipes=False, resumable=True),
     "dpo": Stage("rlhfkit.stages.dpo", "DPO / IPO on preference pairs", resumable=True),
     "eval": Stage("rlhfkit.stages.evaluate", "compare models on held-out prompts"),
     "report": Stage("rlhfkit.apps.report", "write report.html / report.md for a run directory"),

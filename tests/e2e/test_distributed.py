@@ -148,3 +148,22 @@ def test_ppo_two_processes_equal_one_with_fed_rollouts(tiny_sft_dir, tmp_path):
     ra = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "score" in r]
     rb = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "score" in r]
     assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "reinforce_pp_baseline"])
+def test_critic_free_two_processes_equal_one(tiny_sft_dir, tmp_path, algo):
+    """Groups of k=4 whole on each rank; GRPO's per-group advantages and REINFORCE++'s global whitening
+    and cross-rank loss denominators give the same run on 2 processes as on 1."""
+    worker = str(REPO / "tests" / "ddp_ppo_worker.py")
+    one = launch(1, worker, str(tiny_sft_dir), str(tmp_path / "one"), "8", algo)
+    two = launch(2, worker, str(tiny_sft_dir), str(tmp_path / "two"), "4", algo)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-3000:], two.stderr[-3000:])
+    _assert_close(
+        _weights(tmp_path / "one", "adapter_model.safetensors"), _weights(tmp_path / "two", "adapter_model.safetensors")
+    )
+    assert not (tmp_path / "one" / "final" / "value_head.safetensors").exists()
+    keys = ("score", "kl", "kl_coef", "pg_loss", "approxkl", "clipfrac")
+    ra = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "score" in r]
+    rb = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "score" in r]
+    assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
+    assert any(abs(r[3]) > 1e-6 for r in ra)  # a real policy loss, not zero advantages everywhere

@@ -22,22 +22,37 @@ def rl_cfg(model_dir, out, algo, steps=16, batch_size=16, **over):
 
 @pytest.mark.parametrize("algo", CRITIC_FREE)
 def test_estimator_learns_toy_reward_without_a_value_model(tiny_sft_dir, tmp_path, algo):
+    import rlhfkit
+
     out = tmp_path / algo
     cfg = rl_cfg(tiny_sft_dir, out, algo)
-    trainer = ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:])
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    assert model.v_head is None and model.critic is None
-    n_opt = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
-    assert n_opt == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n and ".default." in n)
-    trainer.fit()
+    summary = rlhfkit.train(reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:], config=cfg)
     recs = [r for r in read_jsonl(out / "metrics.jsonl") if "score" in r]
-    assert len(recs) == 16
+    assert len(recs) == 16 and summary["algo"] == algo
     first, last = sum(r["score"] for r in recs[:5]) / 5, sum(r["score"] for r in recs[-5:]) / 5
     assert last >= 2 * first and last > 0, (algo, [round(r["score"], 2) for r in recs])
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["pg_loss"]) for r in recs)
     assert "vf_loss" not in recs[0] and "explained_variance" not in recs[0]
+    assert summary["eval_reward_after"] > summary["eval_reward_before"]
     assert not (out / "final" / "value_head.safetensors").exists() and not (out / "final" / "critic").exists()
     assert (out / "final" / "adapter_model.safetensors").exists()
+
+
+def test_critic_free_creates_optimises_and_checkpoints_no_value_model(tiny_sft_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = ppo.RLTrainer(rl_cfg(tiny_sft_dir, tmp_path / "m", "rloo", steps=1, batch_size=8), good_count, PROMPTS)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert model.v_head is None and model.critic is None
+    adapter = [p for n, p in model.named_parameters() if "lora_" in n and ".default." in n]
+    optimised = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in optimised} == {id(p) for p in adapter}
+    trainer.rl_step(trainer.step_prompts(0), trainer._generator(0, 0))
+    saved = trainer.save_checkpoint()
+    trainable = load_file(saved / "trainable.safetensors")
+    assert len(trainable) == len(adapter) and all("lora_" in k for k in trainable)
+    states = {k.split(".")[2] for k in load_file(saved / "optimizer.safetensors") if k.startswith("s.state.")}
+    assert len(states) == len(adapter)  # Adam moments for the adapter only
 
 
 def test_groups_are_k_samples_of_one_prompt_and_whole_per_step(tiny_sft_dir, tmp_path):

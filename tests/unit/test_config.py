@@ -112,5 +112,5 @@ def test_a_moved_ppo_key_names_its_new_place():
             load_config(ppo.PPOConfig, overrides=[old])
     cfg = load_config(ppo.PPOConfig, overrides=["train.lr=1e-4", "train.max_steps=3", "train.grad_accum=2"])
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.grad_accum) == (1e-4, 3, 2)
-    with pytest.raises(ConfigError, match="train.epochs does not apply to PPO"):
+    with pytest.raises(ConfigError, match="train.epochs does not apply to RL"):
         load_config(ppo.PPOConfig, overrides=["train.epochs=2"])
