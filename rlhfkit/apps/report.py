@@ -46,6 +46,7 @@ def section_headline(doc: render.Doc, run: Path) -> rundir.Headline:
     h = rundir.headline(run)
     doc.h2("At a glance", "headline")
     doc.p(f"Trained: {h.trained}.")
+    doc.verdict(h.verdict.label, h.verdict.reason)
     if h.figures:
         doc.figures(h.figures)
     else:
@@ -55,7 +56,6 @@ def section_headline(doc: render.Doc, run: Path) -> rundir.Headline:
             doc.warn("Detectors flagged the trained model: " + ", ".join(h.flagged) + " (see Detectors).")
         else:
             doc.ok("No reward-hacking detector flagged the trained model (repetition, code-fence spam, length drift).")
-    doc.verdict(h.verdict.label, h.verdict.reason)
     return h
 
 

@@ -273,103 +273,123 @@ def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
     if not isinstance(metrics, dict):
         doc.note("No evaluation (eval/metrics.json not found).")
     else:
-        models = metrics.get("models") or {}
-        if isinstance(models, dict) and models:
-            cols = EVAL_COLUMNS + sorted(
-                {k for m in models.values() if isinstance(m, dict) for k in m} - set(EVAL_COLUMNS)
-            )
-            cols = [c for c in cols if any(isinstance(m, dict) and c in m for m in models.values())]
-            doc.table(
-                ["model"] + [rundir.label(c) for c in cols],
-                [[name] + [m.get(c) if isinstance(m, dict) else None for c in cols] for name, m in models.items()],
-                cls="eval-models",
-            )
-            lengths = {render.num(m.get("response_length")) for m in models.values() if isinstance(m, dict)}
-            if len(lengths) == 1 and None not in lengths:
-                doc.note(
-                    "Every model answered with the same length (fixed-length sampling): length figures do not apply."
-                )
-            names = list(models)
-            fig, axes = render.figure(1, 2, w=8.5, h=2.9)
-            drew = False
-            for ax, key, title in (
-                (axes[0][0], "rm_score", "Reward-model score"),
-                (axes[0][1], "judge_score", "Judge score"),
-            ):
-                vals = [render.num(models[n].get(key)) if isinstance(models[n], dict) else None for n in names]
-                have = [i for i, v in enumerate(vals) if v is not None]
-                if have:  # a model without this score gets no bar (not a zero one)
-                    ax.bar(have, [vals[i] for i in have], color="#4c72b0")
-                    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-                    ax.axhline(0.0, color="#333333", linewidth=0.6)
-                    drew = True
-                else:
-                    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-                render.style(ax, title, xlabel="")
-            if drew:
-                doc.img("eval_scores.png", render.png(fig), "Per-model reward-model and judge scores")
-        wins = metrics.get("win_rate") or {}
-        if isinstance(wins, dict) and wins:
-            doc.h3("Win rates", "eval-win-rates")
-            pct = lambda v: f"{v:.1%}" if render.num(v) is not None else "—"  # noqa: E731
-            doc.table(
-                ["comparison", "RM win rate", "judge win rate"],
-                [
-                    [k.replace("_vs_", " vs "), pct((v or {}).get("rm")), pct((v or {}).get("judge"))]
-                    for k, v in wins.items()
-                    if isinstance(v, dict) or v is None
-                ],
-            )
-            n = render.num(metrics.get("prompts"))
-            if n:
-                doc.note(
-                    f"On {int(n)} prompts (ties count half); a win-rate within 50% ± {1 / n**0.5:.1%} "
-                    "(two standard errors of a coin flip) counts as flat in the verdict."
-                )
-        det = metrics.get("detectors") or {}
-        if isinstance(det, dict) and det:
-            doc.h3("Detectors", "eval-detectors")
-            dcols = sorted(
-                {k for d in det.values() if isinstance(d, dict) for k in d},
-                key=lambda k: ((["repetition", "fence_spam", "length_drift"] + [k]).index(k), k),
-            )
-            rows = [
-                [name] + [("⚠ flagged" if d.get(c) else ("ok" if c in d else "—")) for c in dcols]
-                for name, d in det.items()
-                if isinstance(d, dict)
-            ]
-            doc.table(["model"] + [rundir.label(c) for c in dcols], rows, cls="detectors")
-            hits = [
-                f"{name}: {rundir.label(c)}"
-                for name, d in det.items()
-                if isinstance(d, dict)
-                for c in dcols
-                if d.get(c)
-            ]
-            if hits:
-                doc.warn("Detector flags: " + "; ".join(hits))
-        over = metrics.get("over_optimisation")
-        doc.h3("Over-optimisation")
-        if isinstance(over, dict):
-            rm_d, judge_d = render.num(over.get("rm_delta")), render.num(over.get("judge_delta"))
-            flag = over.get("flag")
-            if flag is None:  # no verdict written: RM up while the judge is flat or down
-                flag = rm_d is not None and rm_d > 0 and judge_d is not None and judge_d <= 0
-            detail = f"RM score Δ {render.fmt(rm_d)}, judge score Δ {render.fmt(judge_d)}" + (
-                f". {over['note']}" if over.get("note") else ""
-            )
-            if flag:
-                flagged = True
-                doc.warn(
-                    "Over-optimisation suspected: the reward-model score went up while the gold judge stayed "
-                    f"flat or went down. {detail}"
-                )
-            elif over.get("flag") is None and judge_d is None:
-                doc.note(f"No gold-judge scores, so over-optimisation could not be checked. {detail}")
+        _eval_models(doc, metrics)
+        _eval_wins(doc, metrics)
+        _eval_detectors(doc, metrics)
+        flagged = _eval_over(doc, metrics)
+    _eval_samples(doc, metrics, samples, max_samples)
+    return flagged
+
+
+def _eval_models(doc: render.Doc, metrics: dict) -> None:
+    """Per-model table and the RM / judge score bars."""
+    models = metrics.get("models") or {}
+    if isinstance(models, dict) and models:
+        cols = EVAL_COLUMNS + sorted({k for m in models.values() if isinstance(m, dict) for k in m} - set(EVAL_COLUMNS))
+        cols = [c for c in cols if any(isinstance(m, dict) and c in m for m in models.values())]
+        doc.table(
+            ["model"] + [rundir.label(c) for c in cols],
+            [[name] + [m.get(c) if isinstance(m, dict) else None for c in cols] for name, m in models.items()],
+            cls="eval-models",
+        )
+        lengths = {render.num(m.get("response_length")) for m in models.values() if isinstance(m, dict)}
+        if len(lengths) == 1 and None not in lengths:
+            doc.note("Every model answered with the same length (fixed-length sampling): length figures do not apply.")
+        names = list(models)
+        fig, axes = render.figure(1, 2, w=8.5, h=2.9)
+        drew = False
+        for ax, key, title in (
+            (axes[0][0], "rm_score", "Reward-model score"),
+            (axes[0][1], "judge_score", "Judge score"),
+        ):
+            vals = [render.num(models[n].get(key)) if isinstance(models[n], dict) else None for n in names]
+            have = [i for i, v in enumerate(vals) if v is not None]
+            if have:  # a model without this score gets no bar (not a zero one)
+                ax.bar(have, [vals[i] for i in have], color="#4c72b0")
+                ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+                ax.axhline(0.0, color="#333333", linewidth=0.6)
+                drew = True
             else:
-                doc.ok(f"No over-optimisation flagged. {detail}")
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            render.style(ax, title, xlabel="")
+        if drew:
+            doc.img("eval_scores.png", render.png(fig), "Per-model reward-model and judge scores")
+
+
+def _eval_wins(doc: render.Doc, metrics: dict) -> None:
+    """Win-rates against the first model, with the band the verdict uses."""
+    wins = metrics.get("win_rate") or {}
+    if isinstance(wins, dict) and wins:
+        doc.h3("Win rates", "eval-win-rates")
+        pct = lambda v: f"{v:.1%}" if render.num(v) is not None else "—"  # noqa: E731
+        doc.table(
+            ["comparison", "RM win rate", "judge win rate"],
+            [
+                [k.replace("_vs_", " vs "), pct((v or {}).get("rm")), pct((v or {}).get("judge"))]
+                for k, v in wins.items()
+                if isinstance(v, dict) or v is None
+            ],
+        )
+        n = render.num(metrics.get("prompts"))
+        if n:
+            doc.note(
+                f"On {int(n)} prompts (ties count half); a win-rate within 50% ± {1 / n**0.5:.1%} "
+                "(two standard errors of a coin flip) counts as flat in the verdict."
+            )
+
+
+def _eval_detectors(doc: render.Doc, metrics: dict) -> None:
+    """Reward-hacking detector flags per model."""
+    det = metrics.get("detectors") or {}
+    if isinstance(det, dict) and det:
+        doc.h3("Detectors", "eval-detectors")
+        dcols = sorted(
+            {k for d in det.values() if isinstance(d, dict) for k in d},
+            key=lambda k: ((["repetition", "fence_spam", "length_drift"] + [k]).index(k), k),
+        )
+        rows = [
+            [name] + [("⚠ flagged" if d.get(c) else ("ok" if c in d else "—")) for c in dcols]
+            for name, d in det.items()
+            if isinstance(d, dict)
+        ]
+        doc.table(["model"] + [rundir.label(c) for c in dcols], rows, cls="detectors")
+        hits = [
+            f"{name}: {rundir.label(c)}" for name, d in det.items() if isinstance(d, dict) for c in dcols if d.get(c)
+        ]
+        if hits:
+            doc.warn("Detector flags: " + "; ".join(hits))
+
+
+def _eval_over(doc: render.Doc, metrics: dict) -> bool:
+    """The over-optimisation check; returns whether it flagged."""
+    flagged = False
+    over = metrics.get("over_optimisation")
+    doc.h3("Over-optimisation")
+    if isinstance(over, dict):
+        rm_d, judge_d = render.num(over.get("rm_delta")), render.num(over.get("judge_delta"))
+        flag = over.get("flag")
+        if flag is None:  # no verdict written: RM up while the judge is flat or down
+            flag = rm_d is not None and rm_d > 0 and judge_d is not None and judge_d <= 0
+        detail = f"RM score Δ {render.fmt(rm_d)}, judge score Δ {render.fmt(judge_d)}" + (
+            f". {over['note']}" if over.get("note") else ""
+        )
+        if flag:
+            flagged = True
+            doc.warn(
+                "Over-optimisation suspected: the reward-model score went up while the gold judge stayed "
+                f"flat or went down. {detail}"
+            )
+        elif over.get("flag") is None and judge_d is None:
+            doc.note(f"No gold-judge scores, so over-optimisation could not be checked. {detail}")
         else:
-            doc.note("eval/metrics.json has no over_optimisation verdict.")
+            doc.ok(f"No over-optimisation flagged. {detail}")
+    else:
+        doc.note("eval/metrics.json has no over_optimisation verdict.")
+    return flagged
+
+
+def _eval_samples(doc: render.Doc, metrics, samples: list[dict], max_samples: int) -> None:
+    """The first evaluation samples."""
     if samples:
         doc.h3("Evaluation samples")
         shown = samples[:max_samples]
@@ -392,4 +412,3 @@ def section_eval(doc: render.Doc, run: Path, max_samples: int) -> bool:
             doc.note(f"Showing {max_samples} of {len(samples)} samples (--max-samples).")
     elif isinstance(metrics, dict):
         doc.note("eval/samples.jsonl not found.")
-    return flagged

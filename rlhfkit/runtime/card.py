@@ -174,6 +174,51 @@ def _load_snippet(repo: str, base_id: str | None, adapter: bool, reward: bool, o
     return f"With {lib}:\n\n```python\n{py}\n```\n\nWith rlhfkit:\n\n```bash\n{fetch}\n{use}\n```"
 
 
+def metadata(steps: list[rundir.Step], base_id: str | None, adapter: bool, reward: bool) -> dict:
+    """The card's YAML header: base_model (a Hub id only), library_name, pipeline_tag, license, tags, datasets."""
+    tags = ["rlhfkit", "rlhf"]
+    for s in steps:
+        got = (
+            [rundir.algo_name(s.config).lower().replace("++", "-pp")]
+            if s.stage == "ppo"
+            else STAGE_TAGS.get(s.stage, [])
+        )
+        tags += [t for t in got if t not in tags]
+    tags += ["lora", "peft"] if adapter else []
+    meta: dict = {"base_model": base_id} if base_id else {}
+    meta["library_name"] = "peft" if adapter else "transformers"
+    meta["pipeline_tag"] = "text-classification" if reward else "text-generation"
+    lic = _license(base_id)
+    if lic:
+        meta["license"] = lic
+    meta["tags"] = tags
+    datasets = _datasets(steps)
+    if datasets:
+        meta["datasets"] = datasets
+    return meta
+
+
+def _tables(steps: list[rundir.Step], figs: list[rundir.Figure]) -> list[str]:
+    lines = ["## How it was made", "", "| # | stage | started from | trained on | output |", "|---|---|---|---|---|"]
+    for i, s in enumerate(reversed(steps), 1):
+        name = f"RL ({rundir.algo_name(s.config)})" if s.stage == "ppo" else s.stage
+        out = f"{s.folder.resolve().parent.name}/{s.folder.name}"
+        lines.append(f"| {i} | {name} | `{s.start}` | {'; '.join(s.inputs) or '—'} | `{out}` |")
+    if figs:
+        lines += [
+            "",
+            "## Results",
+            "",
+            "| figure | before | after | baseline / note | source |",
+            "|---|---|---|---|---|",
+        ]
+        for f in figs:
+            note = f"{f.baseline_label}: {_num(f.baseline, f.percent)}" if f.baseline is not None else f.note
+            before, after = _num(f.before, f.percent), _num(f.after, f.percent)
+            lines.append(f"| {f.label} | {before} | {after} | {note} | `{f.source}` |")
+    return lines
+
+
 def card_text(
     folder: str | os.PathLike,
     stage: str | None = None,
@@ -200,27 +245,7 @@ def card_text(
     if top and top.stage == "merge":
         what = f"merged {what}"
     algo = rundir.algo_name(trained.config) if trained and trained.stage == "ppo" else None
-    tags = ["rlhfkit", "rlhf"]
-    for s in steps:
-        got = (
-            [rundir.algo_name(s.config).lower().replace("++", "-pp")]
-            if s.stage == "ppo"
-            else STAGE_TAGS.get(s.stage, [])
-        )
-        tags += [t for t in got if t not in tags]
-    tags += ["lora", "peft"] if adapter else []
-    meta: dict = {}
-    if base_id:
-        meta["base_model"] = base_id
-    meta["library_name"] = "peft" if adapter else "transformers"
-    meta["pipeline_tag"] = "text-classification" if reward else "text-generation"
-    lic = _license(base_id)
-    if lic:
-        meta["license"] = lic
-    meta["tags"] = tags
-    datasets = _datasets(steps)
-    if datasets:
-        meta["datasets"] = datasets
+    meta = metadata(steps, base_id, adapter, reward)
     header = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
     title = f"{what}{f' trained with {algo}' if algo else ''} from {base_shown}"
     name = repo_id or f"{shown.resolve().parent.name}/{shown.name}"
@@ -232,25 +257,7 @@ def card_text(
     ]
     if base_id is None:
         lines += [f"The base model `{base_shown}` is not a Hub id (a folder on the machine that trained this).", ""]
-    lines += ["## How it was made", "", "| # | stage | started from | trained on | output |", "|---|---|---|---|---|"]
-    for i, s in enumerate(reversed(steps), 1):
-        name = f"RL ({rundir.algo_name(s.config)})" if s.stage == "ppo" else s.stage
-        out = f"{s.folder.resolve().parent.name}/{s.folder.name}"
-        lines.append(f"| {i} | {name} | `{s.start}` | {'; '.join(s.inputs) or '—'} | `{out}` |")
-    figs = _figures(folder, steps, sd)
-    if figs:
-        lines += [
-            "",
-            "## Results",
-            "",
-            "| figure | before | after | baseline / note | source |",
-            "|---|---|---|---|---|",
-        ]
-        for f in figs:
-            note = f"{f.baseline_label}: {_num(f.baseline, f.percent)}" if f.baseline is not None else f.note
-            lines.append(
-                f"| {f.label} | {_num(f.before, f.percent)} | {_num(f.after, f.percent)} | {note} | `{f.source}` |"
-            )
+    lines += _tables(steps, _figures(folder, steps, sd))
     template = _template(trained.config) if trained else ""
     if template:
         lines += ["", "## Prompt template", "", template]

@@ -463,7 +463,7 @@ def verdict(
                 "down": "the gold judge prefers the starting model",
                 "flat": "the gold judge sees no difference",
             }[judge]
-            + (f" (RM {rm})" if rm else ""),
+            + (f"; RM {rm}" if rm else ""),
         )
     elif rm is not None:
         v = Verdict(
@@ -568,6 +568,13 @@ def headline(run: Path) -> Headline:
     v = verdict(
         judge, rm, over if isinstance(over, bool) else None, flagged, ppl if (judge, rm) == (None, None) else None
     )
+    if c is not None and (judge or rm):
+        wins = [
+            f"{k} win-rate {num(c.win.get(k.lower())):.1%}"
+            for k in ("judge", "RM")
+            if num(c.win.get(k.lower())) is not None
+        ]
+        v.reason += f" ({', '.join(wins)} over {c.base} on {c.n} prompts)"
     folder = policy_folder(run)
     algo = None
     if folder is not None:
