@@ -276,3 +276,41 @@ def test_push_without_network_fails_fast_in_one_line(tiny_run, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RlhfkitError, match="HF_HUB_OFFLINE is set"):
         hub.check_reachable("http://127.0.0.1:1")
+
+
+def test_recipe_push_to_hub_runs_after_the_stages_and_retries(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """`push_to_hub` in a recipe: pushed after the last stage (card refreshed), a failed push leaves the
+    stage done and is retried by the next run without training again; a recorded push is not redone."""
+    import yaml
+
+    from rlhfkit.apps import runner
+
+    calls = []
+
+    def fake_push(folder, repo_id, **kw):
+        calls.append((Path(folder), repo_id))
+        if len(calls) == 1:
+            raise RlhfkitError("cannot reach the Hub at http://127.0.0.1:1 (Connection refused): nothing was pushed")
+        return {"files": hub.upload_files(folder)[0], "url": f"https://hub.example/{repo_id}", "commit": "c1"}
+
+    monkeypatch.setattr(push_app.hub, "push", fake_push)
+    recipe = tmp_path / "r.yaml"
+    sft = {
+        "model": {"name": str(tiny_model_dir)},
+        "lora": {"enabled": False},
+        "data": {"path": str(tiny_corpus), "seq_len": 32},
+        "train": {"max_steps": 1, "batch_size": 4},
+        "push_to_hub": "me/tiny-sft",
+    }
+    recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": ["sft"], "sft": sft}))
+    with pytest.raises(RlhfkitError, match=r"\[sft\] cannot reach the Hub .*\(the stage is done; run the same command"):
+        runner.run_recipe(runner.load_recipe(recipe, []))
+    marker = tmp_path / "run" / ".stages" / "sft.json"
+    assert json.loads(marker.read_text())["status"] == "done" and "pushed" not in json.loads(marker.read_text())
+    weights = (tmp_path / "run" / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    runner.run_recipe(runner.load_recipe(recipe, []))  # skipped stage, push retried
+    assert calls == [(tmp_path / "run" / "sft" / "final", "me/tiny-sft")] * 2
+    assert json.loads(marker.read_text())["pushed"] == {"repo": "me/tiny-sft", "commit": "c1"}
+    assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == weights
+    runner.run_recipe(runner.load_recipe(recipe, []))
+    assert len(calls) == 2  # pushed already: not again
