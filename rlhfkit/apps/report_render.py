@@ -433,7 +433,13 @@ def md_text(s: str) -> str:
     return MD_SPECIAL.sub(r"\\\1", html.escape(s, quote=False)).replace("\n", " ")
 
 
+def md_slug(text: str) -> str:
+    """The anchor GitHub-style renderers give a heading: lower case, punctuation dropped, spaces → '-'."""
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
 def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[str]) -> str:
+    slugs = {b.anchor: md_slug(b.text) for b in doc.blocks if b.kind in ("h2", "h3") and b.anchor}
     out = [f"# {md_text(title)}", "", f"Run directory: `{run}` · generated {generated}", ""]
     for w in warn_top:
         out += [f"> **⚠ {md_text(w)}**", ""]
@@ -448,7 +454,8 @@ def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[st
             out += ["| figure | before | after | change | baseline / note |", "|---|---|---|---|---|"]
             for f in b.figures:
                 cells = [fig_value(f.before, f.percent), fig_value(f.after, f.percent), fig_change(f), fig_note(f)]
-                out.append(f"| [{md_cell(f.label)}](#{f.anchor}) | " + " | ".join(md_cell(c) for c in cells) + " |")
+                link = f"[{md_cell(f.label)}](#{slugs.get(f.anchor, f.anchor)})"
+                out.append(f"| {link} | " + " | ".join(md_cell(c) for c in cells) + " |")
             out.append("")
         elif b.kind == "verdict":
             out += [f"> **Verdict: {md_text(b.name)}** — {md_text(b.text)}", ""]

@@ -6,7 +6,7 @@ same rundir figures the report shows), the prompt template, and how to load it.
 Written by StageRun.save_final into every final/ (so every trained stage gets one without code of
 its own), by `rlhfkit merge` into the merged folder, and refreshed by `rlhfkit run` (eval figures
 appear once the eval stage has run) and by `rlhfkit push` (the snippets name the repo). A README.md
-without CARD_MARK was written by someone else and is never replaced.
+without CARD_MARK (other than peft's blank template) was written by someone else and is never replaced.
 """
 
 from __future__ import annotations
@@ -274,12 +274,20 @@ def card_text(
     return "\n".join(lines).rstrip() + "\n"
 
 
+PEFT_TEMPLATE = "<!-- Provide a quick summary of what the model is/does. -->"  # peft's save_pretrained card
+
+
+def replaceable(text: str) -> bool:
+    """rlhfkit's own card, or the blank template peft's save_pretrained writes (runs made before cards)."""
+    return CARD_MARK in text or (PEFT_TEMPLATE in text and "[More Information Needed]" in text)
+
+
 def write_card(folder, stage=None, stage_dir=None, repo_id=None, force: bool = False, final=None):
     """Write folder/README.md unless it is someone else's card (no CARD_MARK) and not `force`
     (save_final forces: the folder is new, and peft's save_pretrained leaves a template card there).
     Returns the path written, or None."""
     path = Path(folder) / CARD
-    if path.exists() and not force and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
+    if path.exists() and not force and not replaceable(path.read_text(encoding="utf-8", errors="replace")):
         return None
     atomic_write_text(path, card_text(folder, stage, stage_dir, repo_id, final))
     return path

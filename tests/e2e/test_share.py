@@ -153,6 +153,10 @@ def test_card_base_model_and_license_from_the_default(tmp_path):
     meta = card.front_matter(card.card_text(final, stage="sft"))
     assert meta["base_model"] == hub.DEFAULT_HUB_ID and meta["license"] == "apache-2.0"
     assert meta["datasets"] == ["trl-lib/tldr"] and meta["library_name"] == "transformers"
+    (final / "README.md").write_text("# my own notes\n")  # a user's card is never replaced
+    assert card.write_card(final) is None and (final / "README.md").read_text() == "# my own notes\n"
+    (final / "README.md").write_text(f"# Model Card for Model ID\n\n{card.PEFT_TEMPLATE}\n[More Information Needed]\n")
+    assert card.write_card(final) == final / "README.md" and card.CARD_MARK in (final / "README.md").read_text()
 
 
 def _logprobs(folder: Path, kind: str = "causal") -> torch.Tensor:
