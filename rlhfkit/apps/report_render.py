@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.runtime.rundir import Figure, num, series
-
-__all__ = ["num", "series"]  # re-exported: the report's sections read numbers through render
+from rlhfkit.runtime.rundir import Figure, num, series  # shared with the model card; sections use render.num
 
 MAX_CELL_CHARS = 1500
 FILES_DIR = "report_files"
