@@ -318,3 +318,25 @@ def test_recipe_push_to_hub_runs_after_the_stages_and_retries(tiny_model_dir, ti
     assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == weights
     runner.run_recipe(runner.load_recipe(recipe, []))
     assert len(calls) == 2  # pushed already: not again
+
+
+def test_stage_push_to_hub_from_the_cli(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, capsys):
+    """`rlhfkit sft … push_to_hub=REPO`: pushed once the stage has finished; a failed push says how to retry."""
+    from rlhfkit.cli import main as cli
+
+    calls = []
+
+    def fake_push(folder, repo_id, **kw):
+        calls.append((Path(folder), repo_id))
+        raise RlhfkitError("cannot reach the Hub at http://127.0.0.1:1 (Connection refused): nothing was pushed")
+
+    monkeypatch.setattr(push_app.hub, "push", fake_push)
+    args = ["sft", f"model.name={tiny_model_dir}", "lora.enabled=false", f"data.path={tiny_corpus}", "data.seq_len=32"]
+    args += ["train.max_steps=1", "train.batch_size=4", f"out_dir={tmp_path / 'sft'}"]
+    assert cli([*args, "push_to_hub=me/offline"]) == 1
+    assert calls == [(tmp_path / "sft" / "final", "me/offline")] and (tmp_path / "sft" / "final" / "README.md").exists()
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # (tqdm bars aside)
+    assert errors == [
+        "rlhfkit sft: error: cannot reach the Hub at http://127.0.0.1:1 (Connection refused): nothing was pushed "
+        f"(the stage finished; retry with `rlhfkit push {tmp_path / 'sft' / 'final'} me/offline`)"
+    ]
