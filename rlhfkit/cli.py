@@ -18,7 +18,6 @@ import os
 import sys
 import traceback
 import typing
-from pathlib import Path
 
 from rlhfkit.runtime.config import config_help, flag_takes_value, load_config, merge_dicts, parse_overrides
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
@@ -152,9 +151,9 @@ def _push(cfg, summary):
     """`push_to_hub: REPO_ID`: upload the stage's output once it has finished."""
     if not getattr(cfg, "push_to_hub", None):
         return None
-    from rlhfkit.apps.push import push_stage_output
+    from rlhfkit.apps.push import push_stage_output, stage_output
 
-    out = Path((summary or {}).get("merged") or Path(cfg.out_dir) / "final")
+    out = stage_output(cfg, summary)
     try:
         return push_stage_output(cfg, summary)
     except RlhfkitError as exc:

@@ -38,14 +38,17 @@ def push_folder(path, repo_id: str, private: bool = False, revision: str | None 
     return hub.push(target(path), repo_id, private=private, revision=revision, api=api, refresh_card=_refresh)
 
 
+def stage_output(cfg, summary: dict | None) -> Path:
+    """What a stage wrote: its final/, or the merged folder of `rlhfkit merge`."""
+    return Path((summary or {}).get("merged") or Path(cfg.out_dir) / "final")
+
+
 def push_stage_output(cfg, summary: dict | None = None, api=None) -> dict | None:
-    """The `push_to_hub: REPO_ID` key of a stage config: push what the stage wrote (its final/, or a
-    merged folder); None when the key is unset."""
+    """The `push_to_hub: REPO_ID` key of a stage config: push what the stage wrote; None when unset."""
     repo = getattr(cfg, "push_to_hub", None)
     if not repo:
         return None
-    out = Path((summary or {}).get("merged") or Path(cfg.out_dir) / "final")
-    return push_folder(out, repo, api=api)
+    return push_folder(stage_output(cfg, summary), repo, api=api)
 
 
 def main(argv: list[str] | None = None) -> int:
