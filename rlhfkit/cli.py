@@ -27,6 +27,7 @@ from rlhfkit.stages import STAGES
 APPS: dict[str, tuple[str, str]] = {
     "run": ("rlhfkit.apps.runner", "run a whole recipe (data → sft → rm → ppo → eval → report)"),
     "chat": ("rlhfkit.apps.chat", "chat with a model in the browser (Gradio)"),
+    "push": ("rlhfkit.apps.push", "upload a stage output (final/, merged model) to the Hugging Face Hub"),
 }
 
 
@@ -130,6 +131,7 @@ def _main(argv: list[str] | None) -> int:
         merged = merge_dicts(positional, parse_overrides(overrides))
         cfg = load_config(module.CONFIG, config_path, merged)
         summary = module.run(cfg)
+        pushed = _push(cfg, summary)
     except RlhfkitError as exc:
         if debug:
             traceback.print_exc()
@@ -140,7 +142,22 @@ def _main(argv: list[str] | None) -> int:
         return 130
     if summary:
         print(json.dumps(summary, indent=2, default=str))
+    if pushed:
+        print(f"pushed {len(pushed['files'])} files to {pushed['url']}")
     return 0
+
+
+def _push(cfg, summary):
+    """`push_to_hub: REPO_ID`: upload the stage's output once it has finished."""
+    if not getattr(cfg, "push_to_hub", None):
+        return None
+    from rlhfkit.apps.push import push_stage_output, stage_output
+
+    out = stage_output(cfg, summary)
+    try:
+        return push_stage_output(cfg, summary)
+    except RlhfkitError as exc:
+        raise RlhfkitError(f"{exc} (the stage finished; retry with `rlhfkit push {out} {cfg.push_to_hub}`)") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

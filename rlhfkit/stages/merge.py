@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from rlhfkit.models.loading import ADAPTER_FILE, LoraConfig, ModelConfig, load_model
+from rlhfkit.runtime.card import write_card
 from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.io import atomic_dir
@@ -23,6 +24,8 @@ class MergeConfig:
     """Replace an existing out_dir."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the saved weights."""
+    push_to_hub: str | None = None
+    """Hub repo id to upload the merged model to (as `rlhfkit push`)."""
 
 
 CONFIG = MergeConfig
@@ -46,5 +49,6 @@ def run(cfg: MergeConfig) -> dict:
         )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        save_config(cfg, tmp / "merge_config.yaml")
-    return {"merged": str(out), "kind": kind}
+        save_config(replace(cfg, adapter=str(adapter.resolve()), out_dir=str(out)), tmp / "merge_config.yaml")
+        write_card(tmp, stage="merge", force=True, final=out)  # replaces any card copied from the adapter
+    return {"merged": str(out), "kind": kind, "out_dir": str(out)}

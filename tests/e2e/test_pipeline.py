@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,31 +10,9 @@ import torch
 from rlhfkit.apps.runner import load_recipe
 from rlhfkit.runtime.errors import ConfigError
 from tests.conftest import REPO
-from tests.stages.test_reward import preference_pairs
+from tests.e2e.conftest import run_tiny
 
 RECIPE = REPO / "recipes" / "tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pp") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(400, seed=5)))
-    return path
-
-
-def _run(run_dir, model, pairs, env=None, extra=()):
-    cmd = [
-        sys.executable,
-        "-m",
-        "rlhfkit.cli",
-        "run",
-        str(RECIPE),
-        f"run_dir={run_dir}",
-        f"vars.model={model}",
-        f"vars.pairs={pairs}",
-        *extra,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=REPO)
 
 
 def test_recipe_errors_name_the_key(tmp_path):
@@ -52,22 +27,20 @@ def test_recipe_errors_name_the_key(tmp_path):
     assert r["ppo"]["reward"] == "/tmp/x/rm/final" and r["sft"]["model"]["name"] == "SmolLM2-135M-Instruct"
 
 
-def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_model_dir, pairs_file, tmp_path):
+def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_run, tiny_model_dir, pairs_file, tmp_path):
     from safetensors.torch import load_file
 
-    straight = tmp_path / "straight"
-    p = _run(straight, tiny_model_dir, pairs_file)
-    assert p.returncode == 0, p.stderr[-3000:]
+    straight = tiny_run
     for stage in ("data", "sft", "rm", "ppo", "eval"):
         assert json.loads((straight / ".stages" / f"{stage}.json").read_text())["status"] == "done"
     assert (straight / "report.html").exists() and (straight / "eval" / "metrics.json").exists()
 
     killed = tmp_path / "killed"
-    p = _run(killed, tiny_model_dir, pairs_file, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"})
+    p = run_tiny(killed, tiny_model_dir, pairs_file, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"})
     assert p.returncode == -9, p.stderr[-3000:]
     assert json.loads((killed / ".stages" / "ppo.json").read_text())["status"] == "running"
     sft_mtime = (killed / "sft" / "final" / "model.safetensors").stat().st_mtime
-    p = _run(killed, tiny_model_dir, pairs_file)
+    p = run_tiny(killed, tiny_model_dir, pairs_file)
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
     assert "[run] data: done earlier" in out and "[run] sft: done earlier" in out and "[run] rm: done earlier" in out
@@ -82,7 +55,7 @@ def test_run_kill_during_ppo_resumes_and_matches_uninterrupted(tiny_model_dir, p
     assert ma["models"] == mb["models"]
 
     # a changed config invalidates that stage and everything after it, and says so
-    p = _run(killed, tiny_model_dir, pairs_file, extra=["ppo.train.max_steps=3"])
+    p = run_tiny(killed, tiny_model_dir, pairs_file, extra=["ppo.train.max_steps=3"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "[run] rm: done earlier" in p.stdout
     assert "[run] ppo: its config changed since it ran" in p.stdout

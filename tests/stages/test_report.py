@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.apps import report
+from rlhfkit.runtime import rundir
 from tests.browser import PNG_SIGNATURE, chromium, screenshot
 
 # Prompts/responses with characters that must be escaped (and one that would run script if not).
@@ -477,3 +478,142 @@ def test_feedback_run_lists_only_its_stages(tmp_path):
     assert "Data (simulated feedback)" in titles and "SFT" not in titles and "Data" not in titles
     kv = next(b for b in doc.blocks if b.kind == "table" and b.cls == "kv")
     assert ["pairs", "965"] in kv.rows and ["rater", "vader_positive"] in kv.rows
+
+
+# --------------------------------------------------------------------------- headline, verdict, baselines
+def test_direction_band_is_two_standard_errors():
+    # n = 64: 0.5 ± 1/8 = [0.375, 0.625] is flat
+    assert rundir.direction(0.63, 64) == "up" and rundir.direction(0.62, 64) == "flat"
+    assert rundir.direction(0.37, 64) == "down" and rundir.direction(0.375, 64) == "flat"
+    assert rundir.direction(0.8, 8) == "flat"  # n = 8: the band is ± 0.354
+    assert rundir.direction(None, 64) is None and rundir.direction(0.9, 0) is None
+
+
+@pytest.mark.parametrize(
+    "judge,rm,over,flagged,label",
+    [
+        ("up", "up", False, [], "improved"),
+        ("flat", "up", False, [], "over-optimisation"),
+        ("down", "up", False, [], "over-optimisation"),
+        ("up", "flat", True, [], "over-optimisation"),  # eval's own flag wins
+        ("flat", "flat", False, [], "flat"),
+        ("down", "down", False, [], "worse"),
+        (None, "up", None, [], "improved by the RM only"),
+        (None, "flat", None, [], "flat"),
+        ("up", "up", False, ["repetition"], "improved, but flagged"),
+        (None, None, None, [], "not evaluated"),
+    ],
+)
+def test_verdict_rules(judge, rm, over, flagged, label):
+    v = rundir.verdict(judge, rm, over, flagged)
+    assert v.label == label
+    if label == "over-optimisation" and not over:
+        assert v.reason.startswith(f"RM up but judge {judge}: over-optimisation")
+    if flagged:
+        assert "detectors flagged repetition" in v.reason
+
+
+def _eval_run(tmp_path: Path, n: int, rm_win: float, judge_win: float | None, flag: bool = False) -> Path:
+    run = make_run_dir(tmp_path, stages=("eval",))
+    m = json.loads((run / "eval" / "metrics.json").read_text())
+    m["prompts"] = n
+    m["win_rate"]["ppo_vs_sft"] = {"rm": rm_win, "judge": judge_win}
+    m["detectors"]["ppo"] = {"repetition": False, "fence_spam": False, "length_drift": False}
+    m["over_optimisation"]["flag"] = flag
+    (run / "eval" / "metrics.json").write_text(json.dumps(m))
+    return run
+
+
+@pytest.mark.parametrize(
+    "rm_win,judge_win,label",
+    [
+        (0.9, 0.8, "improved"),
+        (0.9, 0.52, "over-optimisation"),
+        (0.55, 0.5, "flat"),
+        (0.9, None, "improved by the RM only"),
+    ],
+)
+def test_headline_verdict_on_crafted_metrics(tmp_path, rm_win, judge_win, label):
+    run = _eval_run(tmp_path, 64, rm_win, judge_win)
+    h = rundir.headline(run)
+    assert h.verdict.label == label
+    doc, _ = report.build(run)
+    block = next(b for b in doc.blocks if b.kind == "verdict")
+    assert block.name == label and doc.blocks.index(block) < [b.kind for b in doc.blocks].index("table")
+    figs = {f.key: f for f in h.figures}
+    assert figs["rm_win_rate"].after == rm_win and figs["rm_score"].before == 0.2 and figs["rm_score"].after == 1.4
+    assert ("judge_win_rate" in figs) == (judge_win is not None)
+
+
+def _rm_run(tmp_path: Path, last_eval: dict, bins: list[dict] | None = None) -> Path:
+    run = tmp_path / "run"
+    _jsonl(
+        run / "rm" / "metrics.jsonl",
+        [{"step": s, "loss": 0.6, "accuracy": 0.6, "margin": 0.1} for s in range(1, 6)] + [{"step": 5, **last_eval}],
+    )
+    if bins is not None:
+        (run / "rm" / "eval_length_bins.json").write_text(json.dumps({"bins": bins}))
+    return run
+
+
+BASE_EVAL = {"eval/accuracy": 0.7, "eval/pairs": 200, "eval/reward_mean": 0.1, "eval/reward_std": 1.3}
+
+
+def test_length_baseline_only_where_lengths_differ(tmp_path):
+    # the old key alone, 8% chosen-longer (fixed-length samples): no baseline, and the reason
+    run = _rm_run(tmp_path / "a", {**BASE_EVAL, "eval/longer_wins": 0.08})
+    f = next(f for f in rundir.headline(run).figures if f.key == "rm_accuracy")
+    assert f.baseline is None and "strictly longer in only 8% of pairs" in f.note
+    doc, _ = report.build(run)
+    kv = [r for b in doc.blocks if b.kind == "table" and b.cls == "kv" for r in b.rows]
+    assert not any("longer answer wins" in r[0] for r in kv) and ["held-out accuracy", "0.7"] in kv
+    # length-aware keys: 95% of pairs length-matched → no baseline; 40% → the baseline is shown
+    matched = {**BASE_EVAL, "eval/longer_wins": 0.55, "eval/matched_pairs": 190, "eval/matched_accuracy": 0.66}
+    f = next(f for f in rundir.headline(_rm_run(tmp_path / "b", matched)).figures if f.key == "rm_accuracy")
+    assert f.baseline is None and "95% of pairs" in f.note
+    spread = {**matched, "eval/matched_pairs": 80, "eval/length_controlled_accuracy": 0.61}
+    figs = {f.key: f for f in rundir.headline(_rm_run(tmp_path / "c", spread)).figures}
+    assert figs["rm_accuracy"].baseline == 0.55 and figs["rm_accuracy"].after == 0.7
+    assert figs["matched_accuracy"].after == 0.66 and figs["length_controlled_accuracy"].after == 0.61
+
+
+def test_length_bins_plot_and_one_point_numbers(tmp_path):
+    bins = [
+        {"lo": 1.0, "hi": 1.25, "pairs": 80, "accuracy": 0.66, "longer_wins": 0.5},
+        {"lo": 1.25, "hi": 2.0, "pairs": 70, "accuracy": 0.71, "longer_wins": 0.6},
+        {"lo": 2.0, "hi": None, "pairs": 50, "accuracy": 0.8, "longer_wins": 0.74},
+        {"lo": 3.0, "hi": None, "pairs": 0, "accuracy": None, "longer_wins": None},
+    ]
+    run = _rm_run(tmp_path, {**BASE_EVAL, "eval/longer_wins": 0.55}, bins)
+    doc, _ = report.build(run)
+    names = [b.name for b in doc.images]
+    assert "rm_length_bins.png" in names
+    table = next(b for b in doc.blocks if b.kind == "table" and b.cls == "length-bins")
+    assert table.rows == [
+        ["1–1.25×", "80", "0.66", "0.5"],
+        ["1.25–2×", "70", "0.71", "0.6"],
+        ["2–∞×", "50", "0.8", "0.74"],
+    ]
+    # one eval record: its reward mean/std are numbers, not a one-dot plot
+    single = [
+        r for b in doc.blocks if b.kind == "table" and b.headers[0].startswith("value (one point") for r in b.rows
+    ]
+    assert ["Held-out reward mean ± std: mean", "0.1"] in single and [
+        "Held-out reward mean ± std: std",
+        "1.3",
+    ] in single
+    assert "rm_curves.png" in names  # the train curves still plot
+
+
+def test_rl_estimator_is_shown(tmp_path):
+    run = make_run_dir(tmp_path, stages=("ppo",))
+    (run / "ppo" / "config.yaml").write_text("algo: grpo\nmodel:\n  name: SmolLM2-135M-Instruct\n")
+    (run / "ppo" / "final").mkdir()
+    (run / "ppo" / "final" / "config.yaml").write_text("algo: grpo\nreward: r\nmodel:\n  name: SmolLM2-135M-Instruct\n")
+    h = rundir.headline(run)
+    assert h.algo == "GRPO" and h.trained.startswith("SmolLM2-135M-Instruct → RL trained with GRPO")
+    doc, _ = report.build(run)
+    assert "RL (GRPO)" in [b.text for b in doc.blocks if b.kind == "h2"]
+    # no eval: the RM direction comes from the before/after samples on the same prompts (5 of 5 better)
+    assert rundir.paired_win_rate(rundir.read_records(run / "ppo" / "samples.jsonl")) == (1.0, 5)
+    assert h.verdict.label == "improved by the RM only"
