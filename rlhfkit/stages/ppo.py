@@ -238,40 +238,23 @@ class Rollout:
     """One iteration's batch on this process, filled phase by phase (B = prompts × k rows, the k samples
     of a prompt in consecutive rows; R = response tokens; Q + R = left-padded query + right-padded response)."""
 
-    prompts: list[str]
-    """B prompt texts."""
-    queries: list[list[int]]
-    """B prompt token ids."""
-    response_ids: list[list[int]]
-    """B sampled response token ids (up to and including EOS)."""
-    responses: list[str]
-    """B decoded responses (what the reward source reads)."""
-    raw_scores: torch.Tensor | None = None
-    """(B,) the reward source's scores."""
-    scores: torch.Tensor | None = None
-    """(B,) scores after baseline, running normalisation and clipping."""
-    weights: torch.Tensor | None = None
-    """(B,) 1 = in the loss; 0 = a group dynamic sampling could not replace."""
-    input_ids: torch.Tensor | None = None
-    """(B, Q+R) query + response."""
-    attention_mask: torch.Tensor | None = None
-    """(B, Q+R)."""
-    response_mask: torch.Tensor | None = None
-    """(B, R) 1 = real response token."""
-    logprobs: torch.Tensor | None = None
-    """(B, R) policy log-probs of the sampled tokens, no grad, before any update."""
-    ref_logprobs: torch.Tensor | None = None
-    """(B, R) reference log-probs."""
-    values: torch.Tensor | None = None
-    """(B, R) value estimates (ppo), else None."""
-    kl: torch.Tensor | None = None
-    """(B, R) per-token KL estimate (ppo.kl_estimator)."""
-    rewards: torch.Tensor | None = None
-    """(B, R) per-token rewards −β·KL_t + score on the last token (ppo, reinforce_pp), else None."""
-    advantages: torch.Tensor | None = None
-    """(B, R) per token, or (B,) per response (rloo, grpo)."""
-    returns: torch.Tensor | None = None
-    """(B, R) value targets (ppo), else None."""
+    prompts: list[str]  # B prompt texts
+    queries: list[list[int]]  # B prompt token ids
+    response_ids: list[list[int]]  # B sampled response token ids (up to and including EOS)
+    responses: list[str]  # B decoded responses (what the reward source reads)
+    raw_scores: torch.Tensor | None = None  # (B,) the reward source's scores
+    scores: torch.Tensor | None = None  # (B,) after baseline, running normalisation, clipping
+    weights: torch.Tensor | None = None  # (B,) 1 = in the loss; 0 = a group dynamic sampling could not replace
+    input_ids: torch.Tensor | None = None  # (B, Q+R) query + response
+    attention_mask: torch.Tensor | None = None  # (B, Q+R)
+    response_mask: torch.Tensor | None = None  # (B, R) 1 = real response token
+    logprobs: torch.Tensor | None = None  # (B, R) policy log-probs of the sampled tokens, before any update
+    ref_logprobs: torch.Tensor | None = None  # (B, R) reference log-probs
+    values: torch.Tensor | None = None  # (B, R) value estimates (ppo), else None
+    kl: torch.Tensor | None = None  # (B, R) per-token KL estimate (ppo.kl_estimator)
+    rewards: torch.Tensor | None = None  # (B, R) −β·KL_t + score on the last token (ppo, reinforce_pp)
+    advantages: torch.Tensor | None = None  # (B, R) per token, or (B,) per response (rloo, grpo)
+    returns: torch.Tensor | None = None  # (B, R) value targets (ppo), else None
 
 
 # --------------------------------------------------------------------------- trainer
