@@ -410,13 +410,27 @@ class RLTrainer(StageRun):
         ro.input_ids = torch.cat([q_ids, resp], 1).to(dev)
         ro.attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
         ro.response_mask = rmask.to(dev)
-        full = p.kl_estimator == "full"
+        full, deferred = p.kl_estimator == "full", self._old_is_current()
         with eval_mode(model):
-            old = model(ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
+            old = None if deferred else model(ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
             with model.as_reference() as ref_model:
                 ref = forward_logprobs(ref_model, ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
-        ro.logprobs, ro.values, ro.ref_logprobs = old["logprobs"], old["values"], ref["logprobs"]
-        kl = rl.kl_penalty(ro.logprobs, ro.ref_logprobs, p.kl_estimator, old.get("logits"), ref.get("logits"))
+        ro.ref_logprobs = ref["logprobs"]
+        if deferred:  # filled by update()'s own forward, before its first optimizer step
+            ro.logprobs = torch.full_like(ro.ref_logprobs, float("nan"))
+            return
+        ro.logprobs, ro.values = old["logprobs"], old["values"]
+        self._token_kl(ro, old.get("logits"), ref.get("logits"))
+
+    def _old_is_current(self) -> bool:
+        """grpo whose whole batch is one optimizer step (1 epoch): the rollout policy is the one every
+        mini-batch's forward sees, so its log-probs come from that forward (TRL's GRPOTrainer does too)."""
+        cfg, p = self.cfg, self.cfg.ppo
+        one_step = p.ppo_epochs == 1 and p.mini_batch_size * cfg.train.grad_accum >= cfg.train.batch_size
+        return cfg.algo == "grpo" and one_step and p.kl_estimator != "full"
+
+    def _token_kl(self, ro: Rollout, logits=None, ref_logits=None) -> None:
+        kl = rl.kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.ppo.kl_estimator, logits, ref_logits)
         ro.kl = torch.where(ro.response_mask.bool(), kl, torch.zeros_like(kl)).to(ro.logprobs.dtype)
 
     @torch.no_grad()
@@ -480,6 +494,8 @@ class RLTrainer(StageRun):
                     sync = contextlib.nullcontext() if j == len(accum) - 1 else acc.no_sync(self.model)
                     with sync:
                         out = self.model(ro.input_ids[idx], ro.attention_mask[idx], return_logits=True, keep=R)
+                        if ro.kl is None:  # deferred old log-probs (logprobs phase): this forward's own
+                            ro.logprobs[idx] = out["logprobs"].detach()
                         loss, local = self.loss(ro, idx, out)
                         logged = self._global_stats(ro, idx, out, local)
                         if logged["ratio"] > p.ratio_threshold:  # decided on global numbers: every rank agrees
@@ -495,7 +511,11 @@ class RLTrainer(StageRun):
                 self.optimizer.zero_grad(set_to_none=True)
                 stats["skipped_minibatches"][0] += skipped
                 if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
-                    return stats
+                    break
+            if ro.kl is None:
+                self._token_kl(ro)
+            if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
+                break
         return stats
 
     @torch.no_grad()

@@ -145,3 +145,22 @@ def test_grpo_resume_is_bitwise(tiny_sft_dir, tmp_path):
         files=("adapter_model.safetensors",),
         keys=("score", "kl", "kl_coef", "pg_loss", "clipfrac"),
     )
+
+
+def test_grpo_old_logprobs_from_the_update_forward_equal_a_separate_forward(tiny_sft_dir, tmp_path):
+    """One optimizer step per batch: the update's own forward gives the rollout log-probs (no extra forward);
+    the step's weights and logged numbers equal those with the separate no-grad forward."""
+    runs = []
+    for deferred in (True, False):
+        cfg = rl_cfg(tiny_sft_dir, tmp_path / str(deferred), "grpo", steps=1, batch_size=8, ppo={"ppo_epochs": 1})
+        trainer = ppo.RLTrainer(cfg, good_count, PROMPTS)
+        assert trainer._old_is_current()
+        if not deferred:
+            trainer._old_is_current = lambda: False
+        rec = trainer.rl_step(trainer.step_prompts(0), trainer._generator(0, 0))
+        runs.append((rec, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}))
+    (a, wa), (b, wb) = runs
+    assert all(torch.allclose(wa[n], wb[n], atol=1e-7, rtol=0) for n in wa)
+    for k in ("score", "kl", "pg_loss", "approxkl", "ratio", "clipfrac"):
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    assert a["ratio"] == 1.0 and a["kl"] == 0.0

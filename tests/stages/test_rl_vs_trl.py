@@ -99,6 +99,7 @@ def test_first_step_equals_trl(tiny_model_dir, tmp_path, algo, agg):
     queries = [trainer.queries[i] for i in (0, 0, 0, 0, 1, 1, 1, 1)]
     texts = [trainer.tok.decode(c, skip_special_tokens=True) for c in completions]
     ro = ppo.Rollout(prompts8, queries, [list(c) for c in completions], texts)
+    trainer._old_is_current = lambda: False  # old log-probs from the no-grad forward (== deferred: tested apart)
     trainer.score(ro, torch.Generator().manual_seed(0))
     trainer.logprobs(ro)
     trainer.advantages(ro)
