@@ -79,3 +79,17 @@ def test_shipped_recipes_validate_against_stage_configs(recipe, tmp_path):
         assert r["stages"] == ["feedback", "rm", "ppo", "eval", "report"]
         assert loaded["ppo"].reward == f"{tmp_path}/rm/final"
         assert loaded["feedback"].samples_per_prompt * loaded["feedback"].n_label_prompts > 1000
+
+
+def test_grpo_recipe_end_to_end_report_and_card_name_it(tiny_model_dir, pairs_file, tmp_path):
+    """The tiny recipe with `ppo.algo=grpo`: critic-free final/ (no value head), and the report and model
+    card say GRPO."""
+    run = tmp_path / "grpo"
+    p = run_tiny(run, tiny_model_dir, pairs_file, extra=["ppo.algo=grpo", "ppo.samples_per_prompt=4"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not (run / "ppo" / "final" / "value_head.safetensors").exists()
+    assert (run / "ppo" / "final" / "adapter_model.safetensors").exists()
+    assert "algo: grpo" in (run / "ppo" / "config.yaml").read_text()
+    assert "GRPO" in (run / "report.html").read_text()
+    card = (run / "ppo" / "final" / "README.md").read_text()
+    assert "grpo" in card.split("---")[1]  # a tag in the card's YAML header
