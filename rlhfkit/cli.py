@@ -27,6 +27,7 @@ from rlhfkit.stages import STAGES
 APPS: dict[str, tuple[str, str]] = {
     "run": ("rlhfkit.apps.runner", "run a whole recipe (data → sft → rm → ppo → eval → report)"),
     "chat": ("rlhfkit.apps.chat", "chat with a model in the browser (Gradio)"),
+    "rm-eval": ("rlhfkit.apps.rm_eval", "score a reward model on preference pairs, beside length baselines"),
 }
 
 

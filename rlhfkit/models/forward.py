@@ -163,10 +163,11 @@ def _score_module(hf_model):
     raise ValueError(f"{type(hf_model).__name__} has no 'score' or 'classifier' head")
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score per sequence from a 1-label sequence-classification model.
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | None = 0) -> torch.Tensor:
+    """Scalar score per sequence from a sequence-classification reward model.
 
-    input_ids, attention_mask (B, T) -> (B,). Decoder models: the head's per-token output read at
+    input_ids, attention_mask (B, T) -> (B,): output `head` of the score layer (0: the reward; an ODIN
+    RM's quality head), or every output (B, K) with head=None. Decoder models: the head's per-token output read at
     the last real token by attention mask (HF's own pooling searches for the pad id, which is wrong
     when pad == eos). The per-token output is captured by a hook during the model's own forward, so
     DDP/peft wrappers run as usual (bypassing DDP's forward would skip the gradient all-reduce).
@@ -175,11 +176,14 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hf = unwrap(model)
     name, _ = _score_module(hf)
     if name == "classifier":  # encoder: position-independent pooling, padding-safe
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    return gather_last(token_scores(model, input_ids, attention_mask), attention_mask)  # (B, T) -> (B,)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits if head is None else logits[:, head]
+    per_token = token_scores(model, input_ids, attention_mask, head=head)  # (B, T[, K])
+    idx = last_token_index(attention_mask).clamp(min=0)
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), idx]
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | None = 0) -> torch.Tensor:
     """A decoder reward model's score head applied at every position: (B, T) -> (B, T).
 
     scores[:, t] is the RM's score of the prefix input_ids[:, :t+1] (causal attention), so
@@ -187,11 +191,11 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     position. Hooked from the model's own forward, as sequence_scores (DDP/peft wrappers run as usual).
     """
     hf = unwrap(model)
-    name, head = _score_module(hf)
+    name, layer = _score_module(hf)
     if name == "classifier":
         raise ValueError(f"{type(hf).__name__} pools one [CLS] state: it has no per-token scores")
     captured = {}
-    handle = head.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
+    handle = layer.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
     try:
         model(
             input_ids=input_ids,
@@ -201,7 +205,7 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
         )
     finally:
         handle.remove()
-    return captured["scores"][..., 0]
+    return captured["scores"] if head is None else captured["scores"][..., head]
 
 
 @torch.no_grad()

@@ -186,6 +186,26 @@ def resolve_model_path(name: str) -> str:
     return name  # hub id: transformers reports a missing/unreachable one itself
 
 
+HEADS_FILE = "reward_heads.json"  # written by the RM stage beside a multi-head (ODIN) score layer
+
+
+def reward_heads(folder) -> list[str]:
+    """Names of a reward model's score outputs, head 0 first (the reward PPO reads): ["reward"] unless
+    the folder records several, e.g. ["quality", "length"] for ODIN."""
+    import json
+
+    path = Path(folder) / HEADS_FILE
+    if not path.is_file():
+        return ["reward"]
+    try:
+        heads = json.loads(path.read_text())["heads"]
+    except (ValueError, KeyError, TypeError):
+        raise RlhfkitError(f"{path}: not a JSON object with a 'heads' list") from None
+    if not (isinstance(heads, list) and heads and all(isinstance(h, str) for h in heads)):
+        raise RlhfkitError(f"{path}: 'heads' must be a non-empty list of names")
+    return heads
+
+
 def adapter_base(adapter_dir: str) -> str:
     """The base model an adapter folder was trained on."""
     return read_adapter_config(adapter_dir)["base_model_name_or_path"]
@@ -245,6 +265,7 @@ def load_model(
     kind: Literal["causal_lm", "seq_cls"] = "causal_lm",
     trainable: bool = True,
     verbose: bool = True,
+    num_labels: int | None = None,
 ):
     """Load `cfg.name` as a causal LM (policy, SFT) or 1-label sequence classifier (reward model).
 
@@ -266,7 +287,9 @@ def load_model(
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if kind == "seq_cls":
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, **kwargs)
+        # Score outputs: as the folder records them (a trained multi-head RM), else as asked, else 1.
+        n = len(reward_heads(path)) if (Path(path) / HEADS_FILE).is_file() else (num_labels or 1)
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=n, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if model.config.pad_token_id is None:

@@ -4,7 +4,8 @@ Skeleton as every stage: config → pairs → model (seq-cls, full or LoRA; head
 Trainer(collate, count, loss, evaluate, save_final).fit(). Loss −log σ(r_chosen − r_rejected [− m])
 (+ reward centering); the score is read at the last real token by attention mask
 (modeling.sequence_scores). Eval: accuracy with ties counted wrong, margin, reward mean/std, and the
-accuracy of "the longer answer wins" on the same pairs as a baseline.
+length-aware numbers of rewards/pair_eval (the length rule on the full answers, accuracy on
+length-matched pairs and per length-ratio bin, a length-controlled accuracy).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from rlhfkit.algorithms.losses import pairwise_reward_loss
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
-from rlhfkit.models.forward import sequence_scores
 from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
+
+__all__ = ["CONFIG", "RewardConfig", "evaluate_pairs", "pair_scores", "run"]  # evaluate_pairs: for scripts
 
 
 @dataclass
@@ -47,72 +50,6 @@ class RewardConfig(StageConfig):
 CONFIG = RewardConfig
 
 
-def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) scores (B,) each for a collate_pairs batch."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-    B = scores.shape[0] // 2
-    return scores[:B], scores[B:]
-
-
-@torch.no_grad()
-def evaluate_pairs(
-    model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None, margins: list | None = None
-) -> dict:
-    """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over
-    ranks and reduced as sums, so any number of processes gives the same numbers. `margins`, when
-    given, is filled with this rank's per-pair margins (all of them with one process)."""
-    import torch.nn.functional as F
-
-    was_training = model.training
-    model.eval()
-    world = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
-    dev = next(model.parameters()).device
-    # n, correct, ties, margin, loss, reward sum, reward sum of squares, chosen longer (in tokens)
-    sums = torch.zeros(8, dtype=torch.float64, device=dev)
-    mine = pairs[rank::world]
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
-        c, r = (x.double() for x in pair_scores(model, batch))
-        d = c - r
-        lengths = batch["attention_mask"].sum(1)  # tokens the RM sees (after data.truncate, if on)
-        longer = (lengths[: len(c)] > lengths[len(c) :]).sum().double()
-        if margins is not None:
-            margins += d.float().cpu().tolist()
-        both = torch.cat([c, r])
-        sums += torch.stack(
-            [
-                torch.tensor(float(len(c)), dtype=torch.float64, device=dev),
-                (d > 0).sum().double(),
-                (d == 0).sum().double(),
-                d.sum(),
-                -F.logsigmoid(d).sum(),
-                both.sum(),
-                both.square().sum(),
-                longer,
-            ]
-        )
-    if world > 1:
-        sums = accelerator.reduce(sums, "sum")
-    model.train(was_training)
-    n, correct, ties, margin, loss, rsum, rsq, longer = sums.tolist()
-    if n == 0:
-        return {}
-    mean = rsum / (2 * n)
-    var = max(rsq / (2 * n) - mean**2, 0.0) * (2 * n) / max(2 * n - 1, 1)
-    return {
-        "loss": loss / n,
-        "accuracy": correct / n,
-        "ties": ties / n,
-        "margin": margin / n,
-        "reward_mean": mean,
-        "reward_std": var**0.5,
-        "pairs": int(n),
-        # Baseline "the longer answer wins": Stack Exchange votes favour length (Singhal et al. 2023).
-        "longer_wins": longer / n,
-    }
-
-
 def run(cfg: RewardConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls")
@@ -123,12 +60,15 @@ def run(cfg: RewardConfig) -> dict:
     print(f"[rm] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs")
 
     last_margins: list[float] = []  # of the latest evaluation, for the report's histogram
+    last_bins: list[dict] = []  # accuracy by length-ratio bin, likewise
 
     def evaluate(model_):
         last_margins.clear()
-        return evaluate_pairs(
+        ev = evaluate_pairs(
             model_, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator, last_margins
         )
+        last_bins[:] = ev.pop("bins", [])
+        return ev
 
     def loss(model_, batch):
         dev = next(model_.parameters()).device
@@ -152,23 +92,23 @@ def run(cfg: RewardConfig) -> dict:
     )
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")
-    if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins for the report's histogram
+    if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins and bins for the report
         from rlhfkit.runtime.io import atomic_write_json
 
-        if len(last_margins) != len(eval_pairs):  # several processes each hold a shard: score them all here
-            last_margins.clear()
-            evaluate_pairs(
-                trainer.accelerator.unwrap_model(trainer.model),
-                eval_pairs,
-                tok.pad_token_id,
-                cfg.eval_batch_size,
-                margins=last_margins,
-            )
         atomic_write_json(trainer.out / "eval_margins.json", last_margins)
+        atomic_write_json(trainer.out / "eval_length_bins.json", {"bins": last_bins})
     if "eval_accuracy" in summary:
-        print(
-            f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
-            f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}; "
-            f"'the longer answer wins' scores {summary['eval_longer_wins']:.3f} on them"
-        )
+        print(eval_line("[rm] held-out", {k.removeprefix("eval_"): v for k, v in summary.items()}))
     return summary
+
+
+def eval_line(what: str, ev: dict) -> str:
+    """One line of the numbers that matter: accuracy beside the length baselines."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    return (
+        f"{what}: accuracy {fmt(ev.get('accuracy'))} on {ev.get('pairs')} pairs (ties {fmt(ev.get('ties'))}, "
+        f"mean margin {fmt(ev.get('margin'))}); 'the longer answer wins' {fmt(ev.get('longer_wins'))}; "
+        f"length-matched accuracy {fmt(ev.get('matched_accuracy'))} on {ev.get('matched_pairs')} pairs; "
+        f"length-controlled {fmt(ev.get('length_controlled_accuracy'))}; agrees with the length rule on "
+        f"{fmt(ev.get('length_agreement'))}"
+    )

@@ -71,6 +71,12 @@ def test_rm_learns_preference_rule_to_95_percent_held_out(trained_rm):
     margins = json.loads((out / "eval_margins.json").read_text())
     assert len(margins) == summary["eval_pairs"]
     assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(summary["eval_accuracy"])
+    # the agreed schema of the length-aware numbers (the report renders them)
+    for k in ("longer_wins", "matched_accuracy", "matched_pairs", "length_agreement", "length_controlled_accuracy"):
+        assert evals[-1][f"eval/{k}"] == summary[f"eval_{k}"]
+    bins = json.loads((out / "eval_length_bins.json").read_text())["bins"]
+    assert sum(b["pairs"] for b in bins) == summary["eval_pairs"] and bins[-1]["hi"] is None
+    assert bins[0] == {**bins[0], "lo": 1.0, "hi": 1.25, "pairs": summary["eval_matched_pairs"]}
 
 
 def test_held_out_prompts_never_trained_on(pair_file):
@@ -344,4 +350,69 @@ def test_eval_reports_the_longer_answer_baseline(tiny_model_dir):
     pairs = encode_pairs(rows, fmt, 64)
     assert [len(p["chosen_ids"]) > len(p["rejected_ids"]) for p in pairs] == [True, True, True, False]
     stats = reward.evaluate_pairs(model, pairs, tok.pad_token_id, batch_size=3)  # uneven batches: 3 + 1
-    assert stats["longer_wins"] == 0.75 and stats["pairs"] == 4
+    assert stats["longer_wins"] == stats["longer_wins_seen"] == 0.75 and stats["pairs"] == 4
+
+
+def long_pairs() -> list[dict]:
+    """Hand-built pairs scored by the good/bad RM, lengths chosen so that the answers are known:
+    pairs 0-1 length-matched (ratios 1.125, 1.0), in 2-3 the rejected answer is longer (1.96x, 1.49x), and
+    every answer of pairs 2-3 is cut at 64 tokens, so on the tokens the RM sees neither side is longer."""
+    long = "tea water hot cold " * 12
+    return [
+        {"prompt": "how tea hot?", "chosen": "tea hot is good.", "rejected": "tea hot is so bad."},  # 16 vs 18
+        {"prompt": "how brew?", "chosen": "brew bean is good.", "rejected": "brew bean is bad.."},  # 18 vs 18
+        {"prompt": "why milk?", "chosen": long + "is good.", "rejected": long * 2 + "is bad."},
+        {"prompt": "why salt?", "chosen": long * 2 + "is good.", "rejected": long * 3 + "is bad."},
+    ]
+
+
+def test_rm_eval_worked_example_full_text_vs_truncated(trained_rm, tmp_path, capsys):
+    from rlhfkit.algorithms.preference_eval import length_aware_metrics
+    from rlhfkit.cli import main
+    from rlhfkit.rewards.scoring import RewardModelScorer
+
+    out, _ = trained_rm
+    rows = long_pairs()
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res_path = tmp_path / "res.json"
+    assert main(["rm-eval", str(out), str(src), f"out={res_path}", "batch_size=3"]) == 0  # the run folder: final/ used
+    printed = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+    res = json.loads(res_path.read_text())
+    assert printed["sources"] == res["sources"] and res["max_length"] == 64 and res["heads"] == ["reward"]
+    got = res["sources"][0]
+    assert got["pairs"] == 4 and got["answers_cut"] == 2
+    assert got["longer_wins"] == 0.0  # full text: the chosen answer is never the longer one
+    assert got["longer_wins_seen"] == 0.0 and got["matched_pairs"] == 2  # pairs 0, 1
+    # the same numbers from the scorer's own margins and lengths counted here by hand
+    scorer = RewardModelScorer(str(out / "final"))
+    ps = [r["prompt"] for r in rows]
+    m = [a - b for a, b in zip(scorer(ps, [r["chosen"] for r in rows]), scorer(ps, [r["rejected"] for r in rows]))]
+    want = length_aware_metrics(m, [len(r["chosen"]) for r in rows], [len(r["rejected"]) for r in rows])
+    assert got["matched_accuracy"] == want["matched_accuracy"] == sum(x > 0 for x in m[:2]) / 2
+    for k in ("accuracy", "length_agreement", "length_controlled_accuracy", "margin"):
+        assert got[k] == pytest.approx(want[k], abs=1e-5)
+    assert [b["pairs"] for b in got["bins"]] == [2, 1, 1, 0, 0]  # 236 vs 463 chars: 1.96; 464 vs 691: 1.49
+
+
+def test_rm_eval_bad_inputs_end_in_one_line(trained_rm, tiny_model_dir, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    out, _ = trained_rm
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps(long_pairs()[0]) + "\n")
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text("{}")
+    cases = [
+        (["rm-eval", str(tmp_path / "nope"), str(good)], 1, "no such reward-model folder"),
+        (["rm-eval", str(tiny_model_dir), str(good)], 1, "not a reward model"),
+        (["rm-eval", str(out)], 2, "usage: rlhfkit rm-eval RM_DIR PAIRS"),
+        (["rm-eval", str(out), str(tmp_path / "missing.jsonl")], 1, "missing.jsonl"),
+        (["rm-eval", str(out), str(good), f"out={theirs}"], 2, "was not written by rm-eval"),
+        (["rm-eval", str(out), str(good), "max_pairz=3"], 2, "max_pairz"),
+    ]
+    for argv, code, msg in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, (argv, err)
+    assert theirs.read_text() == "{}"
