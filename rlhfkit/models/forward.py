@@ -183,7 +183,9 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return per_token[torch.arange(per_token.shape[0], device=per_token.device), idx]
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | None = 0) -> torch.Tensor:
+def token_scores(
+    model, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, head: int | None = 0, inputs_embeds=None
+) -> torch.Tensor:
     """A decoder reward model's score head applied at every position: (B, T) -> (B, T).
 
     scores[:, t] is the RM's score of the prefix input_ids[:, :t+1] (causal attention), so
@@ -199,6 +201,7 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, h
     try:
         model(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,  # states of a frozen trunk (models/trunk.py) instead of tokens
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,

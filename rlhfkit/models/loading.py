@@ -345,7 +345,7 @@ def _apply_adapter(model, adapter: str, kind: str, keep: bool):
     return model if keep else model.merge_and_unload()
 
 
-def _layer_list(model) -> torch.nn.ModuleList:
+def layer_list(model) -> torch.nn.ModuleList:
     """The transformer blocks: the longest ModuleList whose length is num_hidden_layers."""
     n = model.config.get_text_config().num_hidden_layers
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
@@ -370,7 +370,7 @@ def add_lora(model, lora: LoraConfig, kind: str = "causal_lm"):
             targets = sorted(
                 {
                     name.rsplit(".", 1)[-1]
-                    for name, m in _layer_list(model)[0].named_modules()
+                    for name, m in layer_list(model)[0].named_modules()
                     if isinstance(m, torch.nn.Linear)
                 }
             )
@@ -393,7 +393,7 @@ def freeze_lower_layers(model, num_layers_unfrozen: int) -> None:
     if num_layers_unfrozen < 0:
         return
     model.requires_grad_(False)
-    blocks = _layer_list(model)
+    blocks = layer_list(model)
     for block in list(blocks)[len(blocks) - num_layers_unfrozen :]:
         block.requires_grad_(True)
     for name in ("score", "classifier"):  # a reward model's head is always trained

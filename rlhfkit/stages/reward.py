@@ -19,6 +19,14 @@ from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, lo
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
 from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.models.trunk import (
+    SELF_CHECK_TOL,
+    STATES,
+    FrozenTrunk,
+    attach_pair_states,
+    collate_pair_states,
+    self_check,
+)
 from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
@@ -45,6 +53,10 @@ class RewardConfig(StageConfig):
     """Reward-centering weight: adds coef·mean((r_c + r_r)²), keeping scores near 0 (Eisenstein et al. 2023)."""
     eval_batch_size: int = 16
     """Pairs per batch at evaluation."""
+    cache_trunk: bool = True
+    """With lora.num_layers_unfrozen=N ≥ 0: run the frozen lower blocks once per pair (training and
+    held-out) and train the top N blocks over their kept outputs — exact (models/trunk.py), and each
+    epoch after the first costs only the top blocks. Memory: 2 × tokens × hidden × 4 bytes per pair."""
 
 
 CONFIG = RewardConfig
@@ -62,17 +74,45 @@ def run(cfg: RewardConfig) -> dict:
     last_margins: list[float] = []  # of the latest evaluation, for the report's histogram
     last_bins: list[dict] = []  # accuracy by length-ratio bin, likewise
 
+    trunk = None  # the frozen lower blocks' outputs, once built (cache_trunk)
+
+    def scores(model_, batch, head=0):
+        dev = next(model_.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        if trunk is None:
+            return pair_scores(model_, batch, head=head)
+        s = trunk.scores(model_, batch["hidden"], batch["attention_mask"], head=head)
+        return s[: s.shape[0] // 2], s[s.shape[0] // 2 :]
+
+    def score_chunk(model_):  # evaluate_pairs' forward over cached states
+        def fn(chunk):
+            batch = collate_pair_states(chunk)
+            c, r = scores(model_, batch, head=None)
+            seen = batch["attention_mask"].sum(1)
+            return c, r, seen[: len(chunk)] > seen[len(chunk) :]
+
+        return fn if trunk is not None else None
+
     def evaluate(model_):
         last_margins.clear()
         ev = evaluate_pairs(
-            model_, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator, last_margins
+            model_,
+            eval_pairs,
+            tok.pad_token_id,
+            cfg.eval_batch_size,
+            trainer.accelerator,
+            last_margins,
+            score_fn=score_chunk(model_),
         )
         last_bins[:] = ev.pop("bins", [])
         return ev
 
+    def collate(ix):
+        chunk = [pairs[i] for i in ix]
+        return collate_pair_states(chunk) if trunk is not None else collate_pairs(chunk, tok.pad_token_id)
+
     def loss(model_, batch):
-        dev = next(model_.parameters()).device
-        c, r = pair_scores(model_, {k: v.to(dev) for k, v in batch.items()})
+        c, r = scores(model_, batch)
         margin = torch.full_like(c, cfg.margin) if cfg.margin else None
         mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
         n = c.shape[0]  # the Trainer wants sums; it divides by the step's pair count
@@ -84,12 +124,14 @@ def run(cfg: RewardConfig) -> dict:
         model,
         len(pairs),
         unit="pairs",
-        collate=lambda ix: collate_pairs([pairs[i] for i in ix], tok.pad_token_id),
-        count=lambda batch: batch["input_ids"].shape[0] // 2,
+        collate=collate,
+        count=lambda batch: batch["attention_mask"].shape[0] // 2,
         loss=loss,
         evaluate=evaluate if eval_pairs else None,
         save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
     )
+    if cfg.cache_trunk and cfg.lora.num_layers_unfrozen >= 0:
+        trunk = build_trunk(model, cfg, pairs + eval_pairs, tok.pad_token_id)
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")
     if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins and bins for the report
@@ -100,6 +142,33 @@ def run(cfg: RewardConfig) -> dict:
     if "eval_accuracy" in summary:
         print(eval_line("[rm] held-out", {k.removeprefix("eval_"): v for k, v in summary.items()}))
     return summary
+
+
+def build_trunk(model, cfg: RewardConfig, pairs: list[dict], pad_id: int):
+    """The frozen trunk with every pair's states attached, or None (said why) when it would not be exact."""
+    import time
+
+    trunk = FrozenTrunk(model, cfg.lora.num_layers_unfrozen)
+    reason = trunk.why_not_exact()
+    if reason:
+        print(f"[rm] cache_trunk: off ({reason}); every step runs the whole model")
+        return None
+    t0 = time.perf_counter()
+    attach_pair_states(trunk, pairs, pad_id, cfg.eval_batch_size)
+    gap = self_check(trunk, model, pairs, pad_id)
+    if gap > SELF_CHECK_TOL:  # the split misses something this architecture does: fall back, exactly
+        for p in pairs:
+            p.pop(STATES, None)
+        print(f"[rm] cache_trunk: off (cached scores differ from the model's by {gap:.1e}); whole model per step")
+        return None
+    n_tok = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    hidden = pairs[0][STATES][0].shape[1] if pairs else 0
+    print(
+        f"[rm] cache_trunk: {len(trunk.lower)} frozen blocks run once over {len(pairs)} pairs in "
+        f"{time.perf_counter() - t0:.1f}s ({n_tok * hidden * 4 / 2**30:.2f} GiB kept); "
+        f"training runs the top {len(trunk.top)}"
+    )
+    return trunk
 
 
 def eval_line(what: str, ev: dict) -> str:
