@@ -27,6 +27,17 @@ def _frac(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def pearson_r(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's correlation of two equal-length sequences (None when either is constant or empty)."""
+    n = len(x)
+    if n < 2:
+        return None
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
 def length_controlled(margins: Sequence[float], log_ratios: Sequence[float]) -> dict:
     """The RM margin with its linear dependence on log(len_chosen / len_rejected) removed.
 

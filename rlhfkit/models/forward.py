@@ -163,6 +163,15 @@ def _score_module(hf_model):
     raise ValueError(f"{type(hf_model).__name__} has no 'score' or 'classifier' head")
 
 
+def score_weight(model) -> torch.Tensor:
+    """The (K, H) weight of a reward model's score layer that training updates (peft's trainable copy
+    of a modules_to_save head, else the layer's own)."""
+    _, layer = _score_module(unwrap(model))
+    weights = [p for n, p in layer.named_parameters() if n.endswith("weight")]
+    trainable = [p for p in weights if p.requires_grad]
+    return (trainable or weights)[0]
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | None = 0) -> torch.Tensor:
     """Scalar score per sequence from a sequence-classification reward model.
 

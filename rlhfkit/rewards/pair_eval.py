@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlhfkit.algorithms.preference_eval import length_aware_metrics
+from rlhfkit.algorithms.preference_eval import length_aware_metrics, pearson_r
 from rlhfkit.inputs.pairs import collate_pairs
 from rlhfkit.models.forward import sequence_scores
 
@@ -69,7 +69,7 @@ def evaluate_pairs(
         c, r, seen_longer = score_fn([pairs[j] for j in chunk])
         c, r = (x.double().reshape(len(chunk), -1) for x in (c, r))
         d = c - r
-        mine += list(zip(chunk, d.cpu().tolist()))
+        mine += list(zip(chunk, zip(d.cpu().tolist(), c.cpu().tolist(), r.cpu().tolist())))
         both = torch.cat([c[:, 0], r[:, 0]])
         sums += torch.stack(
             [
@@ -89,22 +89,41 @@ def evaluate_pairs(
     n, loss, rsum, rsq, seen = sums.tolist()
     if n == 0:
         return {}
-    by_pair = [m for _, m in sorted(mine)]
+    ordered = [m for _, m in sorted(mine)]
+    by_pair = [m[0] for m in ordered]  # per-head margins
     if margins is not None:
         margins += [m[0] for m in by_pair]
     mean = rsum / (2 * n)
     var = max(rsq / (2 * n) - mean**2, 0.0) * (2 * n) / max(2 * n - 1, 1)
     out = {"loss": loss / n, "reward_mean": mean, "reward_std": var**0.5}
     out.update(_margin_metrics([m[0] for m in by_pair], pairs))
+    corr = _length_corr(ordered, pairs)  # per head: Pearson of the response scores with their lengths
     # The old baseline on the tokens the RM sees (after data.truncate): cut pairs count as equal.
     out["longer_wins_seen"] = seen / n
-    names = head_names or []
+    if corr:
+        out["length_corr"] = corr[0]
+    names = head_names or [f"head{k}" for k in range(len(by_pair[0]))]
     if len(by_pair[0]) > 1:
         heads = {name: [m[k] for m in by_pair] for k, name in enumerate(names)}
         heads["sum"] = [sum(m) for m in by_pair]
-        for name, ms in heads.items():
-            out.update({f"{name}/{k}": v for k, v in _margin_metrics(ms, pairs).items() if k != "bins"})
+        for k, (name, ms) in enumerate(heads.items()):
+            out.update({f"{name}/{key}": v for key, v in _margin_metrics(ms, pairs).items() if key != "bins"})
+            if corr:
+                out[f"{name}/length_corr"] = corr[k]
     return out
+
+
+def _length_corr(ordered: list, pairs: list[dict]) -> list[float | None]:
+    """Pearson's r of each head's (and, with several heads, their sum's) response scores with the
+    responses' full token lengths; [] when the pairs carry no lengths (as ODIN reports it)."""
+    if not ordered or "chosen_tokens" not in pairs[0]:
+        return []
+    lengths = [p["chosen_tokens"] for p in pairs] + [p["rejected_tokens"] for p in pairs]
+    K = len(ordered[0][1])
+    cols = [[m[1][k] for m in ordered] + [m[2][k] for m in ordered] for k in range(K)]
+    if K > 1:
+        cols.append([sum(m[1]) for m in ordered] + [sum(m[2]) for m in ordered])
+    return [pearson_r(col, lengths) for col in cols]
 
 
 def _margin_metrics(ms: list[float], pairs: list[dict]) -> dict:

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhfkit.algorithms.losses import pairwise_reward_loss
+from rlhfkit.algorithms.losses import odin_reward_loss, pairwise_reward_loss
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.models.forward import score_weight
+from rlhfkit.models.loading import HEADS_FILE, LoraConfig, ModelConfig, load_model
 from rlhfkit.models.trunk import (
     SELF_CHECK_TOL,
     STATES,
@@ -31,6 +32,21 @@ from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 __all__ = ["CONFIG", "RewardConfig", "evaluate_pairs", "pair_scores", "run"]  # evaluate_pairs: for scripts
+
+
+@dataclass
+class OdinConfig:
+    enabled: bool = False
+    """Train ODIN's two heads (Chen et al. 2024): a quality head and a length head whose sum is fitted
+    Bradley–Terry; the folder records them (reward_heads.json) and PPO / eval / rm-eval score with the
+    quality head, which the loss decorrelates from response length."""
+    length_coef: float = 1.0
+    """Weight of |ρ(quality, length)| − ρ(length head, length) (ρ: Pearson over a micro-batch's responses)."""
+    orth_coef: float = 1.0
+    """Weight of |w_quality · w_length|, keeping the two heads' weight vectors orthogonal."""
+
+
+ODIN_HEADS = ["quality", "length"]
 
 
 @dataclass
@@ -53,6 +69,8 @@ class RewardConfig(StageConfig):
     """Reward-centering weight: adds coef·mean((r_c + r_r)²), keeping scores near 0 (Eisenstein et al. 2023)."""
     eval_batch_size: int = 16
     """Pairs per batch at evaluation."""
+    odin: OdinConfig = field(default_factory=OdinConfig)
+    """A length-decorrelated reward: ODIN's quality + length heads (off: one reward head)."""
     cache_trunk: bool = True
     """With lora.num_layers_unfrozen=N ≥ 0: run the frozen lower blocks once per pair (training and
     held-out) and train the top N blocks over their kept outputs — exact (models/trunk.py), and each
@@ -64,7 +82,8 @@ CONFIG = RewardConfig
 
 def run(cfg: RewardConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
-    model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls")
+    model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls", num_labels=2 if cfg.odin.enabled else 1)
+    heads = ODIN_HEADS if cfg.odin.enabled else None
     fmt = PromptFormat(cfg.template, tok)
     train_rows, eval_rows = load_pairs(cfg.data)
     pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate)
@@ -103,20 +122,37 @@ def run(cfg: RewardConfig) -> dict:
             trainer.accelerator,
             last_margins,
             score_fn=score_chunk(model_),
+            head_names=heads,
         )
         last_bins[:] = ev.pop("bins", [])
         return ev
 
     def collate(ix):
         chunk = [pairs[i] for i in ix]
-        return collate_pair_states(chunk) if trunk is not None else collate_pairs(chunk, tok.pad_token_id)
+        batch = collate_pair_states(chunk) if trunk is not None else collate_pairs(chunk, tok.pad_token_id)
+        if heads:  # ODIN correlates with the full answers' token lengths
+            batch["lengths"] = torch.tensor([p["chosen_tokens"] for p in chunk] + [p["rejected_tokens"] for p in chunk])
+        return batch
 
     def loss(model_, batch):
+        if heads:
+            return odin_loss(model_, batch)
         c, r = scores(model_, batch)
         margin = torch.full_like(c, cfg.margin) if cfg.margin else None
         mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
         n = c.shape[0]  # the Trainer wants sums; it divides by the step's pair count
         return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
+
+    def odin_loss(model_, batch):
+        c, r = scores(model_, batch, head=None)
+        lengths = batch["lengths"].to(c.device)
+        w = score_weight(model_)
+        B = c.shape[0]
+        mean_loss, st = odin_reward_loss(
+            c, r, lengths[:B], lengths[B:], w[0], w[1], cfg.odin.length_coef, cfg.odin.orth_coef
+        )
+        keys = ("accuracy", "quality_accuracy", "bt_loss", "quality_length_corr", "length_head_corr")
+        return mean_loss * B, {k: st[k] * B for k in keys}
 
     trainer = Trainer(
         cfg,
@@ -128,7 +164,7 @@ def run(cfg: RewardConfig) -> dict:
         count=lambda batch: batch["attention_mask"].shape[0] // 2,
         loss=loss,
         evaluate=evaluate if eval_pairs else None,
-        save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
+        save_final=lambda m, out: save_rm(m, tok, out, cfg, heads),
     )
     if cfg.cache_trunk and cfg.lora.num_layers_unfrozen >= 0:
         trunk = build_trunk(model, cfg, pairs + eval_pairs, tok.pad_token_id)
@@ -142,6 +178,17 @@ def run(cfg: RewardConfig) -> dict:
     if "eval_accuracy" in summary:
         print(eval_line("[rm] held-out", {k.removeprefix("eval_"): v for k, v in summary.items()}))
     return summary
+
+
+def save_rm(model, tok, out, cfg: RewardConfig, heads: list[str] | None) -> None:
+    """The model folder, and for several heads the file that names them (load_model and the scorers read it)."""
+    import json
+    from pathlib import Path
+
+    save_model(model, tok, out, cfg.model, cfg.lora)
+    if heads:
+        doc = {"heads": heads, "method": "ODIN (Chen et al. 2024); head 0 is the reward RL reads"}
+        (Path(out) / HEADS_FILE).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def build_trunk(model, cfg: RewardConfig, pairs: list[dict], pad_id: int):

@@ -447,3 +447,38 @@ def test_cached_trunk_trains_exactly_as_the_whole_model(tiny_model_dir, pair_fil
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
     losses = [r["loss"] for r in la if "loss" in r]
     assert len(set(losses)) == 6  # it trained: every step's loss differs
+
+
+def test_odin_rm_records_its_heads_and_scores_with_the_quality_head(tiny_model_dir, pair_file, tmp_path, capsys):
+    """An ODIN RM folder names its heads; the scorer PPO uses reads head 0 (quality) with no option,
+    the stage's held-out record and rm-eval report every head and their sum, with length correlations."""
+    from rlhfkit.cli import main
+    from rlhfkit.models.forward import sequence_scores
+    from rlhfkit.models.trunk import pad
+    from rlhfkit.rewards.scoring import load_scorer
+
+    out = tmp_path / "odin"
+    summary = reward.run(rm_cfg(tiny_model_dir, pair_file, out, "odin.enabled=true", "train.max_steps=8"))
+    final = out / "final"
+    assert json.loads((final / "reward_heads.json").read_text())["heads"] == ["quality", "length"]
+    for k in ("quality/accuracy", "length/accuracy", "sum/accuracy", "quality/length_corr", "length/length_corr"):
+        assert f"eval_{k}" in summary, k
+    assert summary["eval_accuracy"] == summary["eval_quality/accuracy"]  # the main numbers are the quality head's
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "quality_length_corr" in r]
+    assert len(train) == 8
+    scorer = load_scorer(str(final))
+    assert scorer.model.config.num_labels == 2
+    prompts, responses = ["how tea hot?"] * 2, ["tea hot is good.", "tea hot is bad and cold and slow."]
+    ids, mask = pad([scorer._encode(p, r) for p, r in zip(prompts, responses)], scorer.tok.pad_token_id)
+    with torch.no_grad():
+        both = sequence_scores(scorer.model, ids, mask, head=None)
+    assert both.shape == (2, 2)
+    assert scorer(prompts, responses) == pytest.approx(both[:, 0].tolist(), abs=1e-5)
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in long_pairs()))
+    capsys.readouterr()
+    assert main(["rm-eval", str(final), str(src), f"out={tmp_path / 'r.json'}"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["heads"] == ["quality", "length"]
+    got = res["sources"][0]
+    assert {"quality/matched_accuracy", "length/length_corr", "sum/accuracy"} <= got.keys()
