@@ -18,7 +18,7 @@ from rlhfkit.algorithms.losses import odin_reward_loss, pairwise_reward_loss
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
-from rlhfkit.models.forward import score_weight
+from rlhfkit.models.forward import score_weight, unwrap
 from rlhfkit.models.loading import HEADS_FILE, LoraConfig, ModelConfig, load_model
 from rlhfkit.models.trunk import (
     SELF_CHECK_TOL,
@@ -75,6 +75,8 @@ class RewardConfig(StageConfig):
     """With lora.num_layers_unfrozen=N ≥ 0: run the frozen lower blocks once per pair (training and
     held-out) and train the top N blocks over their kept outputs — exact (models/trunk.py), and each
     epoch after the first costs only the top blocks. Memory: 2 × tokens × hidden × 4 bytes per pair."""
+    cache_trunk_max_gib: float = 8.0
+    """Run the whole model per step instead when the kept states would exceed this many GiB."""
 
 
 CONFIG = RewardConfig
@@ -200,6 +202,12 @@ def build_trunk(model, cfg: RewardConfig, pairs: list[dict], pad_id: int):
     if reason:
         print(f"[rm] cache_trunk: off ({reason}); every step runs the whole model")
         return None
+    hidden = unwrap(model).config.get_text_config().hidden_size
+    n_tok = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    gib = n_tok * hidden * torch.finfo(next(model.parameters()).dtype).bits / 8 / 2**30
+    if gib > cfg.cache_trunk_max_gib:
+        print(f"[rm] cache_trunk: off ({gib:.1f} GiB of states > cache_trunk_max_gib={cfg.cache_trunk_max_gib})")
+        return None
     t0 = time.perf_counter()
     attach_pair_states(trunk, pairs, pad_id, cfg.eval_batch_size)
     gap = self_check(trunk, model, pairs, pad_id)
@@ -208,11 +216,9 @@ def build_trunk(model, cfg: RewardConfig, pairs: list[dict], pad_id: int):
             p.pop(STATES, None)
         print(f"[rm] cache_trunk: off (cached scores differ from the model's by {gap:.1e}); whole model per step")
         return None
-    n_tok = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
-    hidden = pairs[0][STATES][0].shape[1] if pairs else 0
     print(
         f"[rm] cache_trunk: {len(trunk.lower)} frozen blocks run once over {len(pairs)} pairs in "
-        f"{time.perf_counter() - t0:.1f}s ({n_tok * hidden * 4 / 2**30:.2f} GiB kept); "
+        f"{time.perf_counter() - t0:.1f}s ({gib:.2f} GiB kept); "
         f"training runs the top {len(trunk.top)}"
     )
     return trunk

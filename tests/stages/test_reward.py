@@ -482,3 +482,9 @@ def test_odin_rm_records_its_heads_and_scores_with_the_quality_head(tiny_model_d
     assert res["heads"] == ["quality", "length"]
     got = res["sources"][0]
     assert {"quality/matched_accuracy", "length/length_corr", "sum/accuracy"} <= got.keys()
+
+
+def test_cached_trunk_refuses_states_over_its_memory_cap(tiny_model_dir, pair_file, tmp_path, capsys):
+    args = ["lora.num_layers_unfrozen=1", "lora.r=4", "train.max_steps=1", "cache_trunk_max_gib=1e-9"]
+    reward.run(rm_cfg(tiny_model_dir, pair_file, tmp_path / "rm", *args))
+    assert "cache_trunk: off (0.0 GiB of states > cache_trunk_max_gib=1e-09)" in capsys.readouterr().out
