@@ -53,33 +53,13 @@ def evaluate_pairs(
     `margins` is filled with every pair's head-0 margin, in pair order. `score_fn(chunk)` replaces the
     model's forward (the cached-trunk path): it returns chosen, rejected (B, K) scores and the
     (B,) bools "chosen has more tokens seen by the RM"."""
-    import torch.nn.functional as F
-
     was_training = model.training
     model.eval()
     world = accelerator.num_processes if accelerator else 1
     rank = accelerator.process_index if accelerator else 0
     score_fn = score_fn or _scores_by_collate(model, pad_id)
     dev = next(model.parameters()).device
-    sums = torch.zeros(5, dtype=torch.float64, device=dev)  # n, loss, reward sum, sum of squares, longer seen
-    mine: list[tuple[int, list[float]]] = []  # (pair index, per-head margins) of this rank
-    idx = list(range(rank, len(pairs), world))
-    for i in range(0, len(idx), batch_size):
-        chunk = idx[i : i + batch_size]
-        c, r, seen_longer = score_fn([pairs[j] for j in chunk])
-        c, r = (x.double().reshape(len(chunk), -1) for x in (c, r))
-        d = c - r
-        mine += list(zip(chunk, zip(d.cpu().tolist(), c.cpu().tolist(), r.cpu().tolist())))
-        both = torch.cat([c[:, 0], r[:, 0]])
-        sums += torch.stack(
-            [
-                torch.tensor(float(len(chunk)), dtype=torch.float64, device=dev),
-                -F.logsigmoid(d.sum(1)).sum(),  # the training loss reads the heads' sum
-                both.sum(),
-                both.square().sum(),
-                seen_longer.sum().double(),
-            ]
-        )
+    sums, mine = _score_shard(pairs, list(range(rank, len(pairs), world)), score_fn, batch_size, dev)
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -124,6 +104,32 @@ def _length_corr(ordered: list, pairs: list[dict]) -> list[float | None]:
     if K > 1:
         cols.append([sum(m[1]) for m in ordered] + [sum(m[2]) for m in ordered])
     return [pearson_r(col, lengths) for col in cols]
+
+
+def _score_shard(pairs: list[dict], idx: list[int], score_fn: Callable, batch_size: int, dev):
+    """This rank's sums (n, loss, reward sum, sum of squares, longer seen) and its
+    (pair index, (per-head margins, chosen scores, rejected scores)) rows."""
+    import torch.nn.functional as F
+
+    sums = torch.zeros(5, dtype=torch.float64, device=dev)
+    mine: list = []
+    for i in range(0, len(idx), batch_size):
+        chunk = idx[i : i + batch_size]
+        c, r, seen_longer = score_fn([pairs[j] for j in chunk])
+        c, r = (x.double().reshape(len(chunk), -1) for x in (c, r))
+        d = c - r
+        mine += list(zip(chunk, zip(d.cpu().tolist(), c.cpu().tolist(), r.cpu().tolist())))
+        both = torch.cat([c[:, 0], r[:, 0]])
+        sums += torch.stack(
+            [
+                torch.tensor(float(len(chunk)), dtype=torch.float64, device=dev),
+                -F.logsigmoid(d.sum(1)).sum(),  # the training loss reads the heads' sum
+                both.sum(),
+                both.square().sum(),
+                seen_longer.sum().double(),
+            ]
+        )
+    return sums, mine
 
 
 def _margin_metrics(ms: list[float], pairs: list[dict]) -> dict:

@@ -82,6 +82,60 @@ class RewardConfig(StageConfig):
 CONFIG = RewardConfig
 
 
+class PairSteps:
+    """What the Trainer calls per micro-batch (collate, loss) and the held-out forward, over token ids
+    or, once `trunk` is set (cache_trunk), over the frozen trunk's kept states."""
+
+    def __init__(self, cfg: RewardConfig, pairs: list[dict], pad_id: int, heads: list[str] | None):
+        self.cfg, self.pairs, self.pad_id, self.heads = cfg, pairs, pad_id, heads
+        self.trunk = None
+
+    def scores(self, model_, batch: dict, head: int | None = 0):
+        dev = next(model_.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        if self.trunk is None:
+            return pair_scores(model_, batch, head=head)
+        s = self.trunk.scores(model_, batch["hidden"], batch["attention_mask"], head=head)
+        return s[: s.shape[0] // 2], s[s.shape[0] // 2 :]
+
+    def score_fn(self, model_):
+        """evaluate_pairs' forward over cached states (None: its own forward over token ids)."""
+        if self.trunk is None:
+            return None
+
+        def fn(chunk):
+            batch = collate_pair_states(chunk)
+            c, r = self.scores(model_, batch, head=None)
+            seen = batch["attention_mask"].sum(1)
+            return c, r, seen[: len(chunk)] > seen[len(chunk) :]
+
+        return fn
+
+    def collate(self, ix: list[int]) -> dict:
+        chunk = [self.pairs[i] for i in ix]
+        batch = collate_pair_states(chunk) if self.trunk is not None else collate_pairs(chunk, self.pad_id)
+        if self.heads:  # ODIN correlates with the full answers' token lengths
+            batch["lengths"] = torch.tensor([p["chosen_tokens"] for p in chunk] + [p["rejected_tokens"] for p in chunk])
+        return batch
+
+    def loss(self, model_, batch: dict):
+        """Summed loss of the micro-batch and summed stats (the Trainer divides by the step's pairs)."""
+        cfg = self.cfg
+        if self.heads:
+            c, r = self.scores(model_, batch, head=None)
+            lengths, w, B = batch["lengths"].to(c.device), score_weight(model_), c.shape[0]
+            mean_loss, st = odin_reward_loss(
+                c, r, lengths[:B], lengths[B:], w[0], w[1], cfg.odin.length_coef, cfg.odin.orth_coef
+            )
+            keys = ("accuracy", "quality_accuracy", "bt_loss", "quality_length_corr", "length_head_corr")
+            return mean_loss * B, {k: st[k] * B for k in keys}
+        c, r = self.scores(model_, batch)
+        margin = torch.full_like(c, cfg.margin) if cfg.margin else None
+        mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
+        n = c.shape[0]
+        return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
+
+
 def run(cfg: RewardConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls", num_labels=2 if cfg.odin.enabled else 1)
@@ -91,28 +145,9 @@ def run(cfg: RewardConfig) -> dict:
     pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate)
     eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate) if eval_rows else []
     print(f"[rm] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-
+    steps = PairSteps(cfg, pairs, tok.pad_token_id, heads)
     last_margins: list[float] = []  # of the latest evaluation, for the report's histogram
     last_bins: list[dict] = []  # accuracy by length-ratio bin, likewise
-
-    trunk = None  # the frozen lower blocks' outputs, once built (cache_trunk)
-
-    def scores(model_, batch, head=0):
-        dev = next(model_.parameters()).device
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        if trunk is None:
-            return pair_scores(model_, batch, head=head)
-        s = trunk.scores(model_, batch["hidden"], batch["attention_mask"], head=head)
-        return s[: s.shape[0] // 2], s[s.shape[0] // 2 :]
-
-    def score_chunk(model_):  # evaluate_pairs' forward over cached states
-        def fn(chunk):
-            batch = collate_pair_states(chunk)
-            c, r = scores(model_, batch, head=None)
-            seen = batch["attention_mask"].sum(1)
-            return c, r, seen[: len(chunk)] > seen[len(chunk) :]
-
-        return fn if trunk is not None else None
 
     def evaluate(model_):
         last_margins.clear()
@@ -123,38 +158,11 @@ def run(cfg: RewardConfig) -> dict:
             cfg.eval_batch_size,
             trainer.accelerator,
             last_margins,
-            score_fn=score_chunk(model_),
+            score_fn=steps.score_fn(model_),
             head_names=heads,
         )
         last_bins[:] = ev.pop("bins", [])
         return ev
-
-    def collate(ix):
-        chunk = [pairs[i] for i in ix]
-        batch = collate_pair_states(chunk) if trunk is not None else collate_pairs(chunk, tok.pad_token_id)
-        if heads:  # ODIN correlates with the full answers' token lengths
-            batch["lengths"] = torch.tensor([p["chosen_tokens"] for p in chunk] + [p["rejected_tokens"] for p in chunk])
-        return batch
-
-    def loss(model_, batch):
-        if heads:
-            return odin_loss(model_, batch)
-        c, r = scores(model_, batch)
-        margin = torch.full_like(c, cfg.margin) if cfg.margin else None
-        mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
-        n = c.shape[0]  # the Trainer wants sums; it divides by the step's pair count
-        return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
-
-    def odin_loss(model_, batch):
-        c, r = scores(model_, batch, head=None)
-        lengths = batch["lengths"].to(c.device)
-        w = score_weight(model_)
-        B = c.shape[0]
-        mean_loss, st = odin_reward_loss(
-            c, r, lengths[:B], lengths[B:], w[0], w[1], cfg.odin.length_coef, cfg.odin.orth_coef
-        )
-        keys = ("accuracy", "quality_accuracy", "bt_loss", "quality_length_corr", "length_head_corr")
-        return mean_loss * B, {k: st[k] * B for k in keys}
 
     trainer = Trainer(
         cfg,
@@ -162,14 +170,14 @@ def run(cfg: RewardConfig) -> dict:
         model,
         len(pairs),
         unit="pairs",
-        collate=collate,
+        collate=steps.collate,
         count=lambda batch: batch["attention_mask"].shape[0] // 2,
-        loss=loss,
+        loss=steps.loss,
         evaluate=evaluate if eval_pairs else None,
         save_final=lambda m, out: save_rm(m, tok, out, cfg, heads),
     )
     if cfg.cache_trunk and cfg.lora.num_layers_unfrozen >= 0:
-        trunk = build_trunk(model, cfg, pairs + eval_pairs, tok.pad_token_id)
+        steps.trunk = build_trunk(model, cfg, pairs + eval_pairs, tok.pad_token_id)
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")
     if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins and bins for the report
