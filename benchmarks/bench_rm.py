@@ -127,7 +127,9 @@ def prepare(args, work: Path, model_path: str) -> dict:
     alt_pad = alt_pad_token(AutoTokenizer.from_pretrained(model_path))
     alt_id = tok.convert_tokens_to_ids(alt_pad) if alt_pad else None
     total_steps = args.warmup + args.steps
-    need = args.batch * total_steps
+    if (args.batch * total_steps) % args.epochs:
+        sys.exit(f"--epochs {args.epochs} must divide batch × steps = {args.batch * total_steps}")
+    need = args.batch * total_steps // args.epochs  # distinct pairs; each is seen --epochs times
     random.Random(args.data_seed).shuffle(rows)
     kept, enc, skipped = [], [], {"too_long": 0, "empty": 0, "holds_alt_pad": 0}
     for r in rows:
@@ -154,7 +156,7 @@ def prepare(args, work: Path, model_path: str) -> dict:
     (work / "ours.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     plan = StepPlan(len(kept), batch_size=args.batch, grad_accum=1, world=1, rank=0, seed=args.seed)
     order = [i for s in range(total_steps) for i in plan.step_items(s)]
-    assert sorted(order) == list(range(need)), "StepPlan must draw every pair once in one epoch"
+    assert sorted(order) == sorted(list(range(need)) * args.epochs), "StepPlan: every pair once per epoch"
     (work / "trl.jsonl").write_text(
         "".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n" for i in order)
     )
@@ -268,6 +270,21 @@ class StepClock(_common.StepClock):
         self.tokens: list[int] = []
         self.cells: list[int] = []
         self.losses: list[float] = []
+        self.t_start: float | None = None  # the start of training, when earlier than the first step
+        self.cpu_start: float | None = None
+        self.cpu_begin0: float | None = None
+        self.trunk_s = 0.0  # rlhfkit's one-off trunk pass (0 for TRL / no cache)
+
+    def begin(self):
+        super().begin()
+        if self.cpu_begin0 is None:
+            t = os.times()
+            self.cpu_begin0 = t.user + t.system
+
+    def mark_start(self):
+        self.t_start = time.perf_counter()
+        t = os.times()
+        self.cpu_start = t.user + t.system
 
     def summary(self) -> dict:
         res, inner = self.window()
@@ -284,6 +301,15 @@ class StepClock(_common.StepClock):
             "pairs_per_s_steps": pairs / sum(inner),
             "tokens_per_s_steps": toks / sum(inner),
             "pairs_per_cpu_s": pairs / cpu,
+            # End to end: every step's pairs (warm-up too) / wall s from the start of training (rlhfkit: before
+            # its trunk cache is built, so the one-off trunk pass is charged) to the end of the last step.
+            "pairs_per_s_e2e": sum(self.pairs) / (self.t_end[-1] - (self.t_start or self.t_begin[0])),
+            "setup_s_before_first_step": self.t_begin[0] - (self.t_start or self.t_begin[0]),
+            # the same per CPU-second of this process (less sensitive to other jobs on a shared machine)
+            "pairs_per_cpu_s_e2e": sum(self.pairs) / (self.cpu_end[-1] - (self.cpu_start or self.cpu_begin0)),
+            # lock-step's end to end: every step's pairs / (every step's own time + the trunk pass's)
+            "pairs_per_s_steps_e2e": sum(self.pairs)
+            / (sum(e - b for b, e in zip(self.t_begin, self.t_end)) + self.trunk_s),
             "tokens_per_step_all": self.tokens,
             "pairs_per_step_all": self.pairs,
             "first_step_loss": self.losses[0] if self.losses else None,
@@ -292,9 +318,9 @@ class StepClock(_common.StepClock):
 
 
 def batch_counts(batch: dict) -> tuple[int, int, int]:
-    """(pairs, non-pad tokens, B×T cells) of a chosen-then-rejected batch."""
-    ids = batch["input_ids"]
-    return ids.shape[0] // 2, int(batch["attention_mask"].sum()), ids.numel()
+    """(pairs, non-pad tokens, B×T cells) of a chosen-then-rejected batch (token ids or trunk states)."""
+    mask = batch["attention_mask"]
+    return mask.shape[0] // 2, int(mask.sum()), mask.numel()
 
 
 # --------------------------------------------------------------------------- rlhfkit child
@@ -337,15 +363,27 @@ def run_rlhfkit(args, work: Path) -> dict:
         clock.losses.append(record["loss"])
         return record
 
+    orig_trunk = reward.build_trunk
+
+    def timed_trunk(*a, **kw):  # the one-off trunk pass counts in the end-to-end time (lock-step: a turn of its own)
+        turns.acquire()
+        clock.mark_start()
+        trunk = orig_trunk(*a, **kw)
+        clock.trunk_s = info["trunk_s"] = time.perf_counter() - clock.t_start
+        turns.release()
+        info["trunk_cached"] = trunk is not None
+        return trunk
+
     training.Trainer.train_step = timed_step
     reward.load_model = load_with_head
+    reward.build_trunk = timed_trunk
     cfg = load_config(
         reward.RewardConfig,
         overrides={
             "out_dir": str(work / "out-rlhfkit"),
             "overwrite": True,
             "model": {"name": args.model_path, "dtype": "float32", "gradient_checkpointing": False},
-            "lora": {**LORA, "target_modules": TARGETS},
+            "lora": {**LORA, "target_modules": TARGETS, "num_layers_unfrozen": args.layers},
             "data": {
                 "path": str(work / "ours.jsonl"),
                 "split": None,
@@ -369,6 +407,7 @@ def run_rlhfkit(args, work: Path) -> dict:
             },
             "margin": 0.0,
             "center_coef": 0.0,
+            "cache_trunk": not args.no_cache,
         },
     )
     reward.run(cfg)
@@ -446,12 +485,15 @@ def run_trl(args, work: Path) -> dict:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    n_blocks = model.config.num_hidden_layers
     peft_cfg = LoraConfig(
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
         target_modules=TARGETS,
         task_type=TaskType.SEQ_CLS,
+        # the same top blocks as rlhfkit's lora.num_layers_unfrozen (rlhfkit.models.loading.add_lora)
+        layers_to_transform=None if args.layers < 0 else list(range(max(0, n_blocks - args.layers), n_blocks)),
     )
     trainer = CountingRewardTrainer(
         model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg, callbacks=[Clock()]
@@ -491,30 +533,38 @@ def child(args) -> None:
 
 # --------------------------------------------------------------------------- parent
 def child_cmd(name: str, args, tmp: str, model_path: str, lock: str | None) -> list[str]:
-    return [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--one",
-        name,
-        "--workdir",
-        tmp,
-        "--model-path",
-        model_path,
-        "--warmup",
-        str(args.warmup),
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--max-length",
-        str(args.max_length),
-        "--threads",
-        str(args.threads),
-        "--seed",
-        str(args.seed),
-        "--trl-pad",
-        args.trl_pad,
-    ] + (["--turn-dir", lock] if lock else [])
+    return (
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--one",
+            name,
+            "--workdir",
+            tmp,
+            "--model-path",
+            model_path,
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--max-length",
+            str(args.max_length),
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+            "--trl-pad",
+            args.trl_pad,
+            "--layers",
+            str(args.layers),
+            "--epochs",
+            str(args.epochs),
+        ]
+        + (["--turn-dir", lock] if lock else [])
+        + (["--no-cache"] if args.no_cache else [])
+    )
 
 
 def wait_child(proc: subprocess.Popen) -> tuple[int, float]:
@@ -549,6 +599,11 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--tiny", action="store_true", help="smoke test: a random 2-layer Llama instead of SmolLM2-135M")
     ap.add_argument("--json-out", help="also write the result JSON here")
+    ap.add_argument(
+        "--layers", type=int, default=-1, help="LoRA on the top N blocks only, both frameworks (-1: every block)"
+    )
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the pairs within the steps (divides them)")
+    ap.add_argument("--no-cache", action="store_true", help="rlhfkit cache_trunk=false (the whole model every step)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -672,6 +727,9 @@ def main(argv=None) -> int:
             "max_length": args.max_length,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
+            "lora_top_blocks": args.layers,
+            "epochs": args.epochs,
+            "rlhfkit_cache_trunk": not args.no_cache and args.layers >= 0,
             "threads": args.threads,
             "seed": args.seed,
             "trl_pad": args.trl_pad,
@@ -686,6 +744,9 @@ def main(argv=None) -> int:
         "ratio_pairs_per_s": ratio("pairs_per_s"),
         "ratio_pairs_per_s_steps": ratio("pairs_per_s_steps"),
         "ratio_pairs_per_cpu_s": ratio("pairs_per_cpu_s"),
+        "ratio_pairs_per_s_e2e": ratio("pairs_per_s_e2e"),
+        "ratio_pairs_per_cpu_s_e2e": ratio("pairs_per_cpu_s_e2e"),
+        "ratio_pairs_per_s_steps_e2e": ratio("pairs_per_s_steps_e2e"),
         "ratio_peak_rss": ratio("peak_rss_mb"),
         "first_step_loss_abs_diff": loss_diff,
         "first_step_loss_equal": None if loss_diff is None else loss_diff <= LOSS_TOL,
@@ -706,9 +767,12 @@ def main(argv=None) -> int:
         )
     if report["ratio_pairs_per_s"] is not None:
         r = report["ratio_pairs_per_s"]
-        verdict = "stretch met" if r >= 1.3 else "target met" if r >= 1.0 else "below target"
+        e2e = report["ratio_pairs_per_s_steps_e2e" if lock else "ratio_pairs_per_s_e2e"]
+        verdict = "target met" if e2e >= 1.5 else "below target"
         print(
-            f"rm: rlhfkit/TRL {r:.2f}x pairs/s ({verdict}; target >= 1.0x, stretch 1.3x), per CPU-second "
+            f"rm: rlhfkit/TRL {e2e:.2f}x pairs/s end to end, trunk pass included ({verdict}: >= 1.5x; issue 15), "
+            f"{report['ratio_pairs_per_cpu_s_e2e']:.2f}x per CPU-second end to end, "
+            f"{r:.2f}x over the timed steps, per CPU-second "
             f"{report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; first-step loss "
             f"|diff| {loss_diff:.2e} ({'equal' if report['first_step_loss_equal'] else 'DIFFERENT'} within "
             f"{LOSS_TOL:g})"

@@ -2,6 +2,7 @@
 accuracy on a fifth site never trained on (and on held-out questions of the four).
 
     python benchmarks/rm_real.py --leave-out cardano --max-steps 250 --out /tmp/rm_real
+    python benchmarks/rm_real.py --loso --layers 4 --out /tmp/rm_loso    # leave-one-site-out, 5 folds × 2 recipes
 
 Data: `rlhfkit data` (score = round(log2(1+upvotes)), +1 accepted, −1 negative; ≤ 10 pairs per
 question), the four sites split 90/10 by question; the left-out site is all held out. Pairs are
@@ -34,7 +35,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10, help="lora.num_layers_unfrozen (top blocks with LoRA)")
     ap.add_argument("--max-eval", type=int, default=-1, help="held-out pairs per eval set (-1: all; for a smoke run)")
     ap.add_argument("--out", default="/tmp/rm_real")
+    ap.add_argument("--loso", action="store_true", help="leave-one-site-out over all five sites (rm_loso.py)")
+    ap.add_argument("--train-per-site", type=int, default=30, help="--loso: training pairs per site")
+    ap.add_argument("--eval-per-site", type=int, default=40, help="--loso: evaluation pairs per left-out site")
+    ap.add_argument("--epochs", type=float, default=1.0, help="--loso: passes over each fold's training pairs")
+    ap.add_argument("--keep-models", action="store_true", help="--loso: keep every run's final/ model")
     args = ap.parse_args()
+    if args.loso:
+        from rm_loso import run_loso
+
+        run_loso(args)
+        return
 
     from rlhfkit.inputs.pairs import encode_pairs, load_table, normalise_pairs
     from rlhfkit.inputs.templates import PromptFormat

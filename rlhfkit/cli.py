@@ -28,6 +28,7 @@ APPS: dict[str, tuple[str, str]] = {
     "run": ("rlhfkit.apps.runner", "run a whole recipe (data → sft → rm → ppo → eval → report)"),
     "chat": ("rlhfkit.apps.chat", "chat with a model in the browser (Gradio)"),
     "push": ("rlhfkit.apps.push", "upload a stage output (final/, merged model) to the Hugging Face Hub"),
+    "rm-eval": ("rlhfkit.apps.rm_eval", "score a reward model on preference pairs, beside length baselines"),
 }
 
 

@@ -121,3 +121,52 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of two (N,) vectors (0 when either is constant)."""
+    xc, yc = x - x.mean(), y.float() - y.float().mean()
+    return (xc * yc).sum() / (xc.norm() * yc.norm()).clamp(min=eps)
+
+
+def odin_reward_loss(
+    scores_chosen: torch.Tensor,
+    scores_rejected: torch.Tensor,
+    len_chosen: torch.Tensor,
+    len_rejected: torch.Tensor,
+    w_quality: torch.Tensor,
+    w_length: torch.Tensor,
+    length_coef: float = 1.0,
+    orth_coef: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ODIN's disentangled reward loss (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking
+    in RLHF", sec. 5): two linear heads on shared features, r = r_Q + r_L trained Bradley–Terry, plus
+      length_coef · (|ρ(r_Q, L)| − ρ(r_L, L))   (the length head takes the length signal, the quality head none)
+      orth_coef · |w_Q · w_L|                   (the two heads' weight vectors orthogonal)
+    with ρ Pearson's correlation over the batch's 2B responses and L their lengths in tokens.
+
+    scores_*: (B, 2) = (quality, length); len_*: (B,); w_*: (H,) -> loss (scalar), stats.
+    """
+    if scores_chosen.dim() != 2 or scores_chosen.shape[1] != 2 or scores_chosen.shape != scores_rejected.shape:
+        raise ValueError(
+            f"ODIN scores must be (B, 2) each, got {tuple(scores_chosen.shape)}, {tuple(scores_rejected.shape)}"
+        )
+    bt, stats = pairwise_reward_loss(scores_chosen.sum(1), scores_rejected.sum(1))
+    q = torch.cat([scores_chosen[:, 0], scores_rejected[:, 0]])
+    lh = torch.cat([scores_chosen[:, 1], scores_rejected[:, 1]])
+    lengths = torch.cat([len_chosen, len_rejected]).to(q.dtype)
+    rho_q, rho_l = pearson(q, lengths), pearson(lh, lengths)
+    orth = (w_quality * w_length).sum().abs()
+    loss = bt + length_coef * (rho_q.abs() - rho_l) + orth_coef * orth
+    with torch.no_grad():
+        diff_q = scores_chosen[:, 0] - scores_rejected[:, 0]
+        stats.update(
+            {
+                "bt_loss": bt.detach(),
+                "quality_accuracy": (diff_q > 0).float().mean(),
+                "quality_length_corr": rho_q.detach(),
+                "length_head_corr": rho_l.detach(),
+                "head_dot": orth.detach(),
+            }
+        )
+    return loss, stats

@@ -76,6 +76,12 @@ def _has_split(path: str, split: str | None) -> bool:
         return False
 
 
+def read_pairs(source: str, split: str | None = None) -> list[dict]:
+    """Every pair of one source as prompt/chosen/rejected: `split` of a source that has splits (an
+    `rlhfkit data` folder, a DatasetDict), else the whole file, folder or hub dataset."""
+    return normalise_pairs(load_table(source, split if _has_split(source, split) else None))
+
+
 def prompt_bucket(prompt: str) -> float:
     """Stable uniform number in [0, 1) from the prompt text (split assignment)."""
     return int(hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12], 16) / 16**12
@@ -142,6 +148,13 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
             continue
         c_ids, c_mask = fmt.encode(r["prompt"], r["chosen"])
         r_ids, r_mask = fmt.encode(r["prompt"], r["rejected"])
+        # Full (uncut) answer lengths, for length baselines that truncation must not blur.
+        full = {
+            "chosen_chars": len(r["chosen"]),
+            "rejected_chars": len(r["rejected"]),
+            "chosen_tokens": sum(c_mask),
+            "rejected_tokens": sum(r_mask),
+        }
         if max(len(c_ids), len(r_ids)) > max_length:
             if not truncate:
                 too_long += 1
@@ -149,7 +162,7 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
             cut += 1
             n = c_mask.index(1) if 1 in c_mask else len(c_ids)  # both sides share these prompt tokens
             (c_ids, c_mask), (r_ids, r_mask) = truncate_pair(c_ids[:n], c_ids[n:], r_ids[n:], max_length)
-        out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask})
+        out.append({"chosen_ids": c_ids, "chosen_mask": c_mask, "rejected_ids": r_ids, "rejected_mask": r_mask, **full})
     if too_long or bad or same:
         print(
             f"[{stage}] dropped {too_long} pairs longer than {max_length} tokens, {bad} malformed pairs and "

@@ -163,10 +163,20 @@ def _score_module(hf_model):
     raise ValueError(f"{type(hf_model).__name__} has no 'score' or 'classifier' head")
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score per sequence from a 1-label sequence-classification model.
+def score_weight(model) -> torch.Tensor:
+    """The (K, H) weight of a reward model's score layer that training updates (peft's trainable copy
+    of a modules_to_save head, else the layer's own)."""
+    _, layer = _score_module(unwrap(model))
+    weights = [p for n, p in layer.named_parameters() if n.endswith("weight")]
+    trainable = [p for p in weights if p.requires_grad]
+    return (trainable or weights)[0]
 
-    input_ids, attention_mask (B, T) -> (B,). Decoder models: the head's per-token output read at
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: int | None = 0) -> torch.Tensor:
+    """Scalar score per sequence from a sequence-classification reward model.
+
+    input_ids, attention_mask (B, T) -> (B,): output `head` of the score layer (0: the reward; an ODIN
+    RM's quality head), or every output (B, K) with head=None. Decoder models: the head's per-token output read at
     the last real token by attention mask (HF's own pooling searches for the pad id, which is wrong
     when pad == eos). The per-token output is captured by a hook during the model's own forward, so
     DDP/peft wrappers run as usual (bypassing DDP's forward would skip the gradient all-reduce).
@@ -175,11 +185,16 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     hf = unwrap(model)
     name, _ = _score_module(hf)
     if name == "classifier":  # encoder: position-independent pooling, padding-safe
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-    return gather_last(token_scores(model, input_ids, attention_mask), attention_mask)  # (B, T) -> (B,)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits if head is None else logits[:, head]
+    per_token = token_scores(model, input_ids, attention_mask, head=head)  # (B, T[, K])
+    idx = last_token_index(attention_mask).clamp(min=0)
+    return per_token[torch.arange(per_token.shape[0], device=per_token.device), idx]
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(
+    model, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, head: int | None = 0, inputs_embeds=None
+) -> torch.Tensor:
     """A decoder reward model's score head applied at every position: (B, T) -> (B, T).
 
     scores[:, t] is the RM's score of the prefix input_ids[:, :t+1] (causal attention), so
@@ -187,21 +202,22 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     position. Hooked from the model's own forward, as sequence_scores (DDP/peft wrappers run as usual).
     """
     hf = unwrap(model)
-    name, head = _score_module(hf)
+    name, layer = _score_module(hf)
     if name == "classifier":
         raise ValueError(f"{type(hf).__name__} pools one [CLS] state: it has no per-token scores")
     captured = {}
-    handle = head.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
+    handle = layer.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
     try:
         model(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,  # states of a frozen trunk (models/trunk.py) instead of tokens
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
     finally:
         handle.remove()
-    return captured["scores"][..., 0]
+    return captured["scores"] if head is None else captured["scores"][..., head]
 
 
 @torch.no_grad()

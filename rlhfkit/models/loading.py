@@ -186,6 +186,26 @@ def resolve_model_path(name: str) -> str:
     return name  # hub id: transformers reports a missing/unreachable one itself
 
 
+HEADS_FILE = "reward_heads.json"  # written by the RM stage beside a multi-head (ODIN) score layer
+
+
+def reward_heads(folder) -> list[str]:
+    """Names of a reward model's score outputs, head 0 first (the reward PPO reads): ["reward"] unless
+    the folder records several, e.g. ["quality", "length"] for ODIN."""
+    import json
+
+    path = Path(folder) / HEADS_FILE
+    if not path.is_file():
+        return ["reward"]
+    try:
+        heads = json.loads(path.read_text())["heads"]
+    except (ValueError, KeyError, TypeError):
+        raise RlhfkitError(f"{path}: not a JSON object with a 'heads' list") from None
+    if not (isinstance(heads, list) and heads and all(isinstance(h, str) for h in heads)):
+        raise RlhfkitError(f"{path}: 'heads' must be a non-empty list of names")
+    return heads
+
+
 def adapter_base(adapter_dir: str) -> str:
     """The base model an adapter folder was trained on."""
     return read_adapter_config(adapter_dir)["base_model_name_or_path"]
@@ -245,6 +265,7 @@ def load_model(
     kind: Literal["causal_lm", "seq_cls"] = "causal_lm",
     trainable: bool = True,
     verbose: bool = True,
+    num_labels: int | None = None,
 ):
     """Load `cfg.name` as a causal LM (policy, SFT) or 1-label sequence classifier (reward model).
 
@@ -266,7 +287,9 @@ def load_model(
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if kind == "seq_cls":
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, **kwargs)
+        # Score outputs: as the folder records them (a trained multi-head RM), else as asked, else 1.
+        n = len(reward_heads(path)) if (Path(path) / HEADS_FILE).is_file() else (num_labels or 1)
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=n, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if model.config.pad_token_id is None:
@@ -322,7 +345,7 @@ def _apply_adapter(model, adapter: str, kind: str, keep: bool):
     return model if keep else model.merge_and_unload()
 
 
-def _layer_list(model) -> torch.nn.ModuleList:
+def layer_list(model) -> torch.nn.ModuleList:
     """The transformer blocks: the longest ModuleList whose length is num_hidden_layers."""
     n = model.config.get_text_config().num_hidden_layers
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
@@ -347,7 +370,7 @@ def add_lora(model, lora: LoraConfig, kind: str = "causal_lm"):
             targets = sorted(
                 {
                     name.rsplit(".", 1)[-1]
-                    for name, m in _layer_list(model)[0].named_modules()
+                    for name, m in layer_list(model)[0].named_modules()
                     if isinstance(m, torch.nn.Linear)
                 }
             )
@@ -370,7 +393,7 @@ def freeze_lower_layers(model, num_layers_unfrozen: int) -> None:
     if num_layers_unfrozen < 0:
         return
     model.requires_grad_(False)
-    blocks = _layer_list(model)
+    blocks = layer_list(model)
     for block in list(blocks)[len(blocks) - num_layers_unfrozen :]:
         block.requires_grad_(True)
     for name in ("score", "classifier"):  # a reward model's head is always trained

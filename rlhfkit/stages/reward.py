@@ -4,7 +4,8 @@ Skeleton as every stage: config → pairs → model (seq-cls, full or LoRA; head
 Trainer(collate, count, loss, evaluate, save_final).fit(). Loss −log σ(r_chosen − r_rejected [− m])
 (+ reward centering); the score is read at the last real token by attention mask
 (modeling.sequence_scores). Eval: accuracy with ties counted wrong, margin, reward mean/std, and the
-accuracy of "the longer answer wins" on the same pairs as a baseline.
+length-aware numbers of rewards/pair_eval (the length rule on the full answers, accuracy on
+length-matched pairs and per length-ratio bin, a length-controlled accuracy).
 """
 
 from __future__ import annotations
@@ -13,13 +14,39 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhfkit.algorithms.losses import pairwise_reward_loss
+from rlhfkit.algorithms.losses import odin_reward_loss, pairwise_reward_loss
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
-from rlhfkit.models.forward import sequence_scores
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.models.forward import score_weight, unwrap
+from rlhfkit.models.loading import HEADS_FILE, LoraConfig, ModelConfig, load_model
+from rlhfkit.models.trunk import (
+    SELF_CHECK_TOL,
+    STATES,
+    FrozenTrunk,
+    attach_pair_states,
+    collate_pair_states,
+    self_check,
+)
+from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
+
+__all__ = ["CONFIG", "RewardConfig", "evaluate_pairs", "pair_scores", "run"]  # evaluate_pairs: for scripts
+
+
+@dataclass
+class OdinConfig:
+    enabled: bool = False
+    """Train ODIN's two heads (Chen et al. 2024): a quality head and a length head whose sum is fitted
+    Bradley–Terry; the folder records them (reward_heads.json) and PPO / eval / rm-eval score with the
+    quality head, which the loss decorrelates from response length."""
+    length_coef: float = 1.0
+    """Weight of |ρ(quality, length)| − ρ(length head, length) (ρ: Pearson over a micro-batch's responses)."""
+    orth_coef: float = 1.0
+    """Weight of |w_quality · w_length|, keeping the two heads' weight vectors orthogonal."""
+
+
+ODIN_HEADS = ["quality", "length"]
 
 
 @dataclass
@@ -42,101 +69,100 @@ class RewardConfig(StageConfig):
     """Reward-centering weight: adds coef·mean((r_c + r_r)²), keeping scores near 0 (Eisenstein et al. 2023)."""
     eval_batch_size: int = 16
     """Pairs per batch at evaluation."""
+    odin: OdinConfig = field(default_factory=OdinConfig)
+    """A length-decorrelated reward: ODIN's quality + length heads (off: one reward head)."""
+    cache_trunk: bool = True
+    """With lora.num_layers_unfrozen=N ≥ 0: run the frozen lower blocks once per pair (training and
+    held-out) and train the top N blocks over their kept outputs — exact (models/trunk.py), and each
+    epoch after the first costs only the top blocks. Memory: 2 × tokens × hidden × 4 bytes per pair."""
+    cache_trunk_max_gib: float = 8.0
+    """Run the whole model per step instead when the kept states would exceed this many GiB."""
 
 
 CONFIG = RewardConfig
 
 
-def pair_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) scores (B,) each for a collate_pairs batch."""
-    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])
-    B = scores.shape[0] // 2
-    return scores[:B], scores[B:]
+class PairSteps:
+    """What the Trainer calls per micro-batch (collate, loss) and the held-out forward, over token ids
+    or, once `trunk` is set (cache_trunk), over the frozen trunk's kept states."""
 
+    def __init__(self, cfg: RewardConfig, pairs: list[dict], pad_id: int, heads: list[str] | None):
+        self.cfg, self.pairs, self.pad_id, self.heads = cfg, pairs, pad_id, heads
+        self.trunk = None
 
-@torch.no_grad()
-def evaluate_pairs(
-    model, pairs: list[dict], pad_id: int, batch_size: int, accelerator=None, margins: list | None = None
-) -> dict:
-    """Held-out accuracy (ties wrong, reported), mean margin, reward mean/std, loss; sharded over
-    ranks and reduced as sums, so any number of processes gives the same numbers. `margins`, when
-    given, is filled with this rank's per-pair margins (all of them with one process)."""
-    import torch.nn.functional as F
+    def scores(self, model_, batch: dict, head: int | None = 0):
+        dev = next(model_.parameters()).device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        if self.trunk is None:
+            return pair_scores(model_, batch, head=head)
+        s = self.trunk.scores(model_, batch["hidden"], batch["attention_mask"], head=head)
+        return s[: s.shape[0] // 2], s[s.shape[0] // 2 :]
 
-    was_training = model.training
-    model.eval()
-    world = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
-    dev = next(model.parameters()).device
-    # n, correct, ties, margin, loss, reward sum, reward sum of squares, chosen longer (in tokens)
-    sums = torch.zeros(8, dtype=torch.float64, device=dev)
-    mine = pairs[rank::world]
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(dev) for k, v in collate_pairs(mine[i : i + batch_size], pad_id).items()}
-        c, r = (x.double() for x in pair_scores(model, batch))
-        d = c - r
-        lengths = batch["attention_mask"].sum(1)  # tokens the RM sees (after data.truncate, if on)
-        longer = (lengths[: len(c)] > lengths[len(c) :]).sum().double()
-        if margins is not None:
-            margins += d.float().cpu().tolist()
-        both = torch.cat([c, r])
-        sums += torch.stack(
-            [
-                torch.tensor(float(len(c)), dtype=torch.float64, device=dev),
-                (d > 0).sum().double(),
-                (d == 0).sum().double(),
-                d.sum(),
-                -F.logsigmoid(d).sum(),
-                both.sum(),
-                both.square().sum(),
-                longer,
-            ]
-        )
-    if world > 1:
-        sums = accelerator.reduce(sums, "sum")
-    model.train(was_training)
-    n, correct, ties, margin, loss, rsum, rsq, longer = sums.tolist()
-    if n == 0:
-        return {}
-    mean = rsum / (2 * n)
-    var = max(rsq / (2 * n) - mean**2, 0.0) * (2 * n) / max(2 * n - 1, 1)
-    return {
-        "loss": loss / n,
-        "accuracy": correct / n,
-        "ties": ties / n,
-        "margin": margin / n,
-        "reward_mean": mean,
-        "reward_std": var**0.5,
-        "pairs": int(n),
-        # Baseline "the longer answer wins": Stack Exchange votes favour length (Singhal et al. 2023).
-        "longer_wins": longer / n,
-    }
+    def score_fn(self, model_):
+        """evaluate_pairs' forward over cached states (None: its own forward over token ids)."""
+        if self.trunk is None:
+            return None
+
+        def fn(chunk):
+            batch = collate_pair_states(chunk)
+            c, r = self.scores(model_, batch, head=None)
+            seen = batch["attention_mask"].sum(1)
+            return c, r, seen[: len(chunk)] > seen[len(chunk) :]
+
+        return fn
+
+    def collate(self, ix: list[int]) -> dict:
+        chunk = [self.pairs[i] for i in ix]
+        batch = collate_pair_states(chunk) if self.trunk is not None else collate_pairs(chunk, self.pad_id)
+        if self.heads:  # ODIN correlates with the full answers' token lengths
+            batch["lengths"] = torch.tensor([p["chosen_tokens"] for p in chunk] + [p["rejected_tokens"] for p in chunk])
+        return batch
+
+    def loss(self, model_, batch: dict):
+        """Summed loss of the micro-batch and summed stats (the Trainer divides by the step's pairs)."""
+        cfg = self.cfg
+        if self.heads:
+            c, r = self.scores(model_, batch, head=None)
+            lengths, w, B = batch["lengths"].to(c.device), score_weight(model_), c.shape[0]
+            mean_loss, st = odin_reward_loss(
+                c, r, lengths[:B], lengths[B:], w[0], w[1], cfg.odin.length_coef, cfg.odin.orth_coef
+            )
+            keys = ("accuracy", "quality_accuracy", "bt_loss", "quality_length_corr", "length_head_corr")
+            return mean_loss * B, {k: st[k] * B for k in keys}
+        c, r = self.scores(model_, batch)
+        margin = torch.full_like(c, cfg.margin) if cfg.margin else None
+        mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
+        n = c.shape[0]
+        return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
 
 
 def run(cfg: RewardConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
-    model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls")
+    model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls", num_labels=2 if cfg.odin.enabled else 1)
+    heads = ODIN_HEADS if cfg.odin.enabled else None
     fmt = PromptFormat(cfg.template, tok)
     train_rows, eval_rows = load_pairs(cfg.data)
     pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate)
     eval_pairs = encode_pairs(eval_rows, fmt, cfg.data.max_length, "rm", cfg.data.truncate) if eval_rows else []
     print(f"[rm] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs")
-
+    steps = PairSteps(cfg, pairs, tok.pad_token_id, heads)
     last_margins: list[float] = []  # of the latest evaluation, for the report's histogram
+    last_bins: list[dict] = []  # accuracy by length-ratio bin, likewise
 
     def evaluate(model_):
         last_margins.clear()
-        return evaluate_pairs(
-            model_, eval_pairs, tok.pad_token_id, cfg.eval_batch_size, trainer.accelerator, last_margins
+        ev = evaluate_pairs(
+            model_,
+            eval_pairs,
+            tok.pad_token_id,
+            cfg.eval_batch_size,
+            trainer.accelerator,
+            last_margins,
+            score_fn=steps.score_fn(model_),
+            head_names=heads,
         )
-
-    def loss(model_, batch):
-        dev = next(model_.parameters()).device
-        c, r = pair_scores(model_, {k: v.to(dev) for k, v in batch.items()})
-        margin = torch.full_like(c, cfg.margin) if cfg.margin else None
-        mean_loss, stats = pairwise_reward_loss(c, r, margin=margin, center_coef=cfg.center_coef)
-        n = c.shape[0]  # the Trainer wants sums; it divides by the step's pair count
-        return mean_loss * n, {"accuracy": stats["accuracy"] * n, "margin": stats["reward_margin"] * n}
+        last_bins[:] = ev.pop("bins", [])
+        return ev
 
     trainer = Trainer(
         cfg,
@@ -144,31 +170,75 @@ def run(cfg: RewardConfig) -> dict:
         model,
         len(pairs),
         unit="pairs",
-        collate=lambda ix: collate_pairs([pairs[i] for i in ix], tok.pad_token_id),
-        count=lambda batch: batch["input_ids"].shape[0] // 2,
-        loss=loss,
+        collate=steps.collate,
+        count=lambda batch: batch["attention_mask"].shape[0] // 2,
+        loss=steps.loss,
         evaluate=evaluate if eval_pairs else None,
-        save_final=lambda m, out: save_model(m, tok, out, cfg.model, cfg.lora),
+        save_final=lambda m, out: save_rm(m, tok, out, cfg, heads),
     )
+    if cfg.cache_trunk and cfg.lora.num_layers_unfrozen >= 0:
+        steps.trunk = build_trunk(model, cfg, pairs + eval_pairs, tok.pad_token_id)
     summary = trainer.fit()
     summary["out_dir"] = str(trainer.out / "final")
-    if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins for the report's histogram
+    if eval_pairs and trainer.accelerator.is_main_process:  # per-pair margins and bins for the report
         from rlhfkit.runtime.io import atomic_write_json
 
-        if len(last_margins) != len(eval_pairs):  # several processes each hold a shard: score them all here
-            last_margins.clear()
-            evaluate_pairs(
-                trainer.accelerator.unwrap_model(trainer.model),
-                eval_pairs,
-                tok.pad_token_id,
-                cfg.eval_batch_size,
-                margins=last_margins,
-            )
         atomic_write_json(trainer.out / "eval_margins.json", last_margins)
+        atomic_write_json(trainer.out / "eval_length_bins.json", {"bins": last_bins})
     if "eval_accuracy" in summary:
-        print(
-            f"[rm] held-out accuracy {summary['eval_accuracy']:.3f} (ties {summary['eval_ties']:.3f}) "
-            f"on {summary['eval_pairs']} pairs, mean margin {summary['eval_margin']:.3f}; "
-            f"'the longer answer wins' scores {summary['eval_longer_wins']:.3f} on them"
-        )
+        print(eval_line("[rm] held-out", {k.removeprefix("eval_"): v for k, v in summary.items()}))
     return summary
+
+
+def save_rm(model, tok, out, cfg: RewardConfig, heads: list[str] | None) -> None:
+    """The model folder, and for several heads the file that names them (load_model and the scorers read it)."""
+    import json
+    from pathlib import Path
+
+    save_model(model, tok, out, cfg.model, cfg.lora)
+    if heads:
+        doc = {"heads": heads, "method": "ODIN (Chen et al. 2024); head 0 is the reward RL reads"}
+        (Path(out) / HEADS_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def build_trunk(model, cfg: RewardConfig, pairs: list[dict], pad_id: int):
+    """The frozen trunk with every pair's states attached, or None (said why) when it would not be exact."""
+    import time
+
+    trunk = FrozenTrunk(model, cfg.lora.num_layers_unfrozen)
+    reason = trunk.why_not_exact()
+    if reason:
+        print(f"[rm] cache_trunk: off ({reason}); every step runs the whole model")
+        return None
+    hidden = unwrap(model).config.get_text_config().hidden_size
+    n_tok = sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    gib = n_tok * hidden * torch.finfo(next(model.parameters()).dtype).bits / 8 / 2**30
+    if gib > cfg.cache_trunk_max_gib:
+        print(f"[rm] cache_trunk: off ({gib:.1f} GiB of states > cache_trunk_max_gib={cfg.cache_trunk_max_gib})")
+        return None
+    t0 = time.perf_counter()
+    attach_pair_states(trunk, pairs, pad_id, cfg.eval_batch_size)
+    gap = self_check(trunk, model, pairs, pad_id)
+    if gap > SELF_CHECK_TOL:  # the split misses something this architecture does: fall back, exactly
+        for p in pairs:
+            p.pop(STATES, None)
+        print(f"[rm] cache_trunk: off (cached scores differ from the model's by {gap:.1e}); whole model per step")
+        return None
+    print(
+        f"[rm] cache_trunk: {len(trunk.lower)} frozen blocks run once over {len(pairs)} pairs in "
+        f"{time.perf_counter() - t0:.1f}s ({gib:.2f} GiB kept); "
+        f"training runs the top {len(trunk.top)}"
+    )
+    return trunk
+
+
+def eval_line(what: str, ev: dict) -> str:
+    """One line of the numbers that matter: accuracy beside the length baselines."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    return (
+        f"{what}: accuracy {fmt(ev.get('accuracy'))} on {ev.get('pairs')} pairs (ties {fmt(ev.get('ties'))}, "
+        f"mean margin {fmt(ev.get('margin'))}); 'the longer answer wins' {fmt(ev.get('longer_wins'))}; "
+        f"length-matched accuracy {fmt(ev.get('matched_accuracy'))} on {ev.get('matched_pairs')} pairs; "
+        f"length-controlled {fmt(ev.get('length_controlled_accuracy'))}; agrees with the length rule on "
+        f"{fmt(ev.get('length_agreement'))}"
+    )

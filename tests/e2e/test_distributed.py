@@ -119,7 +119,10 @@ def test_rm_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_mo
     _assert_close(w1, _weights(tmp_path / "two", "adapter_model.safetensors"))
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), abs=1e-5)
     assert _losses(tmp_path / "one", "eval/accuracy") == _losses(tmp_path / "two", "eval/accuracy")
-    assert _losses(tmp_path / "one", "eval/longer_wins") == _losses(tmp_path / "two", "eval/longer_wins")
+    for key in ("eval/longer_wins", "eval/matched_accuracy", "eval/length_controlled_accuracy"):
+        assert _losses(tmp_path / "one", key) == pytest.approx(_losses(tmp_path / "two", key), abs=1e-12), key
+    b1, b2 = (json.loads((tmp_path / d / "eval_length_bins.json").read_text()) for d in ("one", "two"))
+    assert b1 == b2 and sum(b["pairs"] for b in b1["bins"]) > 0  # per-pair margins gathered from both ranks
     # rank 0 holds half of the held-out pairs: the margin file must still cover them all, in order
     m1, m2 = (json.loads((tmp_path / d / "eval_margins.json").read_text()) for d in ("one", "two"))
     assert len(m1) == len(m2) > 0 and max(abs(a - b) for a, b in zip(m1, m2)) <= 1e-5

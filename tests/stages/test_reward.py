@@ -71,6 +71,12 @@ def test_rm_learns_preference_rule_to_95_percent_held_out(trained_rm):
     margins = json.loads((out / "eval_margins.json").read_text())
     assert len(margins) == summary["eval_pairs"]
     assert sum(m > 0 for m in margins) / len(margins) == pytest.approx(summary["eval_accuracy"])
+    # the agreed schema of the length-aware numbers (the report renders them)
+    for k in ("longer_wins", "matched_accuracy", "matched_pairs", "length_agreement", "length_controlled_accuracy"):
+        assert evals[-1][f"eval/{k}"] == summary[f"eval_{k}"]
+    bins = json.loads((out / "eval_length_bins.json").read_text())["bins"]
+    assert sum(b["pairs"] for b in bins) == summary["eval_pairs"] and bins[-1]["hi"] is None
+    assert bins[0] == {**bins[0], "lo": 1.0, "hi": 1.25, "pairs": summary["eval_matched_pairs"]}
 
 
 def test_held_out_prompts_never_trained_on(pair_file):
@@ -344,4 +350,141 @@ def test_eval_reports_the_longer_answer_baseline(tiny_model_dir):
     pairs = encode_pairs(rows, fmt, 64)
     assert [len(p["chosen_ids"]) > len(p["rejected_ids"]) for p in pairs] == [True, True, True, False]
     stats = reward.evaluate_pairs(model, pairs, tok.pad_token_id, batch_size=3)  # uneven batches: 3 + 1
-    assert stats["longer_wins"] == 0.75 and stats["pairs"] == 4
+    assert stats["longer_wins"] == stats["longer_wins_seen"] == 0.75 and stats["pairs"] == 4
+
+
+def long_pairs() -> list[dict]:
+    """Hand-built pairs scored by the good/bad RM, lengths chosen so that the answers are known:
+    pairs 0-1 length-matched (ratios 1.125, 1.0), in 2-3 the rejected answer is longer (1.96x, 1.49x), and
+    every answer of pairs 2-3 is cut at 64 tokens, so on the tokens the RM sees neither side is longer."""
+    long = "tea water hot cold " * 12
+    return [
+        {"prompt": "how tea hot?", "chosen": "tea hot is good.", "rejected": "tea hot is so bad."},  # 16 vs 18
+        {"prompt": "how brew?", "chosen": "brew bean is good.", "rejected": "brew bean is bad.."},  # 18 vs 18
+        {"prompt": "why milk?", "chosen": long + "is good.", "rejected": long * 2 + "is bad."},
+        {"prompt": "why salt?", "chosen": long * 2 + "is good.", "rejected": long * 3 + "is bad."},
+    ]
+
+
+def test_rm_eval_worked_example_full_text_vs_truncated(trained_rm, tmp_path, capsys):
+    from rlhfkit.algorithms.preference_eval import length_aware_metrics
+    from rlhfkit.cli import main
+    from rlhfkit.rewards.scoring import RewardModelScorer
+
+    out, _ = trained_rm
+    rows = long_pairs()
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res_path = tmp_path / "res.json"
+    assert main(["rm-eval", str(out), str(src), f"out={res_path}", "batch_size=3"]) == 0  # the run folder: final/ used
+    printed = json.loads(capsys.readouterr().out.split("\n", 2)[-1])
+    res = json.loads(res_path.read_text())
+    assert printed["sources"] == res["sources"] and res["max_length"] == 64 and res["heads"] == ["reward"]
+    got = res["sources"][0]
+    assert got["pairs"] == 4 and got["answers_cut"] == 2
+    assert got["longer_wins"] == 0.0  # full text: the chosen answer is never the longer one
+    assert got["longer_wins_seen"] == 0.0 and got["matched_pairs"] == 2  # pairs 0, 1
+    # the same numbers from the scorer's own margins and lengths counted here by hand
+    scorer = RewardModelScorer(str(out / "final"))
+    ps = [r["prompt"] for r in rows]
+    m = [a - b for a, b in zip(scorer(ps, [r["chosen"] for r in rows]), scorer(ps, [r["rejected"] for r in rows]))]
+    want = length_aware_metrics(m, [len(r["chosen"]) for r in rows], [len(r["rejected"]) for r in rows])
+    assert got["matched_accuracy"] == want["matched_accuracy"] == sum(x > 0 for x in m[:2]) / 2
+    for k in ("accuracy", "length_agreement", "length_controlled_accuracy", "margin"):
+        assert got[k] == pytest.approx(want[k], abs=1e-5)
+    assert [b["pairs"] for b in got["bins"]] == [2, 1, 1, 0, 0]  # 236 vs 463 chars: 1.96; 464 vs 691: 1.49
+
+
+def test_rm_eval_bad_inputs_end_in_one_line(trained_rm, tiny_model_dir, tmp_path, capsys):
+    from rlhfkit.cli import main
+
+    out, _ = trained_rm
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps(long_pairs()[0]) + "\n")
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text("{}")
+    cases = [
+        (["rm-eval", str(tmp_path / "nope"), str(good)], 1, "no such reward-model folder"),
+        (["rm-eval", str(tiny_model_dir), str(good)], 1, "not a reward model"),
+        (["rm-eval", str(out)], 2, "usage: rlhfkit rm-eval RM_DIR PAIRS"),
+        (["rm-eval", str(out), str(tmp_path / "missing.jsonl")], 1, "missing.jsonl"),
+        (["rm-eval", str(out), str(good), f"out={theirs}"], 2, "was not written by rm-eval"),
+        (["rm-eval", str(out), str(good), "max_pairz=3"], 2, "max_pairz"),
+    ]
+    for argv, code, msg in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, (argv, err)
+    assert theirs.read_text() == "{}"
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_cached_trunk_trains_exactly_as_the_whole_model(tiny_model_dir, pair_file, tmp_path, lora, capsys):
+    """num_layers_unfrozen=1 of 2 blocks: the lower block runs once per pair, the top one every step;
+    the loss curve, held-out numbers and saved weights equal those of the uncached run (LoRA dropout
+    0.1 on in the top block, so the dropout masks must line up too)."""
+    from safetensors.torch import load_file
+
+    args = [f"lora.enabled={lora}", "lora.r=4", "lora.dropout=0.1", "lora.num_layers_unfrozen=1"]
+    args += ["train.max_steps=6", "train.eval_every=3", "data.max_eval_samples=24"]
+    runs = {}
+    for cache in ("true", "false"):
+        out = tmp_path / cache
+        reward.run(rm_cfg(tiny_model_dir, pair_file, out, *args, f"cache_trunk={cache}"))
+        runs[cache] = out
+    log = capsys.readouterr().out
+    assert "cache_trunk: 1 frozen blocks run once over" in log and "training runs the top 1" in log
+    la, lb = (read_jsonl(runs[c] / "metrics.jsonl") for c in ("true", "false"))
+    assert len(la) == len(lb) == 6 + 2
+    for a, b in zip(la, lb):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k.startswith(("loss", "accuracy", "margin", "grad_norm", "eval/")) and isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), k
+    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    wa, wb = (load_file(runs[c] / "final" / name) for c in ("true", "false"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
+    losses = [r["loss"] for r in la if "loss" in r]
+    assert len(set(losses)) == 6  # it trained: every step's loss differs
+
+
+def test_odin_rm_records_its_heads_and_scores_with_the_quality_head(tiny_model_dir, pair_file, tmp_path, capsys):
+    """An ODIN RM folder names its heads; the scorer PPO uses reads head 0 (quality) with no option,
+    the stage's held-out record and rm-eval report every head and their sum, with length correlations."""
+    from rlhfkit.cli import main
+    from rlhfkit.models.forward import sequence_scores
+    from rlhfkit.models.trunk import pad
+    from rlhfkit.rewards.scoring import load_scorer
+
+    out = tmp_path / "odin"
+    summary = reward.run(rm_cfg(tiny_model_dir, pair_file, out, "odin.enabled=true", "train.max_steps=8"))
+    final = out / "final"
+    assert json.loads((final / "reward_heads.json").read_text())["heads"] == ["quality", "length"]
+    for k in ("quality/accuracy", "length/accuracy", "sum/accuracy", "quality/length_corr", "length/length_corr"):
+        assert f"eval_{k}" in summary, k
+    assert summary["eval_accuracy"] == summary["eval_quality/accuracy"]  # the main numbers are the quality head's
+    train = [r for r in read_jsonl(out / "metrics.jsonl") if "quality_length_corr" in r]
+    assert len(train) == 8
+    scorer = load_scorer(str(final))
+    assert scorer.model.config.num_labels == 2
+    prompts, responses = ["how tea hot?"] * 2, ["tea hot is good.", "tea hot is bad and cold and slow."]
+    ids, mask = pad([scorer._encode(p, r) for p, r in zip(prompts, responses)], scorer.tok.pad_token_id)
+    with torch.no_grad():
+        both = sequence_scores(scorer.model, ids, mask, head=None)
+    assert both.shape == (2, 2)
+    assert scorer(prompts, responses) == pytest.approx(both[:, 0].tolist(), abs=1e-5)
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in long_pairs()))
+    capsys.readouterr()
+    assert main(["rm-eval", str(final), str(src), f"out={tmp_path / 'r.json'}"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["heads"] == ["quality", "length"]
+    got = res["sources"][0]
+    assert {"quality/matched_accuracy", "length/length_corr", "sum/accuracy"} <= got.keys()
+
+
+def test_cached_trunk_refuses_states_over_its_memory_cap(tiny_model_dir, pair_file, tmp_path, capsys):
+    args = ["lora.num_layers_unfrozen=1", "lora.r=4", "train.max_steps=1", "cache_trunk_max_gib=1e-9"]
+    reward.run(rm_cfg(tiny_model_dir, pair_file, tmp_path / "rm", *args))
+    assert "cache_trunk: off (0.0 GiB of states > cache_trunk_max_gib=1e-09)" in capsys.readouterr().out
