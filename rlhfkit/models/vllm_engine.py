@@ -1,6 +1,7 @@
 """Rollouts sampled by vLLM, colocated with the trainer (as OpenRLHF, verl and TRL's GRPO do).
 
-The engine loads the policy's base model once; `sync(policy)` pushes the current LoRA adapter
+The engine loads the policy's base weights once (saved from memory: an SFT adapter merged at load
+is in them); `sync(policy)` pushes the current LoRA adapter
 through vLLM's LoRA request API (reloaded in place), so vLLM samples from the policy being trained.
 Log-probs for the loss are always recomputed by the training model: vLLM only picks the tokens.
 Sampling is the policy's own distribution: the model's generation_config is ignored
@@ -34,13 +35,21 @@ def _vllm():
     return vllm
 
 
-def _base_path(policy) -> str:
+def _peft(policy):
+    """The peft model beneath DDP/DeepSpeed wrappers, or None when the policy has no adapter."""
+    while hasattr(policy, "module"):
+        policy = policy.module
+    return policy if hasattr(policy, "peft_config") and hasattr(policy, "get_base_model") else None
+
+
+def _save_base(policy, folder: str) -> None:
+    """The base weights as they are in memory (an SFT adapter merged at load is in them, not in any
+    folder on disk), without the LoRA layers: what vLLM loads, the adapter being pushed by sync()."""
     hf = unwrap(policy)
-    peft_cfg = getattr(hf, "peft_config", {}).get("default")
-    path = peft_cfg.base_model_name_or_path if peft_cfg is not None else hf.config._name_or_path
-    if not path or not Path(path).is_dir():
-        raise RlhfkitError(f"vLLM needs the policy's base model as a local folder; got {path!r}")
-    return path
+    if getattr(hf, "hf_quantizer", None) is not None:
+        raise RlhfkitError("generation.backend=vllm does not serve an 8-bit/4-bit base here; use backend=hf")
+    state = {k.replace(".base_layer", ""): v for k, v in hf.state_dict().items() if ".lora_" not in k}
+    hf.save_pretrained(folder, state_dict=state)
 
 
 class VLLMEngine:
@@ -53,11 +62,14 @@ class VLLMEngine:
 
         vllm = _vllm()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; vLLM's CPU default is 4
-        hf = unwrap(policy)
-        peft_cfg = getattr(hf, "peft_config", {}).get("default")
+        peft = _peft(policy)
+        peft_cfg = peft.peft_config["default"] if peft is not None else None
         self.tok, self.lora_request, self._dir = tok, None, tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-")
+        self._base, self._adapter = Path(self._dir.name) / "base", Path(self._dir.name) / "adapter"
+        _save_base(policy, str(self._base))
+        tok.save_pretrained(str(self._base))  # unused (token ids in and out) but vLLM looks for it
         self.llm = vllm.LLM(
-            model=_base_path(policy),
+            model=str(self._base),
             dtype=dtype,
             seed=seed,
             enforce_eager=True,
@@ -72,21 +84,27 @@ class VLLMEngine:
 
     def sync(self, policy) -> None:
         """Push the policy's current adapter (PPO: after every update). A policy without an adapter
-        is served as its base folder: train with LoRA to sync weights."""
-        hf = unwrap(policy)
-        if getattr(hf, "peft_config", None) is None:
+        is served with the weights it had when the engine was built (eval, feedback): train with LoRA."""
+        peft = _peft(policy)
+        if peft is None:
             return
         from vllm.lora.request import LoRARequest
 
-        hf.save_pretrained(self._dir.name, selected_adapters=["default"])
-        self.lora_request = LoRARequest("policy", 1, self._dir.name, load_inplace=True)
+        peft.save_pretrained(str(self._adapter), selected_adapters=["default"])
+        self.lora_request = LoRARequest("policy", 1, str(self._adapter), load_inplace=True)
 
     @torch.no_grad()
     def generate(
-        self, queries: list[list[int]], max_new_tokens: list[int], g: SamplingConfig, seed: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        queries: list[list[int]],
+        max_new_tokens: list[int],
+        g: SamplingConfig,
+        seed: int | None = None,
+        with_logprobs: bool = False,
+    ):
         """Sample responses: (response ids (B, R) right-padded, mask (B, R)), as generation.generate.
-        Each row stops at max_new_tokens or its first EOS (kept, like HF)."""
+        Each row stops at max_new_tokens or its first EOS (kept, like HF). with_logprobs: also vLLM's
+        log-prob of each sampled token (B, R) — for checks; training recomputes its own."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -102,6 +120,7 @@ class VLLMEngine:
                 stop_token_ids=[eos] if eos is not None else None,
                 seed=None if seed is None else seed + i,
                 detokenize=False,
+                logprobs=0 if with_logprobs else None,
             )
             for i, n in enumerate(max_new_tokens)
         ]
@@ -111,13 +130,21 @@ class VLLMEngine:
             lora_request=self.lora_request,
             use_tqdm=False,
         )
-        rows = []
+        rows, logps = [], []
         for out in outs:
             row = list(out.outputs[0].token_ids)
             if eos in row:
                 row = row[: row.index(eos) + 1]
             rows.append(row)
-        return right_pad(rows, self.tok.pad_token_id)
+            if with_logprobs:
+                logps.append([step[t].logprob for step, t in zip(out.outputs[0].logprobs, row)])
+        resp, mask = right_pad(rows, self.tok.pad_token_id)
+        if not with_logprobs:
+            return resp, mask
+        lp = torch.zeros(resp.shape)
+        for i, r in enumerate(logps):
+            lp[i, : len(r)] = torch.tensor(r)
+        return resp, mask, lp
 
 
 _ENGINES: dict[int, VLLMEngine] = {}  # one engine per policy object, built on first use
