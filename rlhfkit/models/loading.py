@@ -311,6 +311,7 @@ def load_model(
         kwargs["attn_implementation"] = cfg.attn_implementation
     if kind == "seq_cls":
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, **kwargs)
+        keep_head_fp32(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if model.config.pad_token_id is None:
@@ -364,6 +365,21 @@ def _apply_adapter(model, adapter: str, kind: str, keep: bool):
         config.task_type = None  # plain PeftModel: no generation wrapper around a classifier
     model = PeftModel.from_pretrained(model, adapter, is_trainable=keep, **({"config": config} if config else {}))
     return model if keep else model.merge_and_unload()
+
+
+def _fp32_input(module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def keep_head_fp32(model) -> None:
+    """A reward model's score head in fp32 whatever model.dtype: a bf16 scalar has ~3 significant
+    digits (margins between close responses round away) and bf16 weights drop small updates.
+    Its input is upcast; peft's trainable copy of the head (modules_to_save) inherits both."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is not None and any(p.dtype != torch.float32 for p in head.parameters()):
+            head.float()
+            head.register_forward_pre_hook(_fp32_input)
 
 
 def _layer_list(model) -> torch.nn.ModuleList:
