@@ -9,7 +9,8 @@ torchaudio and torchcodec wheels it pulls; docs/distributed.md). Checks, on a Lo
 2. KL at step 0 is 0: the trainer's policy and its adapter-off reference agree on those tokens;
 3. after a few optimizer steps, vLLM's log-probs of what it samples differ from the trained policy's
    until `sync(policy)`, and equal them after it (≤ 1e-4);
-4. timing: the same batch sampled by vLLM and by HF generate (tokens/s), HF also before vLLM started.
+4. timing: the same batch sampled by vLLM and by HF generate (tokens/s), HF also before vLLM started;
+5. generate(..., SamplingConfig(backend="vllm")) — the stages' path — dispatches to that engine.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main() -> None:
     from rlhfkit.models.forward import forward_logprobs
     from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
     from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
-    from rlhfkit.models.vllm_engine import VLLMEngine
+    from rlhfkit.models.vllm_engine import engine_for
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
@@ -48,7 +49,7 @@ def main() -> None:
     _, m_h0 = generate(policy, tok, queries, lengths, g, "cpu")  # HF alone, before vLLM's processes exist
     hf_alone = float(m_h0.sum()) / (time.perf_counter() - t0)
     t0 = time.perf_counter()
-    engine = VLLMEngine(policy, tok, max_model_len=512, seed=0)
+    engine = engine_for(policy, tok, longest=512)  # the engine generate(backend="vllm") uses
     out = {"machine": machine(), "model": args.model, "engine_start_s": round(time.perf_counter() - t0, 1)}
 
     # 1 + 2: vLLM's samples under the trainer, and the reference at step 0
@@ -96,8 +97,13 @@ def main() -> None:
     out["hf_new_tokens_per_s"] = round(float(m_h.sum()) / dt_h, 1)
     out["hf_new_tokens_per_s_before_vllm_started"] = round(hf_alone, 1)
     out["vllm_s"], out["hf_s"] = round(dt_v, 2), round(dt_h, 2)
+    # 5: the stages' path: generate() with backend=vllm dispatches to the same engine, synced
+    r_d, m_d = generate(policy, tok, queries, lengths, SamplingConfig(backend="vllm"), "cpu")
+    out["dispatch_rows"], out["dispatch_tokens"] = int(r_d.shape[0]), int(m_d.sum())
     out["checks_pass"] = (
-        out["max_abs_logprob_diff_vllm_vs_trainer"] <= 1e-4
+        out["dispatch_rows"] == len(queries)
+        and out["dispatch_tokens"] > 0
+        and out["max_abs_logprob_diff_vllm_vs_trainer"] <= 1e-4
         and out["kl_step0"] == 0.0
         and out["max_abs_diff_after_sync"] <= 1e-4
         and out["max_abs_diff_before_sync"] > 1e-3

@@ -146,7 +146,7 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
 
         longest = max(map(len, queries)) + max(max(lengths), cache_len)
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the seeded torch RNG: reproducible runs
-        return engine_for(policy, tok, max_model_len=-(-longest // 256) * 256).generate(queries, lengths, g, seed)
+        return engine_for(policy, tok, longest).generate(queries, lengths, g, seed)
     was_training = policy.training
     policy.eval()
     chunk = g.batch_size or len(queries)

@@ -64,6 +64,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; vLLM's CPU default is 4
         peft = _peft(policy)
         peft_cfg = peft.peft_config["default"] if peft is not None else None
+        self.max_model_len = max_model_len
         self.tok, self.lora_request, self._dir = tok, None, tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-")
         self._base, self._adapter = Path(self._dir.name) / "base", Path(self._dir.name) / "adapter"
         _save_base(policy, str(self._base))
@@ -150,12 +151,16 @@ class VLLMEngine:
 _ENGINES: dict[int, VLLMEngine] = {}  # one engine per policy object, built on first use
 
 
-def engine_for(policy, tok, max_model_len: int, seed: int = 0) -> VLLMEngine:
-    """The policy's engine (built once), synced to its current adapter."""
+def engine_for(policy, tok, longest: int, seed: int = 0) -> VLLMEngine:
+    """The policy's engine (built once, with room for 2048 tokens or the model's limit), synced to
+    its current adapter. `longest`: query + response length this call needs."""
     key = id(unwrap(policy))
     engine = _ENGINES.get(key)
     if engine is None:
-        engine = _ENGINES[key] = VLLMEngine(policy, tok, max_model_len=max_model_len, seed=seed)
+        limit = getattr(unwrap(policy).config.get_text_config(), "max_position_embeddings", None) or longest
+        engine = _ENGINES[key] = VLLMEngine(policy, tok, max_model_len=min(max(longest, 2048), limit), seed=seed)
     else:
         engine.sync(policy)
+    if longest > engine.max_model_len:
+        raise RlhfkitError(f"vLLM engine holds {engine.max_model_len} tokens per sequence; this batch needs {longest}")
     return engine
