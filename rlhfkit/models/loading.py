@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,9 +44,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weight dtype. Keep float32 on CPUs without native bf16, where bf16 is emulated and much slower."""
     load_in_8bit: bool = False
-    """Load the base weights in 8-bit (bitsandbytes, CUDA only); train a LoRA adapter on top."""
+    """Load the base weights in 8-bit (bitsandbytes: CUDA, or the CPU with bitsandbytes ≥ 0.48); train a
+    LoRA adapter on top."""
     load_in_4bit: bool = False
-    """Load the base weights in 4-bit NF4 (bitsandbytes, CUDA only; QLoRA)."""
+    """Load the base weights in 4-bit NF4 (bitsandbytes: CUDA, or the CPU with bitsandbytes ≥ 0.48; QLoRA)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less activation memory for more compute."""
     attn_implementation: str | None = None
@@ -232,30 +234,72 @@ def _dtype(cfg: ModelConfig) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 
 
+BNB_MIN_CPU = (0, 48)  # bitsandbytes' first release with a CPU backend for 8-bit/4-bit layers
+
+
+def quant_device() -> str:
+    """Where bitsandbytes layers live: the CUDA GPU when there is one, else the CPU, whose backend
+    bitsandbytes ships since 0.48 (checked on a 2-core AMD EPYC, AVX2: docs/distributed.md)."""
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
+def _bitsandbytes(device: str):
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise RlhfkitError(
+            "8-bit/4-bit loading needs bitsandbytes: pip install 'rlhfkit[quant]' "
+            "(or set model.load_in_8bit=false and model.load_in_4bit=false)"
+        ) from exc
+    version = tuple(int(x) for x in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if device == "cpu" and version < BNB_MIN_CPU:
+        raise RlhfkitError(
+            f"bitsandbytes {bitsandbytes.__version__} has no CPU backend (≥ 0.48 has): "
+            "pip install -U 'rlhfkit[quant]', or load in full precision"
+        )
+    return bitsandbytes
+
+
+class _Once(logging.Filter):
+    """Let each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = record.msg not in self.seen
+        self.seen.add(record.msg)
+        return new
+
+
+def _warn_once(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once())
+
+
 def _quantization_kwargs(cfg: ModelConfig) -> dict:
     if not (cfg.load_in_8bit or cfg.load_in_4bit):
         return {}
     if cfg.load_in_8bit and cfg.load_in_4bit:
         raise RlhfkitError("choose one of model.load_in_8bit and model.load_in_4bit")
-    if not torch.cuda.is_available():
-        raise RlhfkitError(
-            "8-bit/4-bit loading needs a CUDA GPU (bitsandbytes); none is available here. "
-            "Set model.load_in_8bit=false and model.load_in_4bit=false to train in full precision."
-        )
-    try:
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:  # pragma: no cover
-        raise RlhfkitError("install bitsandbytes: pip install 'rlhfkit[gpu]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    device = quant_device()
+    _bitsandbytes(device)
     if cfg.load_in_8bit:
         q = BitsAndBytesConfig(load_in_8bit=True)
+        _warn_once(logging.getLogger("bitsandbytes.autograd._functions"))  # it logs the fp16 cast every matmul
     else:
+        # QLoRA's NF4 + double quantization; compute in bf16 on CUDA, in model.dtype on the CPU
+        # (bf16 is emulated on CPUs without AVX-512 BF16 and ≥ 6× slower)
         q = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device != "cpu" else _dtype(cfg),
             bnb_4bit_use_double_quant=True,
         )
-    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
+    return {"quantization_config": q, "device_map": {"": device}}
 
 
 def load_model(
@@ -290,6 +334,7 @@ def load_model(
         # Score outputs: as the folder records them (a trained multi-head RM), else as asked, else 1.
         n = len(reward_heads(path)) if (Path(path) / HEADS_FILE).is_file() else (num_labels or 1)
         model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=n, **kwargs)
+        keep_head_fp32(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if model.config.pad_token_id is None:
@@ -343,6 +388,21 @@ def _apply_adapter(model, adapter: str, kind: str, keep: bool):
         config.task_type = None  # plain PeftModel: no generation wrapper around a classifier
     model = PeftModel.from_pretrained(model, adapter, is_trainable=keep, **({"config": config} if config else {}))
     return model if keep else model.merge_and_unload()
+
+
+def _fp32_input(module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def keep_head_fp32(model) -> None:
+    """A reward model's score head in fp32 whatever model.dtype: a bf16 scalar has ~3 significant
+    digits (margins between close responses round away) and bf16 weights drop small updates.
+    Its input is upcast; peft's trainable copy of the head (modules_to_save) inherits both."""
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if head is not None and any(p.dtype != torch.float32 for p in head.parameters()):
+            head.float()
+            head.register_forward_pre_hook(_fp32_input)
 
 
 def layer_list(model) -> torch.nn.ModuleList:

@@ -110,17 +110,30 @@ def write_shared_files(folder: Path, model, optimizer, scheduler, state: dict) -
     from safetensors.torch import save_file
 
     save_file(trainable_state(model), str(folder / TRAINABLE))
-    _save_state(optimizer.state_dict(), folder, OPTIM)
+    if optimizer is not None:  # None: sharded (ZeRO), each rank writes its own (write_rank_optimizer)
+        _save_state(optimizer.state_dict(), folder, OPTIM)
     if scheduler is not None:
         (folder / SCHED).write_text(json.dumps(_encode(scheduler.state_dict(), "sched", {})))
     (folder / STATE).write_text(json.dumps(state))
+
+
+def write_rank_optimizer(folder: Path, rank: int, state: dict) -> None:
+    """A sharded optimizer's state (DeepSpeed ZeRO: this rank's fp32 shard and its moments)."""
+    _save_state(state, folder, f"{OPTIM}-{rank}")
+
+
+def load_rank_optimizer(folder: Path, rank: int) -> dict:
+    if not (folder / f"{OPTIM}-{rank}.json").is_file():
+        raise RlhfkitError(f"{folder / f'{OPTIM}-{rank}.json'} is missing: no optimizer shard for rank {rank}")
+    return _load_state(folder, f"{OPTIM}-{rank}")
 
 
 def check(folder: Path) -> str | None:
     """None if the checkpoint at `folder` is complete and readable, else what is wrong (naming the file)."""
     from safetensors import safe_open
 
-    for name in [TRAINABLE, f"{OPTIM}.safetensors", f"{OPTIM}.json", STATE, SCHED]:
+    optim = OPTIM if (folder / f"{OPTIM}.json").exists() or not (folder / f"{OPTIM}-0.json").exists() else f"{OPTIM}-0"
+    for name in [TRAINABLE, f"{optim}.safetensors", f"{optim}.json", STATE, SCHED]:
         path = folder / name
         if not path.is_file():
             if name == SCHED:  # optional: only stages with a scheduler write it (load() insists when needed)
@@ -155,7 +168,8 @@ def load(folder: Path, model, optimizer, scheduler, rank: int) -> dict:
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)
-    optimizer.load_state_dict(_load_state(folder, OPTIM))
+    if optimizer is not None:  # None: sharded, see load_rank_optimizer
+        optimizer.load_state_dict(_load_state(folder, OPTIM))
     if scheduler is not None:
         if not (folder / SCHED).is_file():
             raise RlhfkitError(f"{folder / SCHED} is missing: the checkpoint has no LR scheduler state")

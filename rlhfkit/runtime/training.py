@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from rlhfkit.runtime import checkpoint
+from rlhfkit.runtime import checkpoint, engines
 from rlhfkit.runtime.config import read_yaml, save_config, to_dict
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import (
@@ -156,14 +156,16 @@ class StageRun:
         # MULTI_CPU over gloo instead of as unrelated single processes.
         from accelerate.utils import DistributedDataParallelKwargs
 
+        engine_kwargs = engines.accelerator_kwargs()  # DDP here; DeepSpeed when accelerate launch asks
+
         # broadcast_buffers=False: buffers here are constants (RoPE inv_freq), and a broadcast in
         # every forward deadlocks when ranks run different numbers of forwards (packed sub-batches).
         self.accelerator = Accelerator(
             log_with=self.report_to or None,
             project_dir=str(self.out / "trackers"),
-            cpu=not torch.cuda.is_available(),
             mixed_precision="no",
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            cpu=engine_kwargs["cpu"],
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), *engine_kwargs["kwargs_handlers"]],
         )
         set_seed(cfg.train.seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
         self.metrics_path = self.out / "metrics.jsonl"
@@ -242,14 +244,18 @@ class StageRun:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         checkpoint.write_rank_files(tmp, acc.process_index)
-        if acc.is_main_process:
-            checkpoint.write_shared_files(
-                tmp,
-                acc.unwrap_model(self.model),
-                self.optimizer,
-                self.scheduler,
-                {"step": self.step, "stage": self.stage, "processes": acc.num_processes, **(extra or {})},
-            )
+        zero = engines.zero_optimizer_state(self.model)
+        if zero is not None:
+            checkpoint.write_rank_optimizer(tmp, acc.process_index, zero)
+        with engines.gathered(self.model):
+            if acc.is_main_process:
+                checkpoint.write_shared_files(
+                    tmp,
+                    acc.unwrap_model(self.model),
+                    None if zero is not None else self.optimizer,
+                    self.scheduler,
+                    {"step": self.step, "stage": self.stage, "processes": acc.num_processes, **(extra or {})},
+                )
         acc.wait_for_everyone()
         if acc.is_main_process:
             fsync_tree(tmp)
@@ -265,9 +271,24 @@ class StageRun:
         if self.resume_from is None:
             return None
         acc = self.accelerator
-        state = checkpoint.load(
-            self.resume_from, acc.unwrap_model(self.model), self.optimizer, self.scheduler, acc.process_index
-        )
+        zero = engines.zero_stage(self.model)
+        with engines.gathered(self.model, modify=True):
+            state = checkpoint.load(
+                self.resume_from,
+                acc.unwrap_model(self.model),
+                None if zero else self.optimizer,
+                self.scheduler,
+                acc.process_index,
+            )
+        if zero:  # ZeRO shards optimizer state by rank: only the same process count resumes it
+            if state.get("processes") != acc.num_processes:
+                raise RlhfkitError(
+                    f"--resume: {self.resume_from} was written by {state.get('processes')} DeepSpeed processes; "
+                    f"resume it with the same count (now {acc.num_processes})"
+                )
+            engines.load_zero_optimizer_state(
+                self.model, checkpoint.load_rank_optimizer(self.resume_from, acc.process_index)
+            )
         self.step = int(state["step"])
         if acc.is_main_process:
             # Records past the checkpoint came from the interrupted run: they will be redone.
@@ -295,11 +316,12 @@ class StageRun:
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.out / FINAL_DIR
-        if acc.is_main_process:
-            with atomic_dir(final, overwrite=True) as tmp:
-                save_fn(tmp)
-                save_config(self.cfg, tmp / "config.yaml")
-                self._write_card(tmp)
+        with engines.gathered(self.model):
+            if acc.is_main_process:
+                with atomic_dir(final, overwrite=True) as tmp:
+                    save_fn(tmp)
+                    save_config(self.cfg, tmp / "config.yaml")
+                    self._write_card(tmp)
         acc.wait_for_everyone()
         return final
 
@@ -354,6 +376,8 @@ class Trainer(StageRun):
 
         # Not passed to prepare(): accelerate would step it once per process per optimizer step.
         self.scheduler = get_scheduler(self.tc.lr_scheduler, optimizer, self.tc.warmup_steps, self.total_steps)
+        if engines.engine() == "deepspeed":
+            engines.configure_deepspeed(acc, self.tc.batch_size, self.tc.grad_accum, self.tc.max_grad_norm)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
@@ -361,7 +385,7 @@ class Trainer(StageRun):
             print(
                 f"[{stage}] global batch = {self.tc.batch_size} per process × {acc.num_processes} processes × "
                 f"{self.tc.grad_accum} grad_accum = {self.plan.global_batch}; {self.total_steps} steps "
-                f"({self.plan.steps_per_epoch} per epoch of {n_items} items)"
+                f"({self.plan.steps_per_epoch} per epoch of {n_items} items); engine: {engines.describe(self.model)}"
             )
 
     # ---------------------------------------------------------------- steps

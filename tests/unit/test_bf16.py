@@ -1,0 +1,58 @@
+"""bf16 end to end on a tiny model: bf16 weights, but log-probs, values, reward scores, the LoRA
+weights and every loss in fp32 (a bf16 scalar keeps ~3 significant digits)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.algorithms.losses import pairwise_reward_loss
+from rlhfkit.algorithms.rl import value_loss
+from rlhfkit.models.forward import forward_logprobs, sequence_scores
+from rlhfkit.models.generation import pad_left
+from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from tests.conftest import make_corpus
+
+
+def _batch(tok, n=4):
+    rows = [tok(f"Question: {r['prompt']}\n\nAnswer: {r['response']}")["input_ids"] for r in make_corpus(n, seed=2)]
+    return pad_left(rows, tok.pad_token_id)
+
+
+def test_reward_model_in_bf16_scores_and_trains_its_head_in_fp32(tiny_model_dir):
+    model, tok = load_model(
+        ModelConfig(name=str(tiny_model_dir), dtype="bfloat16"), LoraConfig(r=4, dropout=0.0), kind="seq_cls"
+    )
+    hf = model.get_base_model()
+    assert hf.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the body really is bf16
+    heads = [p for n, p in model.named_parameters() if "score" in n]
+    assert heads and all(p.dtype == torch.float32 for p in heads)  # both the frozen and the trained copy
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    ids, mask = _batch(tok)
+    scores = sequence_scores(model, ids, mask)
+    assert scores.dtype == torch.float32
+    loss, _ = pairwise_reward_loss(scores[:2], scores[2:])
+    assert loss.dtype == torch.float32
+    loss.backward()
+    trained = [p for n, p in model.named_parameters() if p.requires_grad and "score" in n]
+    assert trained and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+
+
+def test_policy_in_bf16_gives_fp32_logprobs_values_and_kl_zero_at_step_0(tiny_model_dir):
+    from rlhfkit.stages.ppo import PolicyWithValue
+
+    policy, tok = load_model(
+        ModelConfig(name=str(tiny_model_dir), dtype="bfloat16"),
+        LoraConfig(r=4, dropout=0.0, target_modules=["all-linear"]),
+    )
+    model = PolicyWithValue(policy, "disable_adapter")
+    assert policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.v_head.parameters())
+    ids, mask = _batch(tok)
+    out = model(ids, mask)
+    assert out["logprobs"].dtype == torch.float32 and out["values"].dtype == torch.float32
+    with torch.no_grad(), model.as_reference() as ref:
+        ref_logprobs = forward_logprobs(ref, ids, mask)["logprobs"]
+    assert torch.equal(out["logprobs"].detach(), ref_logprobs)  # KL(step 0) = 0 in bf16 too
+    m = mask[:, 1:].float()
+    vf, _ = value_loss(out["values"], out["values"].detach(), torch.zeros_like(m), m, 0.2)
+    assert vf.dtype == torch.float32
