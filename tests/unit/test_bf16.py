@@ -38,7 +38,7 @@ def test_reward_model_in_bf16_scores_and_trains_its_head_in_fp32(tiny_model_dir)
 
 
 def test_policy_in_bf16_gives_fp32_logprobs_values_and_kl_zero_at_step_0(tiny_model_dir):
-    from rlhfkit.stages.ppo import PolicyWithValue
+    from rlhfkit.models.policy import PolicyWithValue
 
     policy, tok = load_model(
         ModelConfig(name=str(tiny_model_dir), dtype="bfloat16"),
