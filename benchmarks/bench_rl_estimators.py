@@ -36,6 +36,7 @@ from _common import REPO, shared_data
 
 CSV = shared_data("imdb", "imdb_sample.csv")
 CONFIGS = ("rlhfkit:ppo", "rlhfkit:rloo", "rlhfkit:grpo", "trl:rloo", "trl:grpo")
+# rlhfkit-compile:ALGO = the same with generation.compile=true (static KV cache + torch.compile decode step)
 BETA = {"ppo": 0.05, "rloo": 0.05, "grpo": 0.04}
 K = 4
 
@@ -56,7 +57,7 @@ def distinct_words(prompts=None, responses=None, completions=None, **_) -> list[
     return [len(set(t.split())) / 10 for t in texts]
 
 
-def worker_rlhfkit(algo: str, a) -> list[float]:
+def worker_rlhfkit(algo: str, a, compile_generation: bool = False) -> list[float]:
     from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import ppo
 
@@ -75,6 +76,7 @@ def worker_rlhfkit(algo: str, a) -> list[float]:
             "response_max": a.length,
             "min_new_tokens": a.length,
             "accept_kl_bias": True,
+            "compile": compile_generation,
         },
         "ppo": {"mini_batch_size": 8, "ppo_epochs": 1, "init_kl_coef": BETA[algo], "adaptive_kl": False},
     }
@@ -143,7 +145,10 @@ def child(a) -> int:
 
     torch.set_num_threads(a.threads)
     framework, algo = a.worker.split(":")
-    walls = (worker_rlhfkit if framework == "rlhfkit" else worker_trl)(algo, a)
+    if framework == "trl":
+        walls = worker_trl(algo, a)
+    else:
+        walls = worker_rlhfkit(algo, a, compile_generation=framework == "rlhfkit-compile")
     tokens = 8 * a.length  # response tokens per step (prompt tokens are the same for every config)
     out = {
         "config": a.worker,
@@ -185,9 +190,10 @@ def main() -> int:
             results[config] = json.loads(res.read_text())
             print(json.dumps(results[config]), flush=True)
     ratios = {
-        algo: results[f"trl:{algo}"]["s_per_step"] / results[f"rlhfkit:{algo}"]["s_per_step"]
+        f"{fw}:{algo}": results[f"trl:{algo}"]["s_per_step"] / results[f"{fw}:{algo}"]["s_per_step"]
+        for fw in ("rlhfkit", "rlhfkit-compile")
         for algo in ("rloo", "grpo")
-        if f"trl:{algo}" in results and f"rlhfkit:{algo}" in results
+        if f"trl:{algo}" in results and f"{fw}:{algo}" in results
     }
     summary = {"speedup_vs_trl": ratios, "cpu": platform.processor() or platform.machine(), "args": vars(a)}
     if "rlhfkit:ppo" in results:
