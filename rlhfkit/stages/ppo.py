@@ -484,6 +484,7 @@ class RLTrainer(StageRun):
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
         B, R, mb = len(ro.prompts), ro.response_mask.shape[1], p.mini_batch_size
         stats: dict[str, list[float]] = {"skipped_minibatches": [0.0]}
+        stop = False
         self.model.train()
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
@@ -510,12 +511,13 @@ class RLTrainer(StageRun):
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 stats["skipped_minibatches"][0] += skipped
-                if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
+                stop = p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl
+                if stop:
                     break
-            if ro.kl is None:
-                self._token_kl(ro)
-            if p.early_stop_kl > 0 and stats["approxkl"][-1] > p.early_stop_kl:
+            if stop:
                 break
+        if ro.kl is None:  # deferred old log-probs: every row was filled by the forwards above
+            self._token_kl(ro)
         return stats
 
     @torch.no_grad()
