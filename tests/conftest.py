@@ -84,8 +84,8 @@ def build_tiny_tokenizer(out: Path) -> Path:
     return out
 
 
-def build_tiny_model(out: Path, tokenizer_dir: Path) -> Path:
-    """A randomly initialised 2-layer Llama (hidden 64) saved like any HF model folder."""
+def build_tiny_model(out: Path, tokenizer_dir: Path, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 64, head_dim 64 / heads) saved like any HF model folder."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -96,8 +96,8 @@ def build_tiny_model(out: Path, tokenizer_dir: Path) -> Path:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
@@ -135,13 +135,11 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
-    """The tiny model after a short full SFT on make_corpus: answers end in 'is good.' / 'is bad.'."""
+def sft_tiny(base: Path, model_dir: Path) -> Path:
+    """`model_dir` after a short full SFT on make_corpus: answers end in 'is good.' / 'is bad.'."""
     from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import sft
 
-    base = tmp_path_factory.mktemp("tiny_sft")
     corpus = base / "c.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(240, seed=1)))
     sft.run(
@@ -149,7 +147,7 @@ def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
             sft.SFTConfig,
             overrides={
                 "out_dir": str(base / "run"),
-                "model": {"name": str(tiny_model_dir)},
+                "model": {"name": str(model_dir)},
                 "lora": {"enabled": False},
                 "data": {"path": str(corpus), "seq_len": 64},
                 "train": {"max_steps": 60, "lr": 1e-2, "batch_size": 8},
@@ -157,3 +155,9 @@ def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
         )
     )
     return base / "run" / "final"
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model after a short full SFT on make_corpus: answers end in 'is good.' / 'is bad.'."""
+    return sft_tiny(tmp_path_factory.mktemp("tiny_sft"), tiny_model_dir)

@@ -1,6 +1,8 @@
 """Run PPO with rollouts fed in (deterministic per prompt), for the 1- vs 2-process equality test.
 
-torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO]
+torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO[,ALGO…]]
+
+Each algo runs into OUT_DIR/ALGO, one after the other in the same processes (one launch for all).
 """
 
 import sys
@@ -29,20 +31,26 @@ def score(prompts, responses):
 
 if __name__ == "__main__":
     model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    algo = sys.argv[4] if len(sys.argv) > 4 else "ppo"
+    algos = (sys.argv[4] if len(sys.argv) > 4 else "ppo").split(",")
     ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
-    ppo.train(
-        reward_fn=score,
-        prompts=prompts,
-        eval_prompts=[],
-        config={
-            "out_dir": out,
-            "algo": algo,
-            "overwrite": True,
-            "model": {"name": model_dir},
-            "lora": {"r": 4, "target_modules": ["all-linear"]},
-            "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
-            "ppo": {"mini_batch_size": local_batch, "ppo_epochs": 2, "score_norm": "normalize", "adaptive_kl": True},
-        },
-    )
+    for algo in algos:
+        ppo.train(
+            reward_fn=score,
+            prompts=prompts,
+            eval_prompts=[],
+            config={
+                "out_dir": f"{out}/{algo}",
+                "algo": algo,
+                "overwrite": True,
+                "model": {"name": model_dir},
+                "lora": {"r": 4, "target_modules": ["all-linear"]},
+                "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
+                "ppo": {
+                    "mini_batch_size": local_batch,
+                    "ppo_epochs": 2,
+                    "score_norm": "normalize",
+                    "adaptive_kl": True,
+                },
+            },
+        )

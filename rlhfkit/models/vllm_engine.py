@@ -147,18 +147,28 @@ class VLLMEngine:
             lp[i, : len(r)] = torch.tensor(r)
         return resp, mask, lp
 
-
-_ENGINES: dict[int, VLLMEngine] = {}  # one engine per policy object, built on first use
+    def close(self) -> None:
+        """Stop the engine's worker processes (also called when the policy is garbage-collected)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self._dir.cleanup()
 
 
 def engine_for(policy, tok, longest: int, seed: int = 0) -> VLLMEngine:
-    """The policy's engine (built once, with room for 2048 tokens or the model's limit), synced to
-    its current adapter. `longest`: query + response length this call needs."""
-    key = id(unwrap(policy))
-    engine = _ENGINES.get(key)
+    """The policy's engine (built on first use, with room for 2048 tokens or the model's limit), synced
+    to its current adapter. `longest`: query + response length this call needs. The engine lives on
+    the model object (not in a table keyed by id(), which a later model may reuse) and stops with it."""
+    import weakref
+
+    hf = unwrap(policy)
+    engine = hf.__dict__.get("rlhfkit_vllm_engine")
     if engine is None:
-        limit = getattr(unwrap(policy).config.get_text_config(), "max_position_embeddings", None) or longest
-        engine = _ENGINES[key] = VLLMEngine(policy, tok, max_model_len=min(max(longest, 2048), limit), seed=seed)
+        limit = getattr(hf.config.get_text_config(), "max_position_embeddings", None) or longest
+        engine = VLLMEngine(policy, tok, max_model_len=min(max(longest, 2048), limit), seed=seed)
+        hf.__dict__["rlhfkit_vllm_engine"] = engine
+        # at exit vLLM's own handlers stop it; ours would log into pytest's closed streams
+        weakref.finalize(hf, engine.close).atexit = False
     else:
         engine.sync(policy)
     if longest > engine.max_model_len:

@@ -44,6 +44,7 @@ from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfi
 
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
 GROUP_ALGOS = ("rloo", "grpo", "reinforce_pp_baseline")
+KL_IN_REWARD = ("rloo", "reinforce_pp", "reinforce_pp_baseline")  # the estimators whose advantages hold β·KL
 
 
 @dataclass
@@ -423,11 +424,14 @@ class RLTrainer(StageRun):
         self._token_kl(ro, old.get("logits"), ref.get("logits"))
 
     def _old_is_current(self) -> bool:
-        """grpo whose whole batch is one optimizer step (1 epoch): the rollout policy is the one every
-        mini-batch's forward sees, so its log-probs come from that forward (TRL's GRPOTrainer does too)."""
+        """The whole batch is one optimizer step (1 epoch): the rollout policy is the one every mini-batch's
+        forward sees, so its log-probs come from that forward (TRL's GRPO/RLOO trainers do too). With KL in
+        the reward (rloo, reinforce_pp) the advantages need every row first: one mini-batch only."""
         cfg, p = self.cfg, self.cfg.ppo
         one_step = p.ppo_epochs == 1 and p.mini_batch_size * cfg.train.grad_accum >= cfg.train.batch_size
-        return cfg.algo == "grpo" and one_step and p.kl_estimator != "full"
+        if p.kl_estimator == "full" or not one_step:
+            return False
+        return cfg.algo == "grpo" or (cfg.algo in KL_IN_REWARD and cfg.train.grad_accum == 1)
 
     def _token_kl(self, ro: Rollout, logits=None, ref_logits=None) -> None:
         kl = rl.kl_penalty(ro.logprobs, ro.ref_logprobs, self.cfg.ppo.kl_estimator, logits, ref_logits)
@@ -437,6 +441,8 @@ class RLTrainer(StageRun):
     def advantages(self, ro: Rollout) -> None:
         """4. The estimator (`algo`)."""
         cfg, p, k = self.cfg, self.cfg.ppo, self.k
+        if ro.kl is None and cfg.algo in KL_IN_REWARD:  # deferred old log-probs: update() calls this
+            return
         all_reduce = self.sum_across if self.accelerator.num_processes > 1 else None
         m, beta = ro.response_mask, self.kl_ctl.value
         if cfg.algo == "rloo":  # KL in the sequence reward (Ahmadian et al. 2024; TRL RLOOTrainer)
@@ -497,6 +503,9 @@ class RLTrainer(StageRun):
                         out = self.model(ro.input_ids[idx], ro.attention_mask[idx], return_logits=True, keep=R)
                         if ro.kl is None:  # deferred old log-probs (logprobs phase): this forward's own
                             ro.logprobs[idx] = out["logprobs"].detach()
+                            if ro.advantages is None:  # KL in the reward: this forward holds every row
+                                self._token_kl(ro)
+                                self.advantages(ro)
                         loss, local = self.loss(ro, idx, out)
                         logged = self._global_stats(ro, idx, out, local)
                         if logged["ratio"] > p.ratio_threshold:  # decided on global numbers: every rank agrees

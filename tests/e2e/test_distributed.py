@@ -140,33 +140,24 @@ def test_rm_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_mo
         assert _losses(tmp_path / "one") == pytest.approx(_losses(out), abs=1e-5)
 
 
-def test_ppo_two_processes_equal_one_with_fed_rollouts(tiny_sft_dir, tmp_path):
-    worker = str(REPO / "tests" / "ddp_ppo_worker.py")
-    one = launch(1, worker, str(tiny_sft_dir), str(tmp_path / "one"), "8")
-    two = launch(2, worker, str(tiny_sft_dir), str(tmp_path / "two"), "4")
+def test_rl_two_processes_equal_one_with_fed_rollouts(tiny_sft_dir, tmp_path):
+    """PPO (value head, whitening, adaptive KL), GRPO (groups of k=4 whole on each rank, per-group
+    advantages) and REINFORCE++-baseline (global whitening, cross-rank loss denominators) give the same
+    run on 2 processes as on 1. All three estimators share one launch per process count."""
+    worker, algos = str(REPO / "tests" / "ddp_ppo_worker.py"), ("ppo", "grpo", "reinforce_pp_baseline")
+    one = launch(1, worker, str(tiny_sft_dir), str(tmp_path / "one"), "8", ",".join(algos))
+    two = launch(2, worker, str(tiny_sft_dir), str(tmp_path / "two"), "4", ",".join(algos))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-3000:], two.stderr[-3000:])
-    for f in ("adapter_model.safetensors", "value_head.safetensors"):
-        _assert_close(_weights(tmp_path / "one", f), _weights(tmp_path / "two", f))
-    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "approxkl", "explained_variance")
-    ra = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "score" in r]
-    rb = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "score" in r]
-    assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
-
-
-@pytest.mark.parametrize("algo", ["grpo", "reinforce_pp_baseline"])
-def test_critic_free_two_processes_equal_one(tiny_sft_dir, tmp_path, algo):
-    """Groups of k=4 whole on each rank; GRPO's per-group advantages and REINFORCE++'s global whitening
-    and cross-rank loss denominators give the same run on 2 processes as on 1."""
-    worker = str(REPO / "tests" / "ddp_ppo_worker.py")
-    one = launch(1, worker, str(tiny_sft_dir), str(tmp_path / "one"), "8", algo)
-    two = launch(2, worker, str(tiny_sft_dir), str(tmp_path / "two"), "4", algo)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-3000:], two.stderr[-3000:])
-    _assert_close(
-        _weights(tmp_path / "one", "adapter_model.safetensors"), _weights(tmp_path / "two", "adapter_model.safetensors")
-    )
-    assert not (tmp_path / "one" / "final" / "value_head.safetensors").exists()
-    keys = ("score", "kl", "kl_coef", "pg_loss", "approxkl", "clipfrac")
-    ra = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "score" in r]
-    rb = [[r[k] for k in keys] for r in read_jsonl(tmp_path / "two" / "metrics.jsonl") if "score" in r]
-    assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
-    assert any(abs(r[3]) > 1e-6 for r in ra)  # a real policy loss, not zero advantages everywhere
+    for algo in algos:
+        a, b = tmp_path / "one" / algo, tmp_path / "two" / algo
+        _assert_close(_weights(a, "adapter_model.safetensors"), _weights(b, "adapter_model.safetensors"))
+        keys = ["score", "kl", "kl_coef", "pg_loss", "approxkl", "clipfrac"]
+        if algo == "ppo":
+            _assert_close(_weights(a, "value_head.safetensors"), _weights(b, "value_head.safetensors"))
+            keys += ["vf_loss", "explained_variance"]
+        else:
+            assert not (a / "final" / "value_head.safetensors").exists()
+        ra = [[r[k] for k in keys] for r in read_jsonl(a / "metrics.jsonl") if "score" in r]
+        rb = [[r[k] for k in keys] for r in read_jsonl(b / "metrics.jsonl") if "score" in r]
+        assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
+        assert any(abs(r[3]) > 1e-6 for r in ra), algo  # a real policy loss, not zero advantages everywhere

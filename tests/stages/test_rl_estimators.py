@@ -147,20 +147,44 @@ def test_grpo_resume_is_bitwise(tiny_sft_dir, tmp_path):
     )
 
 
-def test_grpo_old_logprobs_from_the_update_forward_equal_a_separate_forward(tiny_sft_dir, tmp_path):
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "reinforce_pp"])
+def test_old_logprobs_from_the_update_forward_equal_a_separate_forward(tiny_sft_dir, tmp_path, algo):
     """One optimizer step per batch: the update's own forward gives the rollout log-probs (no extra forward);
-    the step's weights and logged numbers equal those with the separate no-grad forward."""
+    the step's weights and logged numbers equal those with the separate no-grad forward — also where the
+    KL is in the reward (rloo, reinforce_pp), with a policy already away from the reference."""
     runs = []
     for deferred in (True, False):
-        cfg = rl_cfg(tiny_sft_dir, tmp_path / str(deferred), "grpo", steps=1, batch_size=8, ppo={"ppo_epochs": 1})
+        cfg = rl_cfg(tiny_sft_dir, tmp_path / str(deferred), algo, steps=1, batch_size=8, ppo={"ppo_epochs": 1})
         trainer = ppo.RLTrainer(cfg, good_count, PROMPTS)
         assert trainer._old_is_current()
         if not deferred:
             trainer._old_is_current = lambda: False
+        torch.manual_seed(3)
+        with torch.no_grad():  # policy ≠ reference, so the KL (and for rloo the rewards) are not 0
+            for n, p in trainer.model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
         rec = trainer.rl_step(trainer.step_prompts(0), trainer._generator(0, 0))
         runs.append((rec, {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}))
     (a, wa), (b, wb) = runs
     assert all(torch.allclose(wa[n], wb[n], atol=1e-7, rtol=0) for n in wa)
     for k in ("score", "kl", "pg_loss", "approxkl", "ratio", "clipfrac"):
         assert a[k] == pytest.approx(b[k], abs=1e-6), k
-    assert a["ratio"] == 1.0 and a["kl"] == 0.0
+    assert a["ratio"] == 1.0 and a["kl"] > 1e-3, a["kl"]
+
+
+def test_old_logprobs_are_not_deferred_where_the_update_would_see_another_policy(tiny_sft_dir, tmp_path):
+    over = {"ppo": {"ppo_epochs": 1, "mini_batch_size": 4}}
+    grpo = ppo.RLTrainer(
+        rl_cfg(tiny_sft_dir, tmp_path / "g", "grpo", steps=1, batch_size=8, train={"grad_accum": 2}, **over),
+        good_count,
+        PROMPTS,
+    )
+    rloo = ppo.RLTrainer(
+        rl_cfg(tiny_sft_dir, tmp_path / "r", "rloo", steps=1, batch_size=8, train={"grad_accum": 2}, **over),
+        good_count,
+        PROMPTS,
+    )
+    assert grpo._old_is_current() and not rloo._old_is_current()  # rloo's advantages need all 8 rows first
+    two_epochs = rl_cfg(tiny_sft_dir, tmp_path / "e", "grpo", steps=1, batch_size=8, ppo={"ppo_epochs": 2})
+    assert not ppo.RLTrainer(two_epochs, good_count, PROMPTS)._old_is_current()
