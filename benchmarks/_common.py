@@ -124,6 +124,25 @@ def vm_hwm_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
+def children_hwm_gib(pid: int | None = None) -> float:
+    """Summed peak RSS (VmHWM) of every live descendant of `pid` (default: this process), in GiB: the
+    memory a colocated engine (vLLM's EngineCore and worker processes) holds beside the trainer."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    root, found, frontier = pid or os.getpid(), [], [pid or os.getpid()]
+    while frontier:
+        kids = [c for c, p in parents.items() if p in frontier]
+        found += kids
+        frontier = kids
+    mb = [vm_hwm_mb(c) for c in found if c != root]
+    return sum(x for x in mb if x == x) / 1024
+
+
 class Turns:
     """Strict alternation of two workers' optimizer steps through a counter file: rlhfkit runs step k
     while the counter is 2k, the peer while it is 2k+1. Only one framework computes at any moment, and

