@@ -7,6 +7,7 @@ uninterrupted run. The one-process references run in this process (a launch cost
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from rlhfkit.runtime.config import load_config
@@ -17,6 +18,9 @@ from tests.stages.test_dpo import fresh_accelerate_state  # noqa: F401  (autouse
 FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch --config_file .../fsdp2_cpu.yaml` sets
 ADAPTER = "adapter_model.safetensors"
 pairs = test_distributed.pairs  # the fixture: 120 preference pairs
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU path: with CUDA, FSDP is accelerate's own (recipes/accelerate/fsdp.yaml)"
+)
 
 
 def _cli(stage: str, overrides: list[str]) -> list[str]:
@@ -86,3 +90,14 @@ def test_fsdp_rm_two_processes_equal_one_through_a_resumed_checkpoint(tiny_model
     assert _losses(tmp_path / "one") == pytest.approx(_losses(out), abs=1e-5)
     assert len(_losses(out)) == 6
     assert _losses(tmp_path / "one", "eval/accuracy") == _losses(out, "eval/accuracy")
+
+
+def test_fsdp_on_cpu_refuses_the_rl_stage_in_one_line(monkeypatch, tmp_path):
+    """Its update loop does not shard the model: under FSDP it would silently train DDP."""
+    from rlhfkit.runtime.errors import ConfigError
+    from rlhfkit.stages import ppo
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"runs the supervised stages \(sft, rm, dpo\) only"):
+        ppo.run(load_config(ppo.PPOConfig, overrides=[f"out_dir={tmp_path / 'ppo'}", "reward=tests.x:y"]))
+    assert not (tmp_path / "ppo").exists()  # refused before anything is written
