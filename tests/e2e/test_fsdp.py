@@ -18,9 +18,13 @@ from tests.stages.test_dpo import fresh_accelerate_state  # noqa: F401  (autouse
 FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch --config_file .../fsdp2_cpu.yaml` sets
 ADAPTER = "adapter_model.safetensors"
 pairs = test_distributed.pairs  # the fixture: 120 preference pairs
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the CPU path: with CUDA, FSDP is accelerate's own (recipes/accelerate/fsdp.yaml)"
-)
+pytestmark = [
+    test_distributed.pytestmark,  # torchrun next to the interpreter
+    pytest.mark.skipif(
+        torch.cuda.is_available(),
+        reason="the CPU path: with CUDA, FSDP is accelerate's own (recipes/accelerate/fsdp.yaml)",
+    ),
+]
 
 
 def _cli(stage: str, overrides: list[str]) -> list[str]:
