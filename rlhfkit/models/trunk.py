@@ -37,6 +37,10 @@ class FrozenTrunk:
     def why_not_exact(self) -> str | None:
         """Why the cache would differ from the full model (a trainable weight or active dropout below
         the top blocks), or None."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if any(isinstance(b, FSDPModule) for b in self.blocks):  # FSDP2 runs its blocks only inside the root's forward
+            return "the blocks are sharded by FSDP"
         below = [self.backbone.get_input_embeddings(), *self.lower]
         if any(p.requires_grad for m in below for p in m.parameters()):
             return "a weight below the top blocks is trainable"

@@ -1,13 +1,18 @@
 """Which distributed engine a run is on (DDP, DeepSpeed ZeRO, FSDP) and the few places the
-supervised Trainer must treat DeepSpeed differently. `accelerate launch --config_file
+supervised Trainer must treat DeepSpeed or FSDP differently. `accelerate launch --config_file
 recipes/accelerate/<engine>.yaml` chooses the engine through environment variables; plain
 `torchrun` or `python` is DDP (or one process).
+
+FSDP on a CPU machine is torch's own FSDP2 (`fully_shard` over gloo), applied here: accelerate 1.15
+runs no FSDP without CUDA (docs/distributed.md). The model is sharded before the optimizer is built,
+never handed to accelerate's prepare (which would wrap it in DDP).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from typing import Literal
 
 import torch
@@ -24,19 +29,19 @@ def engine() -> Literal["ddp", "deepspeed", "fsdp"]:
     return "ddp"
 
 
-def accelerator_kwargs() -> dict:
+def accelerator_kwargs(fsdp_ready: bool = False) -> dict:
     """Extra Accelerator arguments. DeepSpeed on a CPU machine must not get cpu=True (that flag
     alone turns the run back into MULTI_CPU DDP) and must be told gloo, else accelerate 1.15 finds
-    no backend and runs every rank as a lone process of world size 1 (accelerate state.py)."""
+    no backend and runs every rank as a lone process of world size 1 (accelerate state.py).
+    FSDP on CPUs is MULTI_CPU for accelerate (gloo) and sharded by the caller: only a loop that
+    does it (`fsdp_ready`, the supervised Trainer) may run it; anything else would silently be DDP."""
     from accelerate.utils import InitProcessGroupKwargs
 
     gpu = torch.cuda.is_available()
-    if engine() == "fsdp" and not gpu:
-        # accelerate 1.15 with distributed_type FSDP on a CPU machine runs DDP (use_cpu) or, without
-        # it, every rank alone: never FSDP. Refused rather than silently something else.
+    if engine() == "fsdp" and not gpu and not fsdp_ready:
         raise ConfigError(
-            "FSDP through accelerate needs GPUs (accelerate 1.15 runs no FSDP on CPUs); on CPUs use "
-            "recipes/accelerate/deepspeed_zero3_cpu.yaml (parameters sharded too) or ddp_cpu.yaml"
+            "FSDP on CPUs (torch FSDP2, recipes/accelerate/fsdp2_cpu.yaml) runs the supervised stages (sft, rm, "
+            "dpo) only, as recipes/accelerate/deepspeed_zero3_cpu.yaml does; run this stage with ddp_cpu.yaml"
         )
     if engine() == "deepspeed":
         return {"cpu": False, "kwargs_handlers": [] if gpu else [InitProcessGroupKwargs(backend="gloo")]}
@@ -51,6 +56,8 @@ def zero_stage(model) -> int:
 
 def describe(model) -> str:
     """What the prepared model runs on, as printed at start."""
+    if is_sharded(model):
+        return f"FSDP2 (fully_shard, {len(fsdp_modules(model))} sharded modules)"
     return f"DeepSpeed ZeRO-{zero_stage(model)}" if zero_stage(model) else type(model).__name__
 
 
@@ -71,6 +78,11 @@ def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: fl
 def gathered(model, modify: bool = False):
     """ZeRO-3 shards every parameter across ranks: reading (saving) or writing (resuming) whole
     weights needs them gathered. A collective: every rank must enter. Anything else: no-op."""
+    if is_sharded(model):
+        reshard(model)  # FSDP's own unsharded state is not what state_dict() reads
+        with _fsdp_full_params(model, modify):
+            yield
+        return
     if zero_stage(model) != 3:
         yield
         return
@@ -112,3 +124,139 @@ def load_zero_optimizer_state(model, state: dict) -> None:
             base.state[t] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in moments.items()}
     for group, saved in zip(base.param_groups, state["groups"]):
         group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
+
+
+# --------------------------------------------------------------------------- FSDP2 on CPU (gloo)
+def fsdp_on_cpu(world: int) -> bool:
+    """rlhfkit shards the model itself: FSDP asked for, no CUDA, and more than one process."""
+    return engine() == "fsdp" and not torch.cuda.is_available() and world > 1
+
+
+def fully_shard_blocks(model) -> None:
+    """FSDP2 in place: every transformer block (the classes the model lists in `_no_split_modules`, as
+    accelerate's TRANSFORMER_BASED_WRAP) and then the root, which takes the rest (embeddings, heads).
+    Frozen and trainable parameters share a block: FSDP2 shards each parameter on its own, so a LoRA
+    on a frozen base needs no ignored_params (FSDP1 with use_orig_params needed uniform groups)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    found = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not found:
+        raise ConfigError(f"FSDP: {type(model).__name__} names no transformer block class (_no_split_modules)")
+    for block in found:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+_UNSHARDED: weakref.WeakSet = weakref.WeakSet()  # FSDP2 models whose blocks are all-gathered for evaluation
+
+
+def unshard(model) -> None:
+    """All-gather every block and keep it whole until `reshard`: forwards then run no collective, so
+    ranks may run different numbers of them (evaluation shards, DPO's reference pass). Collective."""
+    if not is_sharded(model) or model in _UNSHARDED:
+        return
+    for m in fsdp_modules(model):
+        if m is not model:  # the root never reshards after forward (FSDP2's lazy init)
+            m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    _UNSHARDED.add(model)
+
+
+def reshard(model) -> None:
+    """Back to the sharded parameters (before a training step). Every rank calls it at the same point."""
+    if model not in _UNSHARDED:
+        return
+    for m in fsdp_modules(model):
+        m.reshard()
+        if m is not model:
+            m.set_reshard_after_forward(True, recurse=False)
+    _UNSHARDED.discard(model)
+
+
+@contextlib.contextmanager
+def _fsdp_full_params(model, modify: bool):
+    """Every DTensor parameter temporarily replaced by its full tensor (DTensor.full_tensor, a
+    collective), so saving reads whole weights and resuming writes them; with `modify` the full
+    values are written back into this rank's shards. Tied weights stay one Parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full: dict[int, torch.nn.Parameter] = {}
+    swapped = []
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if not isinstance(p, DTensor):
+                continue
+            if id(p) not in full:
+                full[id(p)] = torch.nn.Parameter(p.detach().full_tensor(), requires_grad=p.requires_grad)
+            mod.register_parameter(name, full[id(p)])
+            swapped.append((mod, name, p))
+    try:
+        yield
+        if modify:
+            with torch.no_grad():
+                for p in {id(p): p for _, _, p in swapped}.values():
+                    shard = distribute_tensor(full[id(p)].detach(), p.device_mesh, p.placements, src_data_rank=None)
+                    p.to_local().copy_(shard.to_local())
+    finally:
+        for mod, name, p in swapped:
+            mod.register_parameter(name, p)
+
+
+class FullOptimizerState:
+    """A FSDP2 optimizer seen whole, for step checkpoints in the same format as DDP's (so they resume on
+    any engine and process count): `gather` (a collective, every rank) turns each DTensor state into its
+    full tensor; `load_state_dict` shards full tensors like their parameter before loading."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.full = optimizer, None
+
+    def gather(self) -> FullOptimizerState:
+        from torch.distributed.tensor import DTensor
+
+        sd = self.optimizer.state_dict()
+        whole = {
+            i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in st.items()}
+            for i, st in sd["state"].items()
+        }
+        self.full = {**sd, "state": whole}
+        return self
+
+    def state_dict(self) -> dict:
+        return self.full
+
+    def load_state_dict(self, sd: dict) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+        by_index = dict(zip(ids, params))
+        state = {}
+        for i, st in sd["state"].items():
+            p = by_index.get(i)
+            state[i] = {
+                k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.shape == p.shape
+                else v
+                for k, v in st.items()
+            }
+        self.optimizer.load_state_dict({**sd, "state": state})
+
+
+def plain(x):
+    """A DTensor (FSDP2's grad norm) as a plain tensor; anything else unchanged."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x

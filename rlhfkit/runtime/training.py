@@ -144,6 +144,8 @@ class StageRun:
     """What every stage's run shares: accelerator, out_dir rules, config.yaml, metrics.jsonl,
     trackers, and step checkpoints that hold only trainable weights plus the stage's own state."""
 
+    fsdp_ready = False  # shards its model itself under FSDP on CPUs (the Trainer does; the RL loop not yet)
+
     def __init__(self, cfg, stage: str):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -156,7 +158,8 @@ class StageRun:
         # MULTI_CPU over gloo instead of as unrelated single processes.
         from accelerate.utils import DistributedDataParallelKwargs
 
-        engine_kwargs = engines.accelerator_kwargs()  # DDP here; DeepSpeed when accelerate launch asks
+        # DDP here; DeepSpeed or FSDP when accelerate launch asks
+        engine_kwargs = engines.accelerator_kwargs(fsdp_ready=self.fsdp_ready)
 
         # broadcast_buffers=False: buffers here are constants (RoPE inv_freq), and a broadcast in
         # every forward deadlocks when ranks run different numbers of forwards (packed sub-batches).
@@ -247,12 +250,13 @@ class StageRun:
         zero = engines.zero_optimizer_state(self.model)
         if zero is not None:
             checkpoint.write_rank_optimizer(tmp, acc.process_index, zero)
+        optimizer = self._checkpoint_optimizer(gather=True)
         with engines.gathered(self.model):
             if acc.is_main_process:
                 checkpoint.write_shared_files(
                     tmp,
                     acc.unwrap_model(self.model),
-                    None if zero is not None else self.optimizer,
+                    None if zero is not None else optimizer,
                     self.scheduler,
                     {"step": self.step, "stage": self.stage, "processes": acc.num_processes, **(extra or {})},
                 )
@@ -266,6 +270,13 @@ class StageRun:
         acc.wait_for_everyone()
         return final
 
+    def _checkpoint_optimizer(self, gather: bool):
+        """The optimizer as checkpoints store it: whole (FSDP2's sharded state gathered, a collective)."""
+        if not engines.is_sharded(self.model):
+            return self.optimizer
+        view = engines.FullOptimizerState(self.optimizer)
+        return view.gather() if gather else view
+
     def maybe_resume(self) -> dict | None:
         """Load the checkpoint chosen at start-up when cfg.resume; returns its trainer_state (None if fresh)."""
         if self.resume_from is None:
@@ -276,7 +287,7 @@ class StageRun:
             state = checkpoint.load(
                 self.resume_from,
                 acc.unwrap_model(self.model),
-                None if zero else self.optimizer,
+                None if zero else self._checkpoint_optimizer(gather=False),
                 self.scheduler,
                 acc.process_index,
             )
@@ -344,6 +355,8 @@ class Trainer(StageRun):
     save_final(model, dir) -> None.
     """
 
+    fsdp_ready = True  # engines.fully_shard_blocks below
+
     def __init__(
         self,
         cfg,
@@ -368,6 +381,8 @@ class Trainer(StageRun):
             if self.tc.max_steps > 0
             else max(1, math.ceil(self.tc.epochs * self.plan.steps_per_epoch))
         )
+        if engines.fsdp_on_cpu(acc.num_processes):
+            engines.fully_shard_blocks(model)  # before the optimizer: it must step the sharded parameters
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RlhfkitError("the model has no trainable parameters")
@@ -378,7 +393,13 @@ class Trainer(StageRun):
         self.scheduler = get_scheduler(self.tc.lr_scheduler, optimizer, self.tc.warmup_steps, self.total_steps)
         if engines.engine() == "deepspeed":
             engines.configure_deepspeed(acc, self.tc.batch_size, self.tc.grad_accum, self.tc.max_grad_norm)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if engines.is_sharded(model):  # FSDP2 on CPU: accelerate's prepare would wrap the model in DDP
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+            # Whole until the first step: what a stage runs before fit() (SFT's eval, DPO's reference
+            # log-probs) may take a different number of forwards on each rank.
+            engines.unshard(model)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
         if acc.is_main_process:
@@ -392,8 +413,11 @@ class Trainer(StageRun):
     @property
     def eval_model(self):
         """The model without its DDP wrapper: eval shards differ in size across ranks, and every
-        DDP forward is a collective (buffer broadcast) that would then deadlock."""
-        return self.accelerator.unwrap_model(self.model)
+        DDP forward is a collective (buffer broadcast) that would then deadlock. FSDP2: all-gathered
+        until the next training step, so its forwards run no collective either."""
+        model = self.accelerator.unwrap_model(self.model)
+        engines.unshard(model)
+        return model
 
     def train_step(self) -> dict:
         acc, model = self.accelerator, self.model
@@ -407,6 +431,7 @@ class Trainer(StageRun):
             raise RlhfkitError(f"step {self.step}: the batch holds no training {self.unit} (all masked?)")
         loss_sum = torch.zeros((), device=acc.device)
         stat_sums: dict[str, torch.Tensor] = {}
+        engines.reshard(model)  # FSDP2 left whole by an evaluation
         model.train()
         for i, (micro, weight) in enumerate(micros):
             sync = i == len(micros) - 1
@@ -436,7 +461,7 @@ class Trainer(StageRun):
         for k, v in stat_sums.items():
             record[k] = (self.sum_across(v) / total_units).item()
         if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+            record["grad_norm"] = float(engines.plain(grad_norm))
         return record
 
     def _fit(self) -> dict:
