@@ -62,6 +62,9 @@ class VLLMEngine:
 
         vllm = _vllm()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))  # GiB; vLLM's CPU default is 4
+        # vLLM on CPU keeps one core per rank off its OpenMP threads for its scheduler (utils/ompmultiprocessing.py):
+        # on 2 cores it samples on one. Colocated, the trainer waits while vLLM samples: use every core.
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         peft = _peft(policy)
         peft_cfg = peft.peft_config["default"] if peft is not None else None
         self.max_model_len = max_model_len
