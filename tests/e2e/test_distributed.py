@@ -64,19 +64,21 @@ def test_each_item_once_per_epoch_across_ranks(world, b, g, n):
     assert sorted(seen) == list(range(n))  # no duplicates, nothing dropped
 
 
-def test_sft_two_processes_equal_one(tiny_model_dir, tiny_corpus, tmp_path):
-    args = [
-        "-m",
-        "rlhfkit.cli",
-        "sft",
-        f"model.name={tiny_model_dir}",
-        f"data.path={tiny_corpus}",
+def sft_args(model_dir, corpus) -> list[str]:
+    """The tiny SFT run (LoRA, 5 steps) compared across process counts and engines."""
+    return [
+        f"model.name={model_dir}",
+        f"data.path={corpus}",
         "data.seq_len=64",
         "train.max_steps=5",
         "train.lr=3e-3",
         "lora.dropout=0",
         "train.seed=1",
     ]
+
+
+def test_sft_two_processes_equal_one(tiny_model_dir, tiny_corpus, tmp_path):
+    args = ["-m", "rlhfkit.cli", "sft", *sft_args(tiny_model_dir, tiny_corpus)]
     p1 = launch(1, *args, f"out_dir={tmp_path / 'one'}", "train.batch_size=8")
     p2 = launch(2, *args, f"out_dir={tmp_path / 'two'}", "train.batch_size=4")
     assert p1.returncode == 0 and p2.returncode == 0, (p1.stderr[-2000:], p2.stderr[-2000:])
@@ -97,12 +99,10 @@ def pairs(tmp_path_factory):
     return path
 
 
-def test_rm_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_model_dir, pairs, tmp_path):
-    args = [
-        "-m",
-        "rlhfkit.cli",
-        "rm",
-        f"model.name={tiny_model_dir}",
+def rm_args(model_dir, pairs) -> list[str]:
+    """The tiny RM run (6 steps, a checkpoint at 3) compared across process counts and engines."""
+    return [
+        f"model.name={model_dir}",
         f"data.path={pairs}",
         "data.max_length=64",
         "train.max_steps=6",
@@ -112,6 +112,10 @@ def test_rm_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_mo
         "train.seed=0",
         "train.save_every=3",
     ]
+
+
+def test_rm_two_processes_equal_one_and_checkpoints_cross_process_counts(tiny_model_dir, pairs, tmp_path):
+    args = ["-m", "rlhfkit.cli", "rm", *rm_args(tiny_model_dir, pairs)]
     one = launch(1, *args, f"out_dir={tmp_path / 'one'}", "train.batch_size=8")
     two = launch(2, *args, f"out_dir={tmp_path / 'two'}", "train.batch_size=4")
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])

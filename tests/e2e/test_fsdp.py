@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.runtime.config import load_config
 from tests.e2e import test_distributed
-from tests.e2e.test_distributed import _assert_close, _losses, _weights, launch
+from tests.e2e.test_distributed import _assert_close, _losses, _weights, launch, rm_args, sft_args
 from tests.stages.test_dpo import fresh_accelerate_state  # noqa: F401  (autouse: a clean AcceleratorState)
 
 FSDP = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch --config_file .../fsdp2_cpu.yaml` sets
@@ -38,15 +38,7 @@ def _in_process(module, config_cls, overrides: list[str]) -> None:
 def test_fsdp_sft_two_processes_equal_one(tiny_model_dir, tiny_corpus, tmp_path):
     from rlhfkit.stages import sft
 
-    args = [
-        f"model.name={tiny_model_dir}",
-        f"data.path={tiny_corpus}",
-        "data.seq_len=64",
-        "train.max_steps=5",
-        "train.lr=3e-3",
-        "lora.dropout=0",
-        "train.seed=1",
-    ]
+    args = sft_args(tiny_model_dir, tiny_corpus)
     _in_process(sft, sft.SFTConfig, [*args, f"out_dir={tmp_path / 'one'}", "train.batch_size=8"])
     # 2 × 2 per process × grad_accum 2 == 8: micro-batches accumulate into the sharded gradients
     two = launch(
@@ -67,17 +59,7 @@ def test_fsdp_rm_two_processes_equal_one_through_a_resumed_checkpoint(tiny_model
     accuracy as one uninterrupted process (a resume that lost the sharded Adam moments would not be)."""
     from rlhfkit.stages import reward
 
-    args = [
-        f"model.name={tiny_model_dir}",
-        f"data.path={pairs}",
-        "data.max_length=64",
-        "train.max_steps=6",
-        "train.lr=3e-3",
-        "lora.r=4",
-        "lora.dropout=0",
-        "train.seed=0",
-        "train.save_every=3",
-    ]
+    args = rm_args(tiny_model_dir, pairs)
     _in_process(reward, reward.RewardConfig, [*args, f"out_dir={tmp_path / 'one'}", "train.batch_size=8"])
     out = tmp_path / "fsdp"
     two = [*args, f"out_dir={out}", "train.batch_size=4"]
