@@ -14,6 +14,7 @@ import torch
 from rlhfkit.inputs.tables import load_table
 from rlhfkit.inputs.templates import cut_prompt, same_text
 from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.training import StepPlan
 
 PROMPT_FIELDS = ("prompt", "question")
 CHOSEN_FIELDS = ("chosen", "response_j")
@@ -176,9 +177,19 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
 
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
     """Chosen rows then rejected rows, right-padded: input_ids, attention_mask, response_mask (2B, T)."""
-    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [
+    return collate_rows(pair_rows(pairs), pad_id)
+
+
+def pair_rows(pairs: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """The (ids, response mask) sequences of a pair batch in collate order: chosen rows, then rejected rows."""
+    return [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [
         (p["rejected_ids"], p["rejected_mask"]) for p in pairs
     ]
+
+
+def collate_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """(ids, response mask) sequences right-padded to their own longest: input_ids, attention_mask,
+    response_mask (N, T)."""
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -188,3 +199,62 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
         attention_mask[i, : len(ids)] = 1
         response_mask[i, : len(ids)] = torch.tensor(mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+# --------------------------------------------------------------------------- less padding
+def pair_length(pair: dict) -> int:
+    """A pair's padded width in a batch: its longer sequence."""
+    return max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+
+
+def length_groups(lengths: list[int], n_groups: int) -> list[list[int]]:
+    """Row indices sorted by length, cut into min(n_groups, rows) runs of near-equal size (a stable
+    sort: equal lengths keep their order). Padding each run to its own longest wastes fewer cells
+    than padding every row to the batch's longest."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    k = max(1, min(n_groups, len(order)))
+    bounds = [round(j * len(order) / k) for j in range(k + 1)]
+    return [order[bounds[j] : bounds[j + 1]] for j in range(k)]
+
+
+def pad_fraction(lengths: list[int], groups: list[list[int]]) -> float:
+    """Share of padded cells when each group of rows is padded to its own longest."""
+    cells = sum(len(g) * max(lengths[i] for i in g) for g in groups if g)
+    return 1 - sum(lengths) / cells if cells else 0.0
+
+
+class LengthGroupedPlan(StepPlan):
+    """StepPlan whose epoch order puts pairs of similar length in the same global batch: the epoch's
+    seeded permutation is cut into mega-batches of `mega_batches` global batches, each sorted by
+    length, longest batch first (transformers' get_length_grouped_indices, as Trainer's
+    group_by_length). A permutation per epoch still, a function of seed and epoch only, so every
+    pair is used once per epoch, resume is exact and ranks split each step as StepPlan does."""
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        grad_accum: int,
+        world: int,
+        rank: int,
+        seed: int,
+        mega_batches: int = 50,
+    ):
+        super().__init__(len(lengths), batch_size, grad_accum, world, rank, seed)
+        self.lengths, self.mega_batches = list(lengths), mega_batches
+
+    @classmethod
+    def like(cls, plan: StepPlan, lengths: list[int], mega_batches: int) -> LengthGroupedPlan:
+        """The grouped plan with `plan`'s batch, ranks and seed (its steps per epoch are the same)."""
+        if len(lengths) != plan.n:
+            raise ValueError(f"{len(lengths)} lengths for a plan of {plan.n} items")
+        return cls(lengths, plan.b, plan.g, plan.world, plan.rank, plan.seed, mega_batches)
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            g = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
+            self._perm = get_length_grouped_indices(self.lengths, self.global_batch, self.mega_batches, generator=g)
+            self._perm_epoch = epoch
+        return self._perm
