@@ -157,8 +157,7 @@ def prepare(args, work: Path, model_path: str) -> dict:
     (work / "trl.jsonl").write_text(
         "".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n" for i in orders["trl"])
     )
-    per_step = {k: batches_cells(enc, o, args.batch, args.buckets if k == "rlhfkit" else 1) for k, o in orders.items()}
-    plain = batches_cells(enc, orders["plain"], args.batch, 1)
+    per_step = {k: batches_cells(enc, o, args.batch) for k, o in orders.items()}
     # What TRL's own text path would have produced (prompt+response+eos_token as one string) — diagnostic only.
     diff = [
         len(tok(fmt.prompt_text(r["prompt"]) + r[k] + tok.eos_token)["input_ids"]) - len(e)
@@ -181,10 +180,8 @@ def prepare(args, work: Path, model_path: str) -> dict:
             "tokens_per_step": {k: v[0] for k, v in per_step.items()},
             "cells_per_step": {k: v[1] for k, v in per_step.items()},
             # the padding of the steps before issue 15's grouping: plain shuffle, one forward per batch
-            "pad_fraction_plain_order_one_forward": 1 - sum(plain[0]) / sum(plain[1]),
             "pad_fraction_expected": {k: 1 - sum(v[0]) / sum(v[1]) for k, v in per_step.items()},
             "rlhfkit_group_by_length": not args.no_group,
-            "rlhfkit_length_buckets": args.buckets,
             "trl_order": args.trl_order,
             "trl_text_path_diff": {
                 "sequences_differing": sum(d != 0 for d in diff),
@@ -214,15 +211,13 @@ def step_orders(args, enc: list, total_steps: int) -> dict[str, list[int]]:
     return orders
 
 
-def batches_cells(enc: list, order: list[int], batch: int, buckets: int) -> tuple[list[int], list[int]]:
-    """Non-pad tokens and padded cells of each step, every length bucket padded to its own longest."""
-    from rlhfkit.inputs.pairs import length_groups
-
+def batches_cells(enc: list, order: list[int], batch: int) -> tuple[list[int], list[int]]:
+    """Non-pad tokens and padded cells (chosen and rejected rows padded to the batch's longest) per step."""
     toks, cells = [], []
     for s in range(0, len(order), batch):
         rows = [len(enc[i][0]) for i in order[s : s + batch]] + [len(enc[i][1]) for i in order[s : s + batch]]
         toks.append(sum(rows))
-        cells.append(sum(len(g) * max(rows[i] for i in g) for g in length_groups(rows, buckets)))
+        cells.append(len(rows) * max(rows))
     return toks, cells
 
 
@@ -350,10 +345,9 @@ class StepClock(_common.StepClock):
 
 
 def batch_counts(batch: dict) -> tuple[int, int, int]:
-    """(pairs, non-pad tokens, padded cells) of a chosen-then-rejected batch (TRL's; or rlhfkit's, one
-    padded tensor per length bucket, of token ids or trunk states)."""
-    masks = [g["attention_mask"] for g in batch["groups"]] if "groups" in batch else [batch["attention_mask"]]
-    return sum(m.shape[0] for m in masks) // 2, sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    """(pairs, non-pad tokens, B×T cells) of a chosen-then-rejected batch (token ids or trunk states)."""
+    mask = batch["attention_mask"]
+    return mask.shape[0] // 2, int(mask.sum()), mask.numel()
 
 
 # --------------------------------------------------------------------------- rlhfkit child
@@ -425,7 +419,6 @@ def run_rlhfkit(args, work: Path) -> dict:
                 "max_length": args.max_length,
                 "group_by_length": not args.no_group,
                 "length_group_batches": args.group_batches,
-                "length_buckets": args.buckets,
             },
             "train": {
                 "lr": LR,
@@ -572,7 +565,7 @@ def child_cmd(name: str, args, tmp: str, model_path: str, lock: str | None) -> l
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--workdir", tmp, "--model-path", model_path]
     for key in ("warmup", "steps", "batch", "max_length", "threads", "seed", "trl_pad", "layers", "epochs"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    cmd += ["--trl-order", args.trl_order, "--buckets", str(args.buckets), "--group-batches", str(args.group_batches)]
+    cmd += ["--trl-order", args.trl_order, "--group-batches", str(args.group_batches)]
     flags = [("--no-cache", args.no_cache), ("--no-group", args.no_group)]
     return cmd + (["--turn-dir", lock] if lock else []) + [f for f, on in flags if on]
 
@@ -616,7 +609,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="rlhfkit cache_trunk=false (the whole model every step)")
     ap.add_argument("--no-group", action="store_true", help="rlhfkit data.group_by_length=false (plain shuffle)")
     ap.add_argument("--group-batches", type=int, default=50, help="rlhfkit data.length_group_batches")
-    ap.add_argument("--buckets", type=int, default=2, help="rlhfkit data.length_buckets (forwards per micro-batch)")
     ap.add_argument(
         "--trl-order",
         choices=["plain", "rlhfkit"],
@@ -800,8 +792,8 @@ def main(argv=None) -> int:
             f"{report['ratio_pairs_per_cpu_s_e2e']:.2f}x per CPU-second end to end, {r:.2f}x over the timed steps, "
             f"per CPU-second {report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; "
             f"first-step loss {loss_text}; padding {results['rlhfkit']['pad_fraction']:.1%} vs TRL "
-            f"{results['trl']['pad_fraction']:.1%} (plain order, one forward: "
-            f"{data['pad_fraction_plain_order_one_forward']:.1%})"
+            f"{results['trl']['pad_fraction']:.1%} (rlhfkit in the plain order: "
+            f"{data['pad_fraction_expected']['plain']:.1%})"
         )
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")

@@ -177,19 +177,9 @@ def encode_pairs(rows: list[dict], fmt, max_length: int, stage: str = "pairs", t
 
 def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
     """Chosen rows then rejected rows, right-padded: input_ids, attention_mask, response_mask (2B, T)."""
-    return collate_rows(pair_rows(pairs), pad_id)
-
-
-def pair_rows(pairs: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """The (ids, response mask) sequences of a pair batch in collate order: chosen rows, then rejected rows."""
-    return [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [
+    seqs = [(p["chosen_ids"], p["chosen_mask"]) for p in pairs] + [
         (p["rejected_ids"], p["rejected_mask"]) for p in pairs
     ]
-
-
-def collate_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """(ids, response mask) sequences right-padded to their own longest: input_ids, attention_mask,
-    response_mask (N, T)."""
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -205,22 +195,6 @@ def collate_rows(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
 def pair_length(pair: dict) -> int:
     """A pair's padded width in a batch: its longer sequence."""
     return max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
-
-
-def length_groups(lengths: list[int], n_groups: int) -> list[list[int]]:
-    """Row indices sorted by length, cut into min(n_groups, rows) runs of near-equal size (a stable
-    sort: equal lengths keep their order). Padding each run to its own longest wastes fewer cells
-    than padding every row to the batch's longest."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    k = max(1, min(n_groups, len(order)))
-    bounds = [round(j * len(order) / k) for j in range(k + 1)]
-    return [order[bounds[j] : bounds[j + 1]] for j in range(k)]
-
-
-def pad_fraction(lengths: list[int], groups: list[list[int]]) -> float:
-    """Share of padded cells when each group of rows is padded to its own longest."""
-    cells = sum(len(g) * max(lengths[i] for i in g) for g in groups if g)
-    return 1 - sum(lengths) / cells if cells else 0.0
 
 
 class LengthGroupedPlan(StepPlan):

@@ -15,19 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.algorithms.losses import odin_reward_loss, pairwise_reward_loss
-from rlhfkit.inputs.pairs import (
-    LengthGroupedPlan,
-    PairDataConfig,
-    collate_rows,
-    encode_pairs,
-    length_groups,
-    load_pairs,
-    pair_length,
-    pair_rows,
-)
+from rlhfkit.inputs.pairs import LengthGroupedPlan, PairDataConfig, collate_pairs, encode_pairs, load_pairs, pair_length
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
-from rlhfkit.models.forward import score_weight, sequence_scores, unwrap
+from rlhfkit.models.forward import score_weight, unwrap
 from rlhfkit.models.loading import HEADS_FILE, LoraConfig, ModelConfig, load_model
 from rlhfkit.models.trunk import (
     SELF_CHECK_TOL,
@@ -35,7 +26,6 @@ from rlhfkit.models.trunk import (
     FrozenTrunk,
     attach_pair_states,
     collate_pair_states,
-    pad_states,
     self_check,
 )
 from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
@@ -69,12 +59,9 @@ class RewardDataConfig(PairDataConfig):
     length_group_batches: int = 50
     """Global batches per length-sorted mega-batch (HF's megabatch_mult). Larger groups tighter; one
     that spans the epoch gives the same batches every epoch (in a new order)."""
-    length_buckets: int = 2
-    """Forwards per micro-batch: its 2 × batch_size sequences sorted by length and cut into this many
-    runs, each padded only to its own longest (1: one forward padded to the longest sequence)."""
 
     def __post_init__(self):
-        check_positive(self, ("length_group_batches", "length_buckets"))
+        check_positive(self, ("length_group_batches",))
 
 
 @dataclass
@@ -112,9 +99,7 @@ CONFIG = RewardConfig
 
 class PairSteps:
     """What the Trainer calls per micro-batch (collate, loss) and the held-out forward, over token ids
-    or, once `trunk` is set (cache_trunk), over the frozen trunk's kept states. A micro-batch is
-    `data.length_buckets` forwards over its sequences grouped by length (rows independent: padding only
-    adds masked cells), scores put back in collate order (chosen rows, then rejected rows)."""
+    or, once `trunk` is set (cache_trunk), over the frozen trunk's kept states."""
 
     def __init__(self, cfg: RewardConfig, pairs: list[dict], pad_id: int, heads: list[str] | None):
         self.cfg, self.pairs, self.pad_id, self.heads = cfg, pairs, pad_id, heads
@@ -122,14 +107,10 @@ class PairSteps:
 
     def scores(self, model_, batch: dict, head: int | None = 0):
         dev = next(model_.parameters()).device
-        parts = []
-        for group in batch["groups"]:
-            group = {k: v.to(dev) for k, v in group.items()}
-            if self.trunk is None:
-                parts.append(sequence_scores(model_, group["input_ids"], group["attention_mask"], head=head))
-            else:
-                parts.append(self.trunk.scores(model_, group["hidden"], group["attention_mask"], head=head))
-        s = torch.cat(parts)[batch["inverse"].to(dev)]
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        if self.trunk is None:
+            return pair_scores(model_, batch, head=head)
+        s = self.trunk.scores(model_, batch["hidden"], batch["attention_mask"], head=head)
         return s[: s.shape[0] // 2], s[s.shape[0] // 2 :]
 
     def score_fn(self, model_):
@@ -139,36 +120,18 @@ class PairSteps:
 
         def fn(chunk):
             batch = collate_pair_states(chunk)
-            c, r = self.trunk.scores(model_, batch["hidden"], batch["attention_mask"], head=None).chunk(2)
+            c, r = self.scores(model_, batch, head=None)
             seen = batch["attention_mask"].sum(1)
             return c, r, seen[: len(chunk)] > seen[len(chunk) :]
 
         return fn
 
     def collate(self, ix: list[int]) -> dict:
-        """groups: one padded batch per length bucket; inverse: where collate-order row i sits in
-        their concatenation; pairs; lengths (ODIN: the full answers' token lengths)."""
         chunk = [self.pairs[i] for i in ix]
-        if self.trunk is not None:
-            rows = [p[STATES][0] for p in chunk] + [p[STATES][1] for p in chunk]
-            sizes = [h.shape[0] for h in rows]
-        else:
-            rows = pair_rows(chunk)
-            sizes = [len(ids) for ids, _ in rows]
-        groups = length_groups(sizes, self.cfg.data.length_buckets)
-        order = torch.tensor([i for g in groups for i in g])
-        batch = {"groups": [self.pad_group([rows[i] for i in g]) for g in groups], "pairs": len(chunk)}
-        batch["inverse"] = torch.empty_like(order)
-        batch["inverse"][order] = torch.arange(len(order))
+        batch = collate_pair_states(chunk) if self.trunk is not None else collate_pairs(chunk, self.pad_id)
         if self.heads:  # ODIN correlates with the full answers' token lengths
             batch["lengths"] = torch.tensor([p["chosen_tokens"] for p in chunk] + [p["rejected_tokens"] for p in chunk])
         return batch
-
-    def pad_group(self, rows: list) -> dict:
-        if self.trunk is None:
-            return collate_rows(rows, self.pad_id)
-        hidden, mask = pad_states(rows)
-        return {"hidden": hidden, "attention_mask": mask}
 
     def loss(self, model_, batch: dict):
         """Summed loss of the micro-batch and summed stats (the Trainer divides by the step's pairs)."""
@@ -223,7 +186,7 @@ def run(cfg: RewardConfig) -> dict:
         len(pairs),
         unit="pairs",
         collate=steps.collate,
-        count=lambda batch: batch["pairs"],
+        count=lambda batch: batch["attention_mask"].shape[0] // 2,
         loss=steps.loss,
         evaluate=evaluate if eval_pairs else None,
         save_final=lambda m, out: save_rm(m, tok, out, cfg, heads),

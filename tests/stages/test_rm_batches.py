@@ -1,4 +1,4 @@
-"""RM pair batches with less padding: the length-grouped plan and length buckets per micro-batch."""
+"""RM pair batches with less padding: the length-grouped plan (data.group_by_length)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from rlhfkit.inputs.pairs import LengthGroupedPlan, length_groups, pad_fraction
+from rlhfkit.inputs.pairs import LengthGroupedPlan
 from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.runtime.training import StepPlan
@@ -48,6 +48,12 @@ def test_grouped_plan_uses_every_pair_once_per_epoch_with_equal_rank_batches(wor
     assert fresh.order(1) == orders[1] and fresh.order(0) == orders[0]  # ... a function of seed and epoch only
 
 
+def pad_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of padded cells when every batch is padded to its longest item."""
+    cells = sum(len(bt) * max(lengths[i] for i in bt) for bt in batches)
+    return 1 - sum(lengths) / cells
+
+
 def test_padding_falls_on_mixed_lengths_worked_numbers():
     # 8 pairs (their longer sequence), batch 2, one mega-batch of all 4 batches: sorted descending,
     # (105,100) (95,90) (12,11) (10,9) → 2·105 + 2·95 + 2·12 + 2·10 = 444 cells for 432 tokens.
@@ -62,28 +68,19 @@ def test_padding_falls_on_mixed_lengths_worked_numbers():
     assert pad(grouped) == pytest.approx(1 - 432 / 444)  # 2.7%
     assert pad(list(range(8))) == pytest.approx(1 - 432 / 780)  # file order: 44.6%
     assert pad(StepPlan(8, 2, 1, 1, 0, seed=0).order(0)) > 10 * pad(grouped)  # the plain shuffle: 29%
-    # Length buckets inside a micro-batch: rows (chosen 10, 12; rejected 100, 95) in one forward pad to
-    # 4·100 = 400 cells; two buckets [10, 12] [95, 100] pad to 2·12 + 2·100 = 224, for 217 tokens.
-    rows = [10, 12, 100, 95]
-    assert length_groups(rows, 1) == [[0, 1, 3, 2]] and pad_fraction(rows, length_groups(rows, 1)) == 1 - 217 / 400
-    assert length_groups(rows, 2) == [[0, 1], [3, 2]]
-    assert pad_fraction(rows, length_groups(rows, 2)) == pytest.approx(1 - 217 / 224)
-    assert length_groups(rows, 9) == [[0], [1], [3], [2]]  # never more buckets than rows
 
 
 def padded_to(batch: dict, max_length: int) -> dict:
-    """The one-bucket batch with every row padded on to max_length (zeros: masked cells)."""
-    (group,) = batch["groups"]
-    wide = {
-        k: torch.cat([v, v.new_zeros((v.shape[0], max_length - v.shape[1], *v.shape[2:]))], 1) for k, v in group.items()
+    """The batch with every row padded on to max_length (zeros: masked cells)."""
+    return {
+        k: torch.cat([v, v.new_zeros((v.shape[0], max_length - v.shape[1], *v.shape[2:]))], 1) for k, v in batch.items()
     }
-    return {**batch, "groups": [wide]}
 
 
 @pytest.mark.parametrize("trunk", [False, True])
 def test_a_step_is_the_same_trimmed_or_padded_to_max_length(tiny_model_dir, tmp_path, trunk):
-    """Loss, gradients and the weights after one AdamW step: 2 length buckets, each trimmed to its
-    own longest row, vs one batch padded to data.max_length (LoRA dropout 0: masks would differ in shape)."""
+    """Loss, gradients and the weights after one AdamW step: the batch as collated (trimmed to its own
+    longest row) vs padded to data.max_length (LoRA dropout 0: dropout masks would differ in shape)."""
     from rlhfkit.inputs.pairs import encode_pairs
     from rlhfkit.inputs.templates import PromptFormat
     from rlhfkit.models.loading import load_model
@@ -97,15 +94,13 @@ def test_a_step_is_the_same_trimmed_or_padded_to_max_length(tiny_model_dir, tmp_
     spread = sorted(len(p["chosen_ids"]) for p in pairs) + sorted(len(p["rejected_ids"]) for p in pairs)
     assert len(pairs) == 6 and max(spread) > 2 * min(spread)
     results = []
-    for buckets, pad_all in ((2, False), (1, True)):
-        cfg.data.length_buckets = buckets
+    for pad_all in (False, True):
         m = copy.deepcopy(model)
         steps = reward.PairSteps(cfg, pairs, tok.pad_token_id, None)
         if trunk:
             steps.trunk = FrozenTrunk(m, 1)
             attach_pair_states(steps.trunk, pairs, tok.pad_token_id)
         batch = steps.collate(list(range(6)))
-        assert len(batch["groups"]) == buckets
         if pad_all:
             batch = padded_to(batch, 128)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
@@ -115,10 +110,10 @@ def test_a_step_is_the_same_trimmed_or_padded_to_max_length(tiny_model_dir, tmp_
         grads = [p.grad.clone() for p in m.parameters() if p.requires_grad]
         opt.step()
         weights = [p.detach().clone() for p in m.parameters() if p.requires_grad]
-        cells = sum(g["attention_mask"].numel() for g in batch["groups"])
+        cells = batch["attention_mask"].numel()
         results.append((loss.item(), float(stats["accuracy"]), grads, weights, cells))
     (la, aa, ga, wa, ca), (lb, ab, gb, wb, cb) = results
-    assert ca < cb == 12 * 128  # the trimmed buckets hold fewer cells
+    assert ca < cb == 12 * 128  # trimmed: fewer cells
     assert abs(la - lb) <= 1e-6 and aa == ab
     scale = max(g.abs().max().item() for g in ga)
     assert scale > 0 and max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-5 * scale  # fp32 sums
@@ -133,8 +128,8 @@ def test_group_by_length_default_is_off_for_odin_and_refused_with_it(tiny_model_
     cfg.data.group_by_length = True
     with pytest.raises(ConfigError, match="data.group_by_length=true with odin.enabled"):
         reward.group_by_length(cfg)
-    with pytest.raises(ConfigError, match="length_buckets"):
-        rm_cfg(tiny_model_dir, tmp_path / "p.jsonl", tmp_path / "o", "data.length_buckets=0")
+    with pytest.raises(ConfigError, match="length_group_batches"):
+        rm_cfg(tiny_model_dir, tmp_path / "p.jsonl", tmp_path / "o", "data.length_group_batches=0")
 
 
 def test_grouped_rm_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
