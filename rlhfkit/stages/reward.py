@@ -57,8 +57,8 @@ class RewardDataConfig(PairDataConfig):
     group_by_length). None: on, except with odin.enabled, whose loss correlates scores with length
     within a micro-batch (grouped batches would narrow that spread)."""
     length_group_batches: int = 50
-    """Global batches per length-sorted mega-batch (HF's megabatch_mult). Larger groups tighter; one
-    that spans the epoch gives the same batches every epoch (in a new order)."""
+    """Global batches per length-sorted mega-batch (HF's megabatch_mult): more gives closer lengths
+    within a batch; a mega-batch spanning the epoch gives the same batches every epoch (in a new order)."""
 
     def __post_init__(self):
         check_positive(self, ("length_group_batches",))
