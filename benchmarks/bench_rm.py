@@ -119,7 +119,6 @@ def prepare(args, work: Path, model_path: str) -> dict:
 
     from rlhfkit.inputs.templates import STACKLLAMA_TEMPLATE, PromptFormat, TemplateConfig
     from rlhfkit.models.loading import ModelConfig, load_tokenizer
-    from rlhfkit.runtime.training import StepPlan
 
     rows, info = se_pairs(args.posts, work / "se", args.data_seed)
     tok = load_tokenizer(ModelConfig(name=model_path))
@@ -154,15 +153,11 @@ def prepare(args, work: Path, model_path: str) -> dict:
             f"(batch {args.batch} × {total_steps} steps): raise --max-length or add dumps to --posts"
         )
     (work / "ours.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-    plan = StepPlan(len(kept), batch_size=args.batch, grad_accum=1, world=1, rank=0, seed=args.seed)
-    order = [i for s in range(total_steps) for i in plan.step_items(s)]
-    assert sorted(order) == sorted(list(range(need)) * args.epochs), "StepPlan: every pair once per epoch"
+    orders = step_orders(args, enc, total_steps)
     (work / "trl.jsonl").write_text(
-        "".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n" for i in order)
+        "".join(json.dumps({"chosen_ids": enc[i][0], "rejected_ids": enc[i][1]}) + "\n" for i in orders["trl"])
     )
-    steps = [order[s * args.batch : (s + 1) * args.batch] for s in range(total_steps)]
-    tokens_per_step = [sum(len(enc[i][0]) + len(enc[i][1]) for i in ix) for ix in steps]
-    cells_per_step = [2 * len(ix) * max(max(len(enc[i][0]), len(enc[i][1])) for i in ix) for ix in steps]
+    per_step = {k: batches_cells(enc, o, args.batch) for k, o in orders.items()}
     # What TRL's own text path would have produced (prompt+response+eos_token as one string) — diagnostic only.
     diff = [
         len(tok(fmt.prompt_text(r["prompt"]) + r[k] + tok.eos_token)["input_ids"]) - len(e)
@@ -182,8 +177,12 @@ def prepare(args, work: Path, model_path: str) -> dict:
             "eos_token": tok.eos_token,
             "seq_tokens_mean": round(sum(lengths) / len(lengths), 1),
             "seq_tokens_max": max(lengths),
-            "tokens_per_step": tokens_per_step,
-            "cells_per_step": cells_per_step,
+            "tokens_per_step": {k: v[0] for k, v in per_step.items()},
+            "cells_per_step": {k: v[1] for k, v in per_step.items()},
+            # the padding of the steps before issue 15's grouping: plain shuffle, one forward per batch
+            "pad_fraction_expected": {k: 1 - sum(v[0]) / sum(v[1]) for k, v in per_step.items()},
+            "rlhfkit_group_by_length": not args.no_group,
+            "trl_order": args.trl_order,
             "trl_text_path_diff": {
                 "sequences_differing": sum(d != 0 for d in diff),
                 "sequences": len(diff),
@@ -192,6 +191,34 @@ def prepare(args, work: Path, model_path: str) -> dict:
         }
     )
     return info
+
+
+def step_orders(args, enc: list, total_steps: int) -> dict[str, list[int]]:
+    """Pair index per position of the run: rlhfkit's own plan (length-grouped unless --no-group), the
+    plain StepPlan shuffle (TRL's default sampler has no grouping), and what TRL is fed (--trl-order)."""
+    from rlhfkit.inputs.pairs import LengthGroupedPlan
+    from rlhfkit.runtime.training import StepPlan
+
+    plain = StepPlan(len(enc), batch_size=args.batch, grad_accum=1, world=1, rank=0, seed=args.seed)
+    lengths = [max(len(c), len(r)) for c, r in enc]  # rlhfkit.inputs.pairs.pair_length
+    ours = plain if args.no_group else LengthGroupedPlan.like(plain, lengths, args.group_batches)
+    orders = {
+        k: [i for s in range(total_steps) for i in p.step_items(s)] for k, p in (("rlhfkit", ours), ("plain", plain))
+    }
+    for order in orders.values():
+        assert sorted(order) == sorted(list(range(len(enc))) * args.epochs), "every pair once per epoch"
+    orders["trl"] = orders["rlhfkit" if args.trl_order == "rlhfkit" else "plain"]
+    return orders
+
+
+def batches_cells(enc: list, order: list[int], batch: int) -> tuple[list[int], list[int]]:
+    """Non-pad tokens and padded cells (chosen and rejected rows padded to the batch's longest) per step."""
+    toks, cells = [], []
+    for s in range(0, len(order), batch):
+        rows = [len(enc[i][0]) for i in order[s : s + batch]] + [len(enc[i][1]) for i in order[s : s + batch]]
+        toks.append(sum(rows))
+        cells.append(len(rows) * max(rows))
+    return toks, cells
 
 
 def alt_pad_token(tok) -> str | None:
@@ -390,6 +417,8 @@ def run_rlhfkit(args, work: Path) -> dict:
                 "eval_split": None,
                 "eval_fraction": 0.0,
                 "max_length": args.max_length,
+                "group_by_length": not args.no_group,
+                "length_group_batches": args.group_batches,
             },
             "train": {
                 "lr": LR,
@@ -533,38 +562,12 @@ def child(args) -> None:
 
 # --------------------------------------------------------------------------- parent
 def child_cmd(name: str, args, tmp: str, model_path: str, lock: str | None) -> list[str]:
-    return (
-        [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--one",
-            name,
-            "--workdir",
-            tmp,
-            "--model-path",
-            model_path,
-            "--warmup",
-            str(args.warmup),
-            "--steps",
-            str(args.steps),
-            "--batch",
-            str(args.batch),
-            "--max-length",
-            str(args.max_length),
-            "--threads",
-            str(args.threads),
-            "--seed",
-            str(args.seed),
-            "--trl-pad",
-            args.trl_pad,
-            "--layers",
-            str(args.layers),
-            "--epochs",
-            str(args.epochs),
-        ]
-        + (["--turn-dir", lock] if lock else [])
-        + (["--no-cache"] if args.no_cache else [])
-    )
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--workdir", tmp, "--model-path", model_path]
+    for key in ("warmup", "steps", "batch", "max_length", "threads", "seed", "trl_pad", "layers", "epochs"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    cmd += ["--trl-order", args.trl_order, "--group-batches", str(args.group_batches)]
+    flags = [("--no-cache", args.no_cache), ("--no-group", args.no_group)]
+    return cmd + (["--turn-dir", lock] if lock else []) + [f for f, on in flags if on]
 
 
 def wait_child(proc: subprocess.Popen) -> tuple[int, float]:
@@ -604,6 +607,15 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--epochs", type=int, default=1, help="passes over the pairs within the steps (divides them)")
     ap.add_argument("--no-cache", action="store_true", help="rlhfkit cache_trunk=false (the whole model every step)")
+    ap.add_argument("--no-group", action="store_true", help="rlhfkit data.group_by_length=false (plain shuffle)")
+    ap.add_argument("--group-batches", type=int, default=50, help="rlhfkit data.length_group_batches")
+    ap.add_argument(
+        "--trl-order",
+        choices=["plain", "rlhfkit"],
+        default="plain",
+        help="TRL reads the pairs in the plain shuffle (its default: no length grouping) or in rlhfkit's grouped "
+        "order (the same batches: first-step losses comparable)",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -687,7 +699,8 @@ def main(argv=None) -> int:
             res["ru_maxrss_mb_wait4"] = done[name][1]
             res["pairs_per_s"] = res["pairs_per_s_steps"] if lock else res["pairs_per_s_wall"]
             res["tokens_per_s"] = res["tokens_per_s_steps"] if lock else res["tokens_per_s_wall"]
-            res["tokens_match_rlhfkit_encoding"] = res.pop("tokens_per_step_all") == data["tokens_per_step"]
+            order = "rlhfkit" if name == "rlhfkit" else "trl"  # each against the steps it was given
+            res["tokens_match_rlhfkit_encoding"] = res.pop("tokens_per_step_all") == data["tokens_per_step"][order]
             res.pop("pairs_per_step_all")
             results[name] = res
             print(
@@ -703,8 +716,9 @@ def main(argv=None) -> int:
             return round(results["rlhfkit"][key] / results["trl"][key], 3)
         return None
 
-    loss_diff = None
-    if "rlhfkit" in results and "trl" in results:
+    loss_diff = None  # comparable only when both ran the same first batch
+    same_batches = data["tokens_per_step"]["rlhfkit"][:1] == data["tokens_per_step"]["trl"][:1]
+    if "rlhfkit" in results and "trl" in results and (args.trl_order == "rlhfkit" or same_batches):
         loss_diff = abs(results["rlhfkit"]["first_step_loss"] - results["trl"]["first_step_loss"])
     timing = (
         "lock-step: pairs / sum of step times (rlhfkit train_step incl. collate; TRL on_step_begin→on_step_end)"
@@ -769,13 +783,17 @@ def main(argv=None) -> int:
         r = report["ratio_pairs_per_s"]
         e2e = report["ratio_pairs_per_s_steps_e2e" if lock else "ratio_pairs_per_s_e2e"]
         verdict = "target met" if e2e >= 1.5 else "below target"
+        same = report["first_step_loss_equal"]
+        loss_text = "n/a (TRL read other batches: --trl-order plain)"
+        if loss_diff is not None:
+            loss_text = f"|diff| {loss_diff:.2e} ({'equal' if same else 'DIFFERENT'} within {LOSS_TOL:g})"
         print(
             f"rm: rlhfkit/TRL {e2e:.2f}x pairs/s end to end, trunk pass included ({verdict}: >= 1.5x; issue 15), "
-            f"{report['ratio_pairs_per_cpu_s_e2e']:.2f}x per CPU-second end to end, "
-            f"{r:.2f}x over the timed steps, per CPU-second "
-            f"{report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; first-step loss "
-            f"|diff| {loss_diff:.2e} ({'equal' if report['first_step_loss_equal'] else 'DIFFERENT'} within "
-            f"{LOSS_TOL:g})"
+            f"{report['ratio_pairs_per_cpu_s_e2e']:.2f}x per CPU-second end to end, {r:.2f}x over the timed steps, "
+            f"per CPU-second {report['ratio_pairs_per_cpu_s']:.2f}x, peak RSS {report['ratio_peak_rss']:.2f}x; "
+            f"first-step loss {loss_text}; padding {results['rlhfkit']['pad_fraction']:.1%} vs TRL "
+            f"{results['trl']['pad_fraction']:.1%} (rlhfkit in the plain order: "
+            f"{data['pad_fraction_expected']['plain']:.1%})"
         )
     if args.json_out:
         Path(args.json_out).write_text(text + "\n")

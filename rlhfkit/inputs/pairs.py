@@ -14,6 +14,7 @@ import torch
 from rlhfkit.inputs.tables import load_table
 from rlhfkit.inputs.templates import cut_prompt, same_text
 from rlhfkit.runtime.errors import RlhfkitError
+from rlhfkit.runtime.training import StepPlan
 
 PROMPT_FIELDS = ("prompt", "question")
 CHOSEN_FIELDS = ("chosen", "response_j")
@@ -188,3 +189,46 @@ def collate_pairs(pairs: list[dict], pad_id: int) -> dict:
         attention_mask[i, : len(ids)] = 1
         response_mask[i, : len(ids)] = torch.tensor(mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+# --------------------------------------------------------------------------- less padding
+def pair_length(pair: dict) -> int:
+    """A pair's padded width in a batch: its longer sequence."""
+    return max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+
+
+class LengthGroupedPlan(StepPlan):
+    """StepPlan whose epoch order puts pairs of similar length in the same global batch: the epoch's
+    seeded permutation is cut into mega-batches of `mega_batches` global batches, each sorted by
+    length, longest batch first (transformers' get_length_grouped_indices, as Trainer's
+    group_by_length). A permutation per epoch still, a function of seed and epoch only, so every
+    pair is used once per epoch, resume is exact and ranks split each step as StepPlan does."""
+
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        grad_accum: int,
+        world: int,
+        rank: int,
+        seed: int,
+        mega_batches: int = 50,
+    ):
+        super().__init__(len(lengths), batch_size, grad_accum, world, rank, seed)
+        self.lengths, self.mega_batches = list(lengths), mega_batches
+
+    @classmethod
+    def like(cls, plan: StepPlan, lengths: list[int], mega_batches: int) -> LengthGroupedPlan:
+        """The grouped plan with `plan`'s batch, ranks and seed (its steps per epoch are the same)."""
+        if len(lengths) != plan.n:
+            raise ValueError(f"{len(lengths)} lengths for a plan of {plan.n} items")
+        return cls(lengths, plan.b, plan.g, plan.world, plan.rank, plan.seed, mega_batches)
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            g = torch.Generator().manual_seed(self.seed + 1000003 * epoch)
+            self._perm = get_length_grouped_indices(self.lengths, self.global_batch, self.mega_batches, generator=g)
+            self._perm_epoch = epoch
+        return self._perm

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.algorithms.losses import odin_reward_loss, pairwise_reward_loss
-from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
+from rlhfkit.inputs.pairs import LengthGroupedPlan, PairDataConfig, collate_pairs, encode_pairs, load_pairs, pair_length
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
 from rlhfkit.models.forward import score_weight, unwrap
@@ -29,7 +29,8 @@ from rlhfkit.models.trunk import (
     self_check,
 )
 from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
-from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
+from rlhfkit.runtime.errors import ConfigError
+from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer, check_positive
 
 __all__ = ["CONFIG", "RewardConfig", "evaluate_pairs", "pair_scores", "run"]  # evaluate_pairs: for scripts
 
@@ -50,6 +51,20 @@ ODIN_HEADS = ["quality", "length"]
 
 
 @dataclass
+class RewardDataConfig(PairDataConfig):
+    group_by_length: bool | None = None
+    """Batch pairs of similar length (less padding; inputs.pairs.LengthGroupedPlan, as HF Trainer's
+    group_by_length). None: on, except with odin.enabled, whose loss correlates scores with length
+    within a micro-batch (grouped batches would narrow that spread)."""
+    length_group_batches: int = 50
+    """Global batches per length-sorted mega-batch (HF's megabatch_mult): more gives closer lengths
+    within a batch; a mega-batch spanning the epoch gives the same batches every epoch (in a new order)."""
+
+    def __post_init__(self):
+        check_positive(self, ("length_group_batches",))
+
+
+@dataclass
 class RewardConfig(StageConfig):
     out_dir: str = "runs/rm"
     """Output directory of this stage (config.yaml, metrics.jsonl, checkpoints/, final/)."""
@@ -59,8 +74,8 @@ class RewardConfig(StageConfig):
     """LoRA on the backbone (the score head is always fully trained and saved with it)."""
     template: TemplateConfig = field(default_factory=TemplateConfig)
     """How (prompt, response) becomes text — keep it the same as SFT and PPO."""
-    data: PairDataConfig = field(default_factory=PairDataConfig)
-    """Preference pairs."""
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    """Preference pairs, and how they are batched."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4))
     """Optimisation, checkpointing and logging."""
     margin: float = 0.0
@@ -176,6 +191,10 @@ def run(cfg: RewardConfig) -> dict:
         evaluate=evaluate if eval_pairs else None,
         save_final=lambda m, out: save_rm(m, tok, out, cfg, heads),
     )
+    if group_by_length(cfg):  # the same steps per epoch: only which pairs share a step changes
+        trainer.plan = LengthGroupedPlan.like(
+            trainer.plan, [pair_length(p) for p in pairs], cfg.data.length_group_batches
+        )
     if cfg.cache_trunk and cfg.lora.num_layers_unfrozen >= 0:
         steps.trunk = build_trunk(model, cfg, pairs + eval_pairs, tok.pad_token_id)
     summary = trainer.fit()
@@ -188,6 +207,18 @@ def run(cfg: RewardConfig) -> dict:
     if "eval_accuracy" in summary:
         print(eval_line("[rm] held-out", {k.removeprefix("eval_"): v for k, v in summary.items()}))
     return summary
+
+
+def group_by_length(cfg: RewardConfig) -> bool:
+    """data.group_by_length resolved: None is on unless ODIN; on with ODIN is refused."""
+    if cfg.data.group_by_length is None:
+        return not cfg.odin.enabled
+    if cfg.data.group_by_length and cfg.odin.enabled:
+        raise ConfigError(
+            "data.group_by_length=true with odin.enabled: ODIN's loss correlates scores with length within "
+            "a micro-batch, which length-grouped batches narrow; leave data.group_by_length unset or false"
+        )
+    return cfg.data.group_by_length
 
 
 def save_rm(model, tok, out, cfg: RewardConfig, heads: list[str] | None) -> None:
