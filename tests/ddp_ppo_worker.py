@@ -1,8 +1,9 @@
 """Run PPO with rollouts fed in (deterministic per prompt), for the 1- vs 2-process equality test.
 
-torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO[,ALGO…]]
+torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO[,ALGO…]] [KEY=VALUE…]
 
 Each algo runs into OUT_DIR/ALGO, one after the other in the same processes (one launch for all).
+KEY=VALUE: dotted config overrides on top of the test config (train.save_every=1, resume=true).
 """
 
 import sys
@@ -10,6 +11,7 @@ import sys
 import torch
 
 import rlhfkit.stages.ppo as ppo
+from rlhfkit.runtime.config import merge_dicts, parse_overrides
 
 
 def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0):
@@ -32,6 +34,7 @@ def score(prompts, responses):
 if __name__ == "__main__":
     model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     algos = (sys.argv[4] if len(sys.argv) > 4 else "ppo").split(",")
+    extra = parse_overrides(sys.argv[5:])
     ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
     for algo in algos:
@@ -39,18 +42,21 @@ if __name__ == "__main__":
             reward_fn=score,
             prompts=prompts,
             eval_prompts=[],
-            config={
-                "out_dir": f"{out}/{algo}",
-                "algo": algo,
-                "overwrite": True,
-                "model": {"name": model_dir},
-                "lora": {"r": 4, "target_modules": ["all-linear"]},
-                "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
-                "ppo": {
-                    "mini_batch_size": local_batch,
-                    "ppo_epochs": 2,
-                    "score_norm": "normalize",
-                    "adaptive_kl": True,
+            config=merge_dicts(
+                {
+                    "out_dir": f"{out}/{algo}",
+                    "algo": algo,
+                    "overwrite": True,
+                    "model": {"name": model_dir},
+                    "lora": {"r": 4, "target_modules": ["all-linear"]},
+                    "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
+                    "ppo": {
+                        "mini_batch_size": local_batch,
+                        "ppo_epochs": 2,
+                        "score_norm": "normalize",
+                        "adaptive_kl": True,
+                    },
                 },
-            },
+                extra,
+            ),
         )

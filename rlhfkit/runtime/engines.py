@@ -61,9 +61,12 @@ def describe(model) -> str:
     return f"DeepSpeed ZeRO-{zero_stage(model)}" if zero_stage(model) else type(model).__name__
 
 
-def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float, no_zero3: str = "") -> None:
     """The DeepSpeed config follows train.*: micro-batch size and clipping (DeepSpeed clips inside
-    its own step, so accelerate's clip_grad_norm_ does not) — one meaning of each key everywhere."""
+    its own step, so accelerate's clip_grad_norm_ does not) — one meaning of each key everywhere.
+    `no_zero3`: the stage that cannot run ZeRO-3 (the RL stage: see ZERO3_RL)."""
+    if no_zero3 and acc.state.deepspeed_plugin.zero_stage == 3:
+        raise ConfigError(f"{no_zero3}: {ZERO3_RL}")
     if grad_accum != 1:
         raise ConfigError(
             "train.grad_accum > 1 is not supported with DeepSpeed yet (its engine steps inside every "
@@ -72,6 +75,19 @@ def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: fl
     ds = acc.state.deepspeed_plugin.deepspeed_config
     ds.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1)
     ds["gradient_clipping"] = max_grad_norm
+
+
+ZERO3_RL = (
+    "DeepSpeed ZeRO-3 is not supported for the RL stage: rollouts run a different number of forwards on "
+    "each rank (responses end at different lengths) and every ZeRO-3 forward all-gathers its weights, a "
+    "collective, so the ranks deadlock; use recipes/accelerate/deepspeed_zero2_cpu.yaml (docs/distributed.md)"
+)
+
+
+def steps_in_backward(model) -> bool:
+    """A DeepSpeed engine steps its optimizer inside accelerate's backward (optimizer.step() is a no-op
+    there): a loop that skips a step must skip that backward too, or Adam moves on a zero gradient."""
+    return callable(getattr(model, "zero_optimization_stage", None))
 
 
 @contextlib.contextmanager
