@@ -4,6 +4,7 @@ torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATC
 
 Each algo runs into OUT_DIR/ALGO, one after the other in the same processes (one launch for all).
 KEY=VALUE: dotted config overrides on top of the test config (train.save_every=1, resume=true).
+--real-rollouts: sample with the policy (HF generate) instead, and evaluate on 5 prompts (uneven shards).
 """
 
 import sys
@@ -34,14 +35,16 @@ def score(prompts, responses):
 if __name__ == "__main__":
     model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     algos = (sys.argv[4] if len(sys.argv) > 4 else "ppo").split(",")
-    extra = parse_overrides(sys.argv[5:])
-    ppo.generate = fed_generate
+    real = "--real-rollouts" in sys.argv[5:]
+    extra = parse_overrides([a for a in sys.argv[5:] if a != "--real-rollouts"])
+    if not real:
+        ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
     for algo in algos:
         ppo.train(
             reward_fn=score,
             prompts=prompts,
-            eval_prompts=[],
+            eval_prompts=prompts[:5] if real else [],
             config=merge_dicts(
                 {
                     "out_dir": f"{out}/{algo}",

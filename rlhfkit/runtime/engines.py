@@ -61,12 +61,12 @@ def describe(model) -> str:
     return f"DeepSpeed ZeRO-{zero_stage(model)}" if zero_stage(model) else type(model).__name__
 
 
-def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float, no_zero3: str = "") -> None:
+def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float, sampling=None) -> None:
     """The DeepSpeed config follows train.*: micro-batch size and clipping (DeepSpeed clips inside
     its own step, so accelerate's clip_grad_norm_ does not) — one meaning of each key everywhere.
-    `no_zero3`: the stage that cannot run ZeRO-3 (the RL stage: see ZERO3_RL)."""
-    if no_zero3 and acc.state.deepspeed_plugin.zero_stage == 3:
-        raise ConfigError(f"{no_zero3}: {ZERO3_RL}")
+    `sampling`: the generation config of a stage that samples (the RL stage), checked for ZeRO-3."""
+    if sampling is not None and acc.state.deepspeed_plugin.zero_stage == 3:
+        check_zero3_sampling(sampling)
     if grad_accum != 1:
         raise ConfigError(
             "train.grad_accum > 1 is not supported with DeepSpeed yet (its engine steps inside every "
@@ -77,11 +77,23 @@ def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: fl
     ds["gradient_clipping"] = max_grad_norm
 
 
-ZERO3_RL = (
-    "DeepSpeed ZeRO-3 is not supported for the RL stage: rollouts run a different number of forwards on "
-    "each rank (responses end at different lengths) and every ZeRO-3 forward all-gathers its weights, a "
-    "collective, so the ranks deadlock; use recipes/accelerate/deepspeed_zero2_cpu.yaml (docs/distributed.md)"
-)
+def check_zero3_sampling(g) -> None:
+    """ZeRO-3 all-gathers each layer's weights inside its forward (a collective), yet rollouts end at
+    different lengths on each rank: HF generate keeps the ranks in step with synced_gpus, which
+    transformers turns on when its DeepSpeed config is ZeRO-3 (accelerate sets it with zero3_init_flag).
+    Sampling paths that read whole weights outside a forward are refused."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 in the RL stage needs `zero3_init_flag: true` in the accelerate config (then "
+            "transformers samples with synced_gpus and ranks stay in step), as deepspeed_zero3_cpu.yaml sets"
+        )
+    if g.backend != "hf" or g.compile:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 shards every weight: generation.backend=vllm and generation.compile need whole "
+            "weights on every rank; use generation.backend=hf without compile, or ZeRO-2"
+        )
 
 
 def steps_in_backward(model) -> bool:

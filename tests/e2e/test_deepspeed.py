@@ -116,25 +116,35 @@ def test_deepspeed_refuses_grad_accum(tiny_model_dir, tiny_corpus, tmp_path):
 
 
 RL_KEYS = ["score", "kl", "kl_coef", "pg_loss", "approxkl"]
+WORKER = str(REPO / "tests" / "ddp_ppo_worker.py")
+# ratio_threshold=1: later mini-batches (ratio > 1 after an update) are skipped, and DeepSpeed, which
+# steps inside backward, must not take that step (Adam's momentum would move the weights: 5e-3 here).
+GUARD = "ppo.ratio_threshold=1.0"
 
 
 def _rl_records(out, keys):
     return [[r[k] for k in keys] for r in read_jsonl(out / "metrics.jsonl") if "score" in r]
 
 
-def test_zero2_rl_two_processes_equal_one_and_ppo_resume_is_exact(tiny_sft_dir, tmp_path):
-    """PPO (value head, its own update loop) and GRPO under ZeRO-2: 2 processes == 1 (one launch per
-    process count for both estimators); then a ZeRO-2 PPO run SIGKILLed after its step-2 checkpoint and
-    resumed equals the uninterrupted one bit for bit (same engine, same shards).
-    ratio_threshold=1: later mini-batches (ratio > 1 after an update) are skipped, and DeepSpeed, which
-    steps inside backward, must not take that step (Adam's momentum would move the weights: 5e-3 here)."""
-    worker, algos, guard = str(REPO / "tests" / "ddp_ppo_worker.py"), "ppo,grpo", "ppo.ratio_threshold=1.0"
-    one = launch(1, worker, str(tiny_sft_dir), str(tmp_path / "one"), "8", algos, guard)
-    two = ds_launch(2, worker, str(tiny_sft_dir), str(tmp_path / "ds"), "4", algos, guard)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
-    assert "engine: DeepSpeed ZeRO-2" in two.stdout
-    for algo in algos.split(","):
-        a, b = tmp_path / "one" / algo, tmp_path / "ds" / algo
+@pytest.fixture(scope="module")
+def rl_one(tiny_sft_dir, tmp_path_factory):
+    """The 1-process reference run of PPO and GRPO (fed rollouts), shared by both ZeRO stages."""
+    out = tmp_path_factory.mktemp("rl_one")
+    one = launch(1, WORKER, str(tiny_sft_dir), str(out), "8", "ppo,grpo", GUARD)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_rl_two_processes_equal_one_and_ppo_resume_is_exact(zero, rl_one, tiny_sft_dir, tmp_path):
+    """PPO (value head, its own update loop) and GRPO under ZeRO-2/3: 2 processes == 1 (one launch per
+    process count for both estimators); then a ZeRO PPO run SIGKILLed after its step-2 checkpoint and
+    resumed equals the uninterrupted one bit for bit (same engine, same shards)."""
+    two = ds_launch(zero, WORKER, str(tiny_sft_dir), str(tmp_path / "ds"), "4", "ppo,grpo", GUARD)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert f"engine: DeepSpeed ZeRO-{zero}" in two.stdout
+    for algo in ("ppo", "grpo"):
+        a, b = rl_one / algo, tmp_path / "ds" / algo
         names = ["adapter_model.safetensors"] + (["value_head.safetensors"] if algo == "ppo" else [])
         for name in names:
             _assert_close(_weights(a, name), _weights(b, name))
@@ -146,13 +156,10 @@ def test_zero2_rl_two_processes_equal_one_and_ppo_resume_is_exact(tiny_sft_dir, 
         assert any(abs(r[3]) > 1e-6 for r in ra), algo  # a real policy loss, not zero advantages everywhere
         assert sum(_losses(b, "skipped_minibatches")) > 0, algo  # the guard was exercised
 
-    res, args = (
-        tmp_path / "res",
-        [worker, str(tiny_sft_dir), str(tmp_path / "res"), "4", "ppo", guard, "train.save_every=1"],
-    )
-    killed = ds_launch(2, *args, env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"})
+    res, args = tmp_path / "res", [WORKER, str(tiny_sft_dir), str(tmp_path / "res"), "4", "ppo", GUARD]
+    killed = ds_launch(zero, *args, "train.save_every=1", env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"})
     assert killed.returncode != 0 and (res / "ppo" / "checkpoints" / "step-000002" / "optimizer-1.json").exists()
-    again = ds_launch(2, *args, "resume=true")
+    again = ds_launch(zero, *args, "train.save_every=1", "resume=true")
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         _assert_close(_weights(tmp_path / "ds" / "ppo", name), _weights(res / "ppo", name), tol=0.0)
@@ -160,10 +167,38 @@ def test_zero2_rl_two_processes_equal_one_and_ppo_resume_is_exact(tiny_sft_dir, 
     assert _rl_records(tmp_path / "ds" / "ppo", keys) == _rl_records(res / "ppo", keys)
 
 
-def test_zero3_refuses_the_rl_stage_in_one_line(tiny_sft_dir, tmp_path):
-    p = ds_launch(3, str(REPO / "tests" / "ddp_ppo_worker.py"), str(tiny_sft_dir), str(tmp_path / "z3"), "4", "ppo")
-    assert p.returncode != 0 and "ppo: DeepSpeed ZeRO-3 is not supported for the RL stage" in p.stderr
-    assert not (tmp_path / "z3" / "ppo" / "checkpoints").exists()
+def test_zero3_rollouts_sample_as_zero2(tiny_sft_dir, tmp_path):
+    """Real rollouts (HF generate) and an evaluation on 5 prompts (3 on one rank, 2 on the other): under
+    ZeRO-3 every forward all-gathers, and ranks whose responses end early must keep joining (synced_gpus).
+    Same seeds per rank, so ZeRO-3 samples what ZeRO-2 (whole weights on every rank) samples."""
+    args = ["4", "ppo", "--real-rollouts", "generation.response_min=4", "generation.response_max=24"]
+    runs = {z: ds_launch(z, WORKER, str(tiny_sft_dir), str(tmp_path / f"z{z}"), *args) for z in (2, 3)}
+    assert all(p.returncode == 0 for p in runs.values()), {z: p.stderr[-2000:] for z, p in runs.items()}
+    z2, z3 = tmp_path / "z2" / "ppo", tmp_path / "z3" / "ppo"
+    keys = ["score", "response_length", "kl", "pg_loss", "vf_loss"]
+    assert _rl_records(z2, keys) == pytest.approx(_rl_records(z3, keys), abs=1e-5)
+    text = lambda out: [(r["tag"], r["prompt"], r["response"]) for r in read_jsonl(out / "samples.jsonl")]  # noqa: E731
+    assert text(z2) == text(z3) and len(text(z3)) == 6  # before + after on rank 0's 3 of the 5 prompts
+    assert len({len(r) for _, _, r in text(z3)}) > 1  # responses of different lengths: ranks ended apart
+    assert _losses(z3, "eval/kl")[0] == 0.0  # the reference is the policy at step 0
+
+
+def test_zero3_refuses_sampling_that_needs_whole_weights():
+    from types import SimpleNamespace
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from rlhfkit.runtime import engines
+    from rlhfkit.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs `zero3_init_flag: true`"):
+        engines.check_zero3_sampling(SimpleNamespace(backend="hf", compile=False))
+    keep = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}})  # what accelerate sets with zero3_init_flag
+    engines.check_zero3_sampling(SimpleNamespace(backend="hf", compile=False))
+    for g in (SimpleNamespace(backend="vllm", compile=False), SimpleNamespace(backend="hf", compile=True)):
+        with pytest.raises(ConfigError, match="vllm and generation.compile need whole weights"):
+            engines.check_zero3_sampling(g)
+    del keep  # transformers holds it by weak reference: ZeRO-3 is off again for this process
 
 
 def test_zero2_dpo_two_processes_equal_one(tiny_model_dir, tmp_path):
