@@ -215,7 +215,7 @@ def test_zero2_dpo_two_processes_equal_one(tiny_model_dir, tmp_path):
         "data.max_length=64",
         "data.eval_fraction=0.2",
         "train.max_steps=4",
-        "train.lr=1e-2",
+        "train.lr=1e-3",  # at 1e-2 Adam turns summation-order noise of near-zero gradients into 6e-4 (DDP too)
         "lora.r=8",
         "lora.dropout=0",
         "train.seed=1",
