@@ -64,7 +64,10 @@ def describe(model) -> str:
 def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float, sampling=None) -> None:
     """The DeepSpeed config follows train.*: micro-batch size and clipping (DeepSpeed clips inside
     its own step, so accelerate's clip_grad_norm_ does not) — one meaning of each key everywhere.
-    `sampling`: the generation config of a stage that samples (the RL stage), checked for ZeRO-3."""
+    `sampling`: the generation config of a stage that samples (the RL stage), checked for ZeRO-3.
+    Nothing to do on another engine."""
+    if engine() != "deepspeed":
+        return
     if sampling is not None and acc.state.deepspeed_plugin.zero_stage == 3:
         check_zero3_sampling(sampling)
     if grad_accum != 1:

@@ -289,9 +289,8 @@ class RLTrainer(StageRun):
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
-        if engines.engine() == "deepspeed":  # one DeepSpeed micro-batch = one PPO mini-batch
-            tc = cfg.train  # ZeRO-3 samples with synced_gpus (engines.check_zero3_sampling)
-            engines.configure_deepspeed(acc, p.mini_batch_size, tc.grad_accum, tc.max_grad_norm, cfg.generation)
+        tc = cfg.train  # DeepSpeed: one micro-batch = one PPO mini-batch; ZeRO-3 checks the sampling settings
+        engines.configure_deepspeed(acc, p.mini_batch_size, tc.grad_accum, tc.max_grad_norm, cfg.generation)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.kl_ctl = (
             rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon)
