@@ -179,7 +179,7 @@ def test_zero3_rollouts_sample_as_zero2(tiny_sft_dir, tmp_path):
     assert _rl_records(z2, keys) == pytest.approx(_rl_records(z3, keys), abs=1e-5)
     text = lambda out: [(r["tag"], r["prompt"], r["response"]) for r in read_jsonl(out / "samples.jsonl")]  # noqa: E731
     assert text(z2) == text(z3) and len(text(z3)) == 6  # before + after on rank 0's 3 of the 5 prompts
-    assert len({len(r) for _, _, r in text(z3)}) > 1  # responses of different lengths: ranks ended apart
+    assert len({len(r) for _, _, r in text(z3)}) > 1  # responses end apart (EOS): what synced_gpus must keep in step
     assert _losses(z3, "eval/kl")[0] == 0.0  # the reference is the policy at step 0
 
 
