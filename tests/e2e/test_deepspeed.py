@@ -117,8 +117,9 @@ def test_deepspeed_refuses_grad_accum(tiny_model_dir, tiny_corpus, tmp_path):
 
 RL_KEYS = ["score", "kl", "kl_coef", "pg_loss", "approxkl"]
 WORKER = str(REPO / "tests" / "ddp_ppo_worker.py")
-# ratio_threshold=1: later mini-batches (ratio > 1 after an update) are skipped, and DeepSpeed, which
-# steps inside backward, must not take that step (Adam's momentum would move the weights: 5e-3 here).
+# ratio_threshold=1: a mini-batch after an update whose mean ratio is > 1 is skipped (GRPO's epoch 2 here),
+# and DeepSpeed, which steps inside backward, must not take that step (Adam's momentum would move the
+# weights: 5.2e-3 on a tiny model's adapter before engines.steps_in_backward).
 GUARD = "ppo.ratio_threshold=1.0"
 
 
@@ -154,7 +155,7 @@ def test_zero_rl_two_processes_equal_one_and_ppo_resume_is_exact(zero, rl_one, t
         worst = max(abs(x - y) for r1, r2 in zip(ra, rb) for x, y in zip(r1, r2))
         assert worst <= 1e-5, (algo, ra, rb)
         assert any(abs(r[3]) > 1e-6 for r in ra), algo  # a real policy loss, not zero advantages everywhere
-        assert sum(_losses(b, "skipped_minibatches")) > 0, algo  # the guard was exercised
+    assert sum(_losses(tmp_path / "ds" / "grpo", "skipped_minibatches")) > 0  # the guard fired after an update
 
     res, args = tmp_path / "res", [WORKER, str(tiny_sft_dir), str(tmp_path / "res"), "4", "ppo", GUARD]
     killed = ds_launch(zero, *args, "train.save_every=1", env={"RLHFKIT_FAULT_KILL_AFTER_STEP": "2"})
@@ -176,7 +177,8 @@ def test_zero3_rollouts_sample_as_zero2(tiny_sft_dir, tmp_path):
     assert all(p.returncode == 0 for p in runs.values()), {z: p.stderr[-2000:] for z, p in runs.items()}
     z2, z3 = tmp_path / "z2" / "ppo", tmp_path / "z3" / "ppo"
     keys = ["score", "response_length", "kl", "pg_loss", "vf_loss"]
-    assert _rl_records(z2, keys) == pytest.approx(_rl_records(z3, keys), abs=1e-5)
+    flat = lambda out: [x for r in _rl_records(out, keys) for x in r]  # noqa: E731
+    assert len(flat(z3)) == 3 * len(keys) and flat(z2) == pytest.approx(flat(z3), abs=1e-5)
     text = lambda out: [(r["tag"], r["prompt"], r["response"]) for r in read_jsonl(out / "samples.jsonl")]  # noqa: E731
     assert text(z2) == text(z3) and len(text(z3)) == 6  # before + after on rank 0's 3 of the 5 prompts
     assert len({len(r) for _, _, r in text(z3)}) > 1  # responses end apart (EOS): what synced_gpus must keep in step
