@@ -1,8 +1,10 @@
 """Run PPO with rollouts fed in (deterministic per prompt), for the 1- vs 2-process equality test.
 
-torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO[,ALGO…]]
+torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATCH [ALGO[,ALGO…]] [KEY=VALUE…]
 
 Each algo runs into OUT_DIR/ALGO, one after the other in the same processes (one launch for all).
+KEY=VALUE: dotted config overrides on top of the test config (train.save_every=1, resume=true).
+--real-rollouts: sample with the policy (HF generate) instead, and evaluate on 5 prompts (uneven shards).
 """
 
 import sys
@@ -10,6 +12,7 @@ import sys
 import torch
 
 import rlhfkit.stages.ppo as ppo
+from rlhfkit.runtime.config import merge_dicts, parse_overrides
 
 
 def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0):
@@ -32,25 +35,31 @@ def score(prompts, responses):
 if __name__ == "__main__":
     model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     algos = (sys.argv[4] if len(sys.argv) > 4 else "ppo").split(",")
-    ppo.generate = fed_generate
+    real = "--real-rollouts" in sys.argv[5:]
+    extra = parse_overrides([a for a in sys.argv[5:] if a != "--real-rollouts"])
+    if not real:
+        ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
     for algo in algos:
         ppo.train(
             reward_fn=score,
             prompts=prompts,
-            eval_prompts=[],
-            config={
-                "out_dir": f"{out}/{algo}",
-                "algo": algo,
-                "overwrite": True,
-                "model": {"name": model_dir},
-                "lora": {"r": 4, "target_modules": ["all-linear"]},
-                "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
-                "ppo": {
-                    "mini_batch_size": local_batch,
-                    "ppo_epochs": 2,
-                    "score_norm": "normalize",
-                    "adaptive_kl": True,
+            eval_prompts=prompts[:5] if real else [],
+            config=merge_dicts(
+                {
+                    "out_dir": f"{out}/{algo}",
+                    "algo": algo,
+                    "overwrite": True,
+                    "model": {"name": model_dir},
+                    "lora": {"r": 4, "target_modules": ["all-linear"]},
+                    "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
+                    "ppo": {
+                        "mini_batch_size": local_batch,
+                        "ppo_epochs": 2,
+                        "score_norm": "normalize",
+                        "adaptive_kl": True,
+                    },
                 },
-            },
+                extra,
+            ),
         )

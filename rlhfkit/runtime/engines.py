@@ -61,9 +61,15 @@ def describe(model) -> str:
     return f"DeepSpeed ZeRO-{zero_stage(model)}" if zero_stage(model) else type(model).__name__
 
 
-def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float) -> None:
+def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: float, sampling=None) -> None:
     """The DeepSpeed config follows train.*: micro-batch size and clipping (DeepSpeed clips inside
-    its own step, so accelerate's clip_grad_norm_ does not) — one meaning of each key everywhere."""
+    its own step, so accelerate's clip_grad_norm_ does not) — one meaning of each key everywhere.
+    `sampling`: the generation config of a stage that samples (the RL stage), checked for ZeRO-3.
+    Nothing to do on another engine."""
+    if engine() != "deepspeed":
+        return
+    if sampling is not None and acc.state.deepspeed_plugin.zero_stage == 3:
+        check_zero3_sampling(sampling)
     if grad_accum != 1:
         raise ConfigError(
             "train.grad_accum > 1 is not supported with DeepSpeed yet (its engine steps inside every "
@@ -72,6 +78,31 @@ def configure_deepspeed(acc, batch_size: int, grad_accum: int, max_grad_norm: fl
     ds = acc.state.deepspeed_plugin.deepspeed_config
     ds.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1)
     ds["gradient_clipping"] = max_grad_norm
+
+
+def check_zero3_sampling(g) -> None:
+    """ZeRO-3 all-gathers each layer's weights inside its forward (a collective), yet rollouts end at
+    different lengths on each rank: HF generate keeps the ranks in step with synced_gpus, which
+    transformers turns on when its DeepSpeed config is ZeRO-3 (accelerate sets it with zero3_init_flag).
+    Sampling paths that read whole weights outside a forward are refused."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 in the RL stage needs `zero3_init_flag: true` in the accelerate config (then "
+            "transformers samples with synced_gpus and ranks stay in step), as deepspeed_zero3_cpu.yaml sets"
+        )
+    if g.backend != "hf" or g.compile:
+        raise ConfigError(
+            "DeepSpeed ZeRO-3 shards every weight: generation.backend=vllm and generation.compile need whole "
+            "weights on every rank; use generation.backend=hf without compile, or ZeRO-2"
+        )
+
+
+def steps_in_backward(model) -> bool:
+    """A DeepSpeed engine steps its optimizer inside accelerate's backward (optimizer.step() is a no-op
+    there): a loop that skips a step must skip that backward too, or Adam moves on a zero gradient."""
+    return callable(getattr(model, "zero_optimization_stage", None))
 
 
 @contextlib.contextmanager

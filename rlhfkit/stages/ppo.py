@@ -37,6 +37,7 @@ from rlhfkit.models.forward import eval_mode, forward_logprobs
 from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
 from rlhfkit.models.loading import LoraConfig, ModelConfig
 from rlhfkit.rewards.scoring import load_scorer
+from rlhfkit.runtime import engines
 from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import append_jsonl, atomic_write_text, read_jsonl
@@ -288,6 +289,8 @@ class RLTrainer(StageRun):
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
+        tc = cfg.train  # DeepSpeed: one micro-batch = one PPO mini-batch; ZeRO-3 checks the sampling settings
+        engines.configure_deepspeed(acc, p.mini_batch_size, tc.grad_accum, tc.max_grad_norm, cfg.generation)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.kl_ctl = (
             rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon)
@@ -301,7 +304,7 @@ class RLTrainer(StageRun):
             print(
                 f"[ppo] algo={cfg.algo}: {len(self.prompts)} prompts, {len(self.eval_prompts)} eval prompts; "
                 f"{cfg.train.batch_size // self.k} prompts × {self.k} samples × {acc.num_processes} processes "
-                f"per step; reward: {self.scorer.name}"
+                f"per step; reward: {self.scorer.name}; engine: {engines.describe(self.model)}"
             )
 
     def step_prompts(self, step: int) -> list[int]:
@@ -510,7 +513,8 @@ class RLTrainer(StageRun):
                         logged = self._global_stats(ro, idx, out, local)
                         if logged["ratio"] > p.ratio_threshold:  # decided on global numbers: every rank agrees
                             skipped, loss = skipped + 1, loss * 0.0
-                        acc.backward(loss / len(accum))  # a zero loss still joins DDP's gradient all-reduce
+                        if not (skipped and engines.steps_in_backward(self.model)):  # DeepSpeed: no zero-grad step
+                            acc.backward(loss / len(accum))  # a zero loss still joins DDP's gradient all-reduce
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(v)
                     del out
