@@ -11,6 +11,7 @@ import torch
 
 from rlhfkit.models.adapters import lora_merged
 from rlhfkit.models.forward import forward_logprobs, unwrap
+from rlhfkit.runtime.errors import ConfigError
 
 # generation_config keys that change which tokens get sampled (logits processors and warpers):
 # a model shipping any of them would not be sampled as the policy the KL estimate assumes.
@@ -81,6 +82,41 @@ class FixedLengthSampling(SamplingConfig):
 
     max_new_tokens: int = 48
     """Response length cap."""
+
+
+@dataclass
+class RolloutSampling(SamplingConfig):
+    """RL rollout sampling: the shared sampling knobs, a length sampler, and the KL-bias guard (check_unbiased)."""
+
+    response_min: int = 32
+    """Length sampler: each rollout's max new tokens is drawn uniformly from [response_min, response_max]."""
+    response_max: int = 64
+    """Upper end of the length sampler."""
+    accept_kl_bias: bool = False
+    """Allow top_k/top_p/temperature/min_new_tokens settings that make samples come from a distribution
+    other than the policy (they bias the KL estimate; refused otherwise)."""
+
+
+def check_unbiased(g: RolloutSampling) -> None:
+    """Refuse sampling settings that make the KL estimate (and penalty) biased, unless accepted."""
+    problems = []
+    if g.min_new_tokens > 0:
+        problems.append(f"min_new_tokens={g.min_new_tokens} suppresses EOS, so samples are not from the policy")
+    if g.top_k > 0:
+        problems.append(f"top_k={g.top_k} truncates the distribution")
+    if g.top_p < 1.0:
+        problems.append(f"top_p={g.top_p} truncates the distribution")
+    if g.temperature != 1.0:
+        problems.append(f"temperature={g.temperature} samples from a reshaped distribution")
+    if g.response_min < 1 or g.response_max < g.response_min:
+        raise ConfigError("generation.response_min must be ≥ 1 and ≤ generation.response_max")
+    if problems and not g.accept_kl_bias:
+        raise ConfigError(
+            "generation settings bias the KL penalty: " + "; ".join(problems) + ". The KL term is estimated from "
+            "log π(y)/π_ref(y) on samples y, which is only unbiased when y is drawn from π itself — with these "
+            "settings the estimate can go negative and PPO can exploit it (see trl#1340 discussions). "
+            "Set generation.accept_kl_bias=true to run anyway."
+        )
 
 
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

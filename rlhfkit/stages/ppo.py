@@ -34,7 +34,7 @@ from rlhfkit.models import policy as policy_model
 from rlhfkit.models.adapters import save_model
 from rlhfkit.models.critic import VALUE_HEAD, critic_source
 from rlhfkit.models.forward import eval_mode, forward_logprobs
-from rlhfkit.models.generation import SamplingConfig, generate, pad_left, response_logprobs
+from rlhfkit.models.generation import RolloutSampling, check_unbiased, generate, pad_left, response_logprobs
 from rlhfkit.models.loading import LoraConfig, ModelConfig
 from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.runtime import engines
@@ -46,19 +46,6 @@ from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfi
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
 GROUP_ALGOS = ("rloo", "grpo", "reinforce_pp_baseline")
 KL_IN_REWARD = ("rloo", "reinforce_pp", "reinforce_pp_baseline")  # the estimators whose advantages hold β·KL
-
-
-@dataclass
-class GenerationConfig(SamplingConfig):
-    """Rollout sampling: the shared sampling knobs, a length sampler, and the KL-bias guard."""
-
-    response_min: int = 32
-    """Length sampler: each rollout's max new tokens is drawn uniformly from [response_min, response_max]."""
-    response_max: int = 64
-    """Upper end of the length sampler."""
-    accept_kl_bias: bool = False
-    """Allow top_k/top_p/temperature/min_new_tokens settings that make samples come from a distribution
-    other than the policy (they bias the KL estimate; refused otherwise)."""
 
 
 @dataclass
@@ -152,7 +139,7 @@ class PPOConfig(StageConfig):
     """Value function: 'value_head' (a scalar head on the policy's last hidden state), 'rm' (a separate
     critic initialised from the `reward` RM folder: its score head at every token, its LoRA continued or
     a fresh one with `lora`'s settings, dropout off; saved in final/critic), or an RM folder to start it from."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: RolloutSampling = field(default_factory=RolloutSampling)
     """Rollout sampling."""
     ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
     """PPO and KL hyper-parameters."""
@@ -206,28 +193,6 @@ class PPOConfig(StageConfig):
 CONFIG = PPOConfig
 
 
-def check_generation(g: GenerationConfig) -> None:
-    """Refuse sampling settings that make the KL estimate (and penalty) biased, unless accepted."""
-    problems = []
-    if g.min_new_tokens > 0:
-        problems.append(f"min_new_tokens={g.min_new_tokens} suppresses EOS, so samples are not from the policy")
-    if g.top_k > 0:
-        problems.append(f"top_k={g.top_k} truncates the distribution")
-    if g.top_p < 1.0:
-        problems.append(f"top_p={g.top_p} truncates the distribution")
-    if g.temperature != 1.0:
-        problems.append(f"temperature={g.temperature} samples from a reshaped distribution")
-    if g.response_min < 1 or g.response_max < g.response_min:
-        raise ConfigError("generation.response_min must be ≥ 1 and ≤ generation.response_max")
-    if problems and not g.accept_kl_bias:
-        raise ConfigError(
-            "generation settings bias the KL penalty: " + "; ".join(problems) + ". The KL term is estimated from "
-            "log π(y)/π_ref(y) on samples y, which is only unbiased when y is drawn from π itself — with these "
-            "settings the estimate can go negative and PPO can exploit it (see trl#1340 discussions). "
-            "Set generation.accept_kl_bias=true to run anyway."
-        )
-
-
 def build_policy(cfg: PPOConfig):
     """The policy (+ value head or critic for ppo only) and its tokenizer, from the stage's config."""
     critic = critic_source(cfg.critic, cfg.reward) if cfg.algo == "ppo" else None
@@ -262,7 +227,7 @@ class Rollout:
 # --------------------------------------------------------------------------- trainer
 class RLTrainer(StageRun):
     def __init__(self, cfg: PPOConfig, reward_fn=None, prompts=None, eval_prompts=None):
-        check_generation(cfg.generation)
+        check_unbiased(cfg.generation)
         super().__init__(cfg, "ppo")
         acc, p = self.accelerator, cfg.ppo
         if reward_fn is None and not cfg.reward:

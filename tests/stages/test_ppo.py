@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlhfkit.models.forward import forward_logprobs
-from rlhfkit.models.generation import pad_left
+from rlhfkit.models.generation import RolloutSampling, check_unbiased, pad_left
 from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.runtime.io import read_jsonl
@@ -178,7 +178,7 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
     model.policy.generate = fake_generate
     from rlhfkit.models.generation import generate
 
-    resp, rmask = generate(model.policy, tok, q, [4, 3], ppo.GenerationConfig(), "cpu")
+    resp, rmask = generate(model.policy, tok, q, [4, 3], RolloutSampling(), "cpu")
     assert rmask.tolist() == [[1, 1, 0], [1, 1, 1]]  # up to and including EOS; row 2 cut to its length 3
     assert resp.tolist() == [[7, eos, pad], [5, 6, 7]]
 
@@ -196,7 +196,7 @@ def test_compiled_generation_samples_what_eager_samples(tiny_sft_dir, tmp_path):
     ]
     runs = {}
     for compiled in (False, True):
-        g = ppo.GenerationConfig(compile=compiled)
+        g = RolloutSampling(compile=compiled)
         torch.manual_seed(3)
         runs[compiled] = [
             generate(model.policy, tok, q, [9, 12, 5], g, "cpu"),
@@ -232,7 +232,7 @@ def test_sampling_with_the_lora_folded_in_draws_the_same_tokens_and_restores_the
     runs = {}
     for merge in (False, True):
         torch.manual_seed(3)
-        runs[merge] = generate(policy, tok, q, [12, 9], ppo.GenerationConfig(merge_lora=merge), "cpu")
+        runs[merge] = generate(policy, tok, q, [12, 9], RolloutSampling(merge_lora=merge), "cpu")
     assert seen == [False, True] and not any(m.merged for m in lora)
     assert torch.equal(runs[False][0], runs[True][0]) and torch.equal(runs[False][1], runs[True][1])
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
@@ -241,8 +241,8 @@ def test_sampling_with_the_lora_folded_in_draws_the_same_tokens_and_restores_the
 def test_generation_guard_refuses_kl_biasing_settings(tiny_sft_dir, tmp_path, capsys):
     for bad in ({"top_k": 50}, {"top_p": 0.9}, {"temperature": 0.7}, {"min_new_tokens": 8}):
         with pytest.raises(ConfigError, match="bias the KL penalty.*accept_kl_bias"):
-            ppo.check_generation(ppo.GenerationConfig(**bad))
-    ppo.check_generation(ppo.GenerationConfig(top_k=50, accept_kl_bias=True))  # explicit opt-in is allowed
+            check_unbiased(RolloutSampling(**bad))
+    check_unbiased(RolloutSampling(top_k=50, accept_kl_bias=True))  # explicit opt-in is allowed
     from rlhfkit.cli import main
 
     assert (
