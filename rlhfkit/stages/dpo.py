@@ -42,7 +42,7 @@ import torch
 from rlhfkit.algorithms.losses import DPO_LOSS_TYPES, dpo_loss
 from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, load_pairs
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
-from rlhfkit.models.adapters import disable_dropout, save_model
+from rlhfkit.models.adapters import disable_dropout, peft_model, save_model
 from rlhfkit.models.forward import eval_mode, sequence_logprobs
 from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
 from rlhfkit.runtime.errors import RlhfkitError
@@ -129,13 +129,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _peft(model):
-    """The PeftModel beneath DDP/accelerate wrappers (or None)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else None
-
-
 # --------------------------------------------------------------------------- reference
 class Reference:
     """Reference log-probs for a micro-batch: (chosen (B,), rejected (B,)).
@@ -161,7 +154,7 @@ class Reference:
         if self.kind == "model":
             net, ctx = self.model, contextlib.nullcontext()
         elif self.kind == "adapter":
-            net = _peft(policy)
+            net = peft_model(policy)
             if net is None:
                 raise RlhfkitError("reference 'adapter' needs a LoRA policy")
             ctx = net.disable_adapter()
@@ -354,7 +347,7 @@ def run(cfg: DPOConfig) -> dict:
     precompute = cfg.precompute_ref
     if cfg.ref_model:
         source = Reference("model", average, model=_load_ref_model(cfg, tok))
-    elif _peft(model) is not None and not continuing:
+    elif peft_model(model) is not None and not continuing:
         source = Reference("adapter", average)
     else:
         why = (

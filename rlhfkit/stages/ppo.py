@@ -476,9 +476,10 @@ class RLTrainer(StageRun):
                                 self.advantages(ro)
                         loss, local = self.loss(ro, idx, out)
                         logged = self._global_stats(ro, idx, out, local)
-                        if logged["ratio"] > p.ratio_threshold:  # decided on global numbers: every rank agrees
+                        blown = logged["ratio"] > p.ratio_threshold  # on global numbers: every rank agrees
+                        if blown:
                             skipped, loss = skipped + 1, loss * 0.0
-                        if not (skipped and engines.steps_in_backward(self.model)):  # DeepSpeed: no zero-grad step
+                        if not (blown and engines.steps_in_backward(self.model)):  # DeepSpeed: no zero-grad step
                             acc.backward(loss / len(accum))  # a zero loss still joins DDP's gradient all-reduce
                     for name, v in logged.items():
                         stats.setdefault(name, []).append(v)
