@@ -114,12 +114,12 @@ def fold_cfg(args, reward, recipe: str, train: str, held: str, out: Path):
         "model": {"name": args.model},
         # --layers 0: no block is trained, only the score head(s) over the cached final states (lora off)
         "lora": {
-            "enabled": args.layers > 0,
+            "enabled": args.layers > 0 and not args.full,
             "r": 16,
             "alpha": 32,
             "dropout": 0.05,
             "target_modules": ["all-linear"],
-            "num_layers_unfrozen": args.layers,
+            "num_layers_unfrozen": -1 if args.full else args.layers,
         },
         "data": {"path": train, "eval_path": held, "max_length": args.max_length, "truncate": True},
         "train": {"lr": args.lr, "warmup_steps": 5, "batch_size": args.batch, "epochs": args.epochs},
@@ -136,14 +136,15 @@ def run_loso(args) -> dict:
     t0 = time.time()
     pools = site_pools(args, sites, out)
     trunk_stats = shared_trunk(reward)
-    folds: dict = {r: {} for r in RECIPES}
-    for left in sites:
+    recipes = [r for r in RECIPES if r in args.recipes]
+    folds: dict = {r: {} for r in recipes}
+    for left in args.folds:
         rng = random.Random(1)
         train_rows = [r for s in sites if s != left for r in pools[s][0]]
         rng.shuffle(train_rows)
         train = write_jsonl(out / "folds" / left / "train.jsonl", train_rows)
         held = write_jsonl(out / "folds" / left / "held.jsonl", pools[left][1])
-        for recipe in RECIPES:
+        for recipe in recipes:
             t1 = time.time()
             summary = reward.run(fold_cfg(args, reward, recipe, train, held, out / "runs" / f"{recipe}-{left}"))
             folds[recipe][left] = {k: summary.get(f"eval_{k}") for k in KEYS} | {
@@ -153,25 +154,26 @@ def run_loso(args) -> dict:
             print(f"[loso] {recipe} left out {left}: {json.dumps(folds[recipe][left])}", flush=True)
             if not args.keep_models:  # a full model per run (lora off) would fill /tmp
                 shutil.rmtree(out / "runs" / f"{recipe}-{left}" / "final", ignore_errors=True)
-        partial = {"folds_done": [s for s in sites if s in folds["bt"]], "folds": folds, "trunk_cache": trunk_stats}
+        done = [s for s in sites if s in folds[recipes[0]]]
+        partial = {"folds_done": done, "folds": folds, "trunk_cache": trunk_stats}
         (out / "loso.partial.json").write_text(json.dumps(partial, indent=2))
     mean = {
         r: {
             k: _mean([f[k] for f in folds[r].values()])
             for k in ("accuracy", "longer_wins", "matched_accuracy", "length_controlled_accuracy", "length_corr")
         }
-        for r in RECIPES
+        for r in recipes
     }
     for r, m in mean.items():
         m["acc_minus_longer_wins"] = None if m["accuracy"] is None else m["accuracy"] - m["longer_wins"]
         m["target_acc_ge_length_plus_5"] = m["acc_minus_longer_wins"] is not None and m["acc_minus_longer_wins"] >= 0.05
         m["target_matched_ge_60"] = m["matched_accuracy"] is not None and m["matched_accuracy"] >= 0.60
-    pooled = {r: _pooled(folds[r]) for r in RECIPES}  # every left-out pair counts once (folds differ in size)
+    pooled = {r: _pooled(folds[r]) for r in recipes}  # every left-out pair counts once (folds differ in size)
     result = {
         "machine": machine(),
         "versions": versions(),
         "args": vars(args),
-        "recipes": RECIPES,
+        "recipes": {r: RECIPES[r] for r in recipes},
         "trunk_cache": trunk_stats,
         "folds": folds,
         "mean_over_folds": mean,

@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--eval-per-site", type=int, default=40, help="--loso: evaluation pairs per left-out site")
     ap.add_argument("--epochs", type=float, default=1.0, help="--loso: passes over each fold's training pairs")
     ap.add_argument("--keep-models", action="store_true", help="--loso: keep every run's final/ model")
+    ap.add_argument("--folds", nargs="+", choices=SITES, default=list(SITES), help="--loso: the left-out sites to run")
+    ap.add_argument("--recipes", nargs="+", default=["bt", "odin"], help="--loso: recipes (rm_loso.RECIPES)")
+    ap.add_argument("--full", action="store_true", help="--loso: train every weight (no LoRA; --layers ignored)")
     args = ap.parse_args()
     if args.loso:
         from rm_loso import run_loso

