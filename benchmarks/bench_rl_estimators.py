@@ -15,7 +15,8 @@ KL coefficient 0.05 (rloo) / 0.04 (grpo; TRL computes the reference only when β
 reward: distinct words / 10 of the response (microseconds: the trainers are what is timed).
 Timing: wall clock per step (generation included) after --warmup untimed steps; TRL's steps are timed
 with a TrainerCallback (on_step_begin → on_step_end). Peak RSS = ru_maxrss of the child.
-Prints one JSON line per config and a summary with rlhfkit/TRL ratios.
+Prints one JSON line per config and a summary with rlhfkit/TRL ratios; a config listed more than once
+(e.g. `--only rlhfkit:grpo trl:grpo trl:grpo rlhfkit:grpo`) has its timed steps pooled over its runs.
 """
 
 from __future__ import annotations
@@ -164,6 +165,22 @@ def child(a) -> int:
     return 0
 
 
+def pooled(prev: dict | None, run: dict) -> dict:
+    """A config listed more than once (A-B-B-A orders): its timed steps pooled over its runs."""
+    if prev is None:
+        return {**run, "runs": 1}
+    walls = prev["walls"] + run["walls"]
+    tokens_per_step = prev["response_tokens_per_s"] * prev["s_per_step"]
+    return {
+        **prev,
+        "walls": walls,
+        "s_per_step": sum(walls) / len(walls),
+        "response_tokens_per_s": tokens_per_step * len(walls) / sum(walls),
+        "peak_rss_gib": max(prev["peak_rss_gib"], run["peak_rss_gib"]),
+        "runs": prev["runs"] + 1,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS))
@@ -192,8 +209,9 @@ def main() -> int:
             if p.returncode != 0:
                 print(json.dumps({"config": config, "error": p.stderr[-1500:]}), flush=True)
                 continue
-            results[config] = json.loads(res.read_text())
-            print(json.dumps(results[config]), flush=True)
+            run = json.loads(res.read_text())
+            print(json.dumps(run), flush=True)
+            results[config] = pooled(results.get(config), run)
     ratios = {
         f"{fw}:{algo}": results[f"trl:{algo}"]["s_per_step"] / results[f"{fw}:{algo}"]["s_per_step"]
         for fw in ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm")
