@@ -83,6 +83,15 @@ def test_encoder_rm_learns_and_its_folder_reloads_to_the_in_memory_margins(tiny_
     assert [a - b for a, b in zip(chosen, rejected)] == pytest.approx(margins, abs=1e-4)
     adapter = tmp_path / "rm" / "final" / "adapter_config.json"
     assert adapter.exists() == lora
+    # rm-eval on the same held-out pairs: the stage's accuracy and margin
+    from rlhfkit.cli import main
+
+    src = tmp_path / "held.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in held))
+    assert main(["rm-eval", str(tmp_path / "rm"), str(src), f"out={tmp_path / 'res.json'}"]) == 0
+    got = json.loads((tmp_path / "res.json").read_text())["sources"][0]
+    assert got["pairs"] == summary["eval_pairs"] and got["accuracy"] == pytest.approx(summary["eval_accuracy"])
+    assert got["margin"] == pytest.approx(summary["eval_margin"], abs=1e-4)
 
 
 def test_encoder_rm_refuses_more_tokens_than_its_positions_and_the_scorer_cuts(
