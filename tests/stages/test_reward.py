@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 
@@ -14,25 +13,6 @@ from rlhfkit.models.forward import sequence_scores
 from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.stages import reward
-from tests.conftest import WORDS
-
-
-def preference_pairs(n: int, seed: int) -> list[dict]:
-    """Rule: the chosen answer says 'good', the rejected one 'bad' (else identical)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        w, x = rng.choice(WORDS), rng.choice(WORDS)
-        good, bad = f"{w} {x} is good.", f"{w} {x} is bad."
-        rows.append({"prompt": f"q{i} how {w} {x}?", "chosen": good, "rejected": bad})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def pair_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(320, seed=0)))
-    return path
 
 
 def rm_cfg(model_dir, pairs, out, *extra):

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
-from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.errors import ConfigError
 from rlhfkit.stages import reward
-from tests.stages.test_reward import preference_pairs
+from tests.stages.test_reward import rm_cfg
 
 POSITIONS = 64
 
@@ -39,29 +38,8 @@ def tiny_bert_dir(tmp_path_factory, tiny_tokenizer_dir):
     return out
 
 
-@pytest.fixture(scope="module")
-def pair_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(240, seed=3)))
-    return path
-
-
 def cfg(model_dir, pairs, out, *extra):
-    return load_config(
-        reward.RewardConfig,
-        overrides=[
-            f"out_dir={out}",
-            f"model.name={model_dir}",
-            f"data.path={pairs}",
-            "data.eval_fraction=0.2",
-            f"data.max_length={POSITIONS}",
-            "train.batch_size=8",
-            "train.lr=2e-3",
-            "train.max_steps=30",
-            "train.seed=0",
-            *extra,
-        ],
-    )
+    return rm_cfg(model_dir, pairs, out, "train.lr=2e-3", "train.max_steps=30", *extra)  # max_length 64 = POSITIONS
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
