@@ -19,7 +19,7 @@ TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the Python interpreter")
 
 
-def launch(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(nproc: int, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = (
         [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
         if nproc > 1
@@ -31,7 +31,7 @@ def launch(nproc: int, *args: str, env: dict | None = None) -> subprocess.Comple
         text=True,
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        timeout=600,
+        timeout=timeout,
     )
     return proc
 

@@ -131,7 +131,8 @@ def test_fsdp_rl_real_rollouts_equal_ddp(tiny_sft_dir, tmp_path):
     evaluation on 5 prompts (3 and 2 per rank: different forward counts), on FSDP2 and on DDP: each rank
     samples the same tokens from the same weights, so the runs agree."""
     args = [str(tiny_sft_dir), "4", "rloo", "--real-rollouts", "generation.response_min=4", "generation.response_max=8"]
-    fsdp = launch(2, WORKER, args[0], str(tmp_path / "fsdp"), *args[1:], env=FSDP)
+    # a forward left collective (sharded) on uneven work hangs: 180 s, not the 10 minutes of a launch
+    fsdp = launch(2, WORKER, args[0], str(tmp_path / "fsdp"), *args[1:], env=FSDP, timeout=180)
     ddp = launch(2, WORKER, args[0], str(tmp_path / "ddp"), *args[1:], "generation.merge_lora=false")
     assert fsdp.returncode == 0 and ddp.returncode == 0, (fsdp.stderr[-3000:], ddp.stderr[-3000:])
     assert "engine: FSDP2" in fsdp.stdout and "engine: FSDP2" not in ddp.stdout
