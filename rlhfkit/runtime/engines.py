@@ -1,7 +1,7 @@
 """Which distributed engine a run is on (DDP, DeepSpeed ZeRO, FSDP) and the few places the
-supervised Trainer must treat DeepSpeed or FSDP differently. `accelerate launch --config_file
-recipes/accelerate/<engine>.yaml` chooses the engine through environment variables; plain
-`torchrun` or `python` is DDP (or one process).
+training loops (the supervised Trainer, the RL stage) must treat DeepSpeed or FSDP differently.
+`accelerate launch --config_file recipes/accelerate/<engine>.yaml` chooses the engine through
+environment variables; plain `torchrun` or `python` is DDP (or one process).
 
 FSDP on a CPU machine is torch's own FSDP2 (`fully_shard` over gloo), applied here: accelerate 1.15
 runs no FSDP without CUDA (docs/distributed.md). The model is sharded before the optimizer is built,
