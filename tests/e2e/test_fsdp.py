@@ -142,3 +142,41 @@ def test_fsdp_rl_real_rollouts_equal_ddp(tiny_sft_dir, tmp_path):
         assert len(_losses(a, key)) == 2 and _losses(a, key) == pytest.approx(_losses(b, key), abs=1e-5), key
     assert (b / "samples.jsonl").read_text() == (a / "samples.jsonl").read_text()
     assert (b / "before_after.md").exists()
+
+
+def test_lora_merge_is_skipped_on_fsdp_sharded_layers(tiny_model_dir):
+    """generation.merge_lora folds the adapter into the base weights; under FSDP2 (even unsharded) those
+    are all-gathered copies FSDP does not track, so sampling runs unmerged (a one-process gloo group here)."""
+    import socket
+
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.adapters import lora_merged
+    from rlhfkit.runtime import engines
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        models = [
+            get_peft_model(
+                AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear")
+            )
+            for _ in range(2)
+        ]
+        engines.fully_shard_blocks(models[1])
+        engines.unshard(models[1])
+        for model, merges in zip(models, (True, False)):
+            with lora_merged(model):
+                merged = [m.merged for m in model.modules() if isinstance(m, LoraLayer)]
+            assert (
+                merged
+                and all(merged) == merges
+                and not any(m.merged for m in model.modules() if isinstance(m, LoraLayer))
+            )
+    finally:
+        dist.destroy_process_group()
