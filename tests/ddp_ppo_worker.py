@@ -5,14 +5,21 @@ torchrun --nproc_per_node 2 tests/ddp_ppo_worker.py MODEL_DIR OUT_DIR LOCAL_BATC
 Each algo runs into OUT_DIR/ALGO, one after the other in the same processes (one launch for all).
 KEY=VALUE: dotted config overrides on top of the test config (train.save_every=1, resume=true).
 --real-rollouts: sample with the policy (HF generate) instead, and evaluate on 5 prompts (uneven shards).
+--resume-copy: then copy each finished OUT_DIR/ALGO to OUT_DIR/ALGO-resumed without its final/ and resume
+that copy from its newest checkpoint (resume == uninterrupted, without a second launch).
+`main(argv)` runs the same in-process (the one-process references; the caller restores ppo.generate).
 """
 
+import shutil
 import sys
+from pathlib import Path
 
 import torch
 
 import rlhfkit.stages.ppo as ppo
 from rlhfkit.runtime.config import merge_dicts, parse_overrides
+
+FLAGS = ("--real-rollouts", "--resume-copy")
 
 
 def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0):
@@ -32,34 +39,52 @@ def score(prompts, responses):
     return [len(r) % 7 / 7.0 for r in responses]
 
 
-if __name__ == "__main__":
-    model_dir, out, local_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    algos = (sys.argv[4] if len(sys.argv) > 4 else "ppo").split(",")
-    real = "--real-rollouts" in sys.argv[5:]
-    extra = parse_overrides([a for a in sys.argv[5:] if a != "--real-rollouts"])
+def config(model_dir: str, out: str, algo: str, local_batch: int, extra: dict) -> dict:
+    return merge_dicts(
+        {
+            "out_dir": out,
+            "algo": algo,
+            "overwrite": True,
+            "model": {"name": model_dir},
+            "lora": {"r": 4, "target_modules": ["all-linear"]},
+            "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
+            "ppo": {"mini_batch_size": local_batch, "ppo_epochs": 2, "score_norm": "normalize", "adaptive_kl": True},
+        },
+        extra,
+    )
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def main(argv: list[str]) -> None:
+    model_dir, out, local_batch = argv[0], argv[1], int(argv[2])
+    algos = (argv[3] if len(argv) > 3 else "ppo").split(",")
+    real, resume_copy = "--real-rollouts" in argv[4:], "--resume-copy" in argv[4:]
+    extra = parse_overrides([a for a in argv[4:] if a not in FLAGS])
     if not real:
         ppo.generate = fed_generate
     prompts = [f"how {a} {b}?" for a in ("tea", "beer", "bread", "milk") for b in ("hot", "cold", "good", "bad")]
-    for algo in algos:
-        ppo.train(
+    run = (
+        lambda algo, path, more: ppo.train(  # noqa: E731
             reward_fn=score,
             prompts=prompts,
             eval_prompts=prompts[:5] if real else [],
-            config=merge_dicts(
-                {
-                    "out_dir": f"{out}/{algo}",
-                    "algo": algo,
-                    "overwrite": True,
-                    "model": {"name": model_dir},
-                    "lora": {"r": 4, "target_modules": ["all-linear"]},
-                    "train": {"max_steps": 3, "batch_size": local_batch, "lr": 1e-3},
-                    "ppo": {
-                        "mini_batch_size": local_batch,
-                        "ppo_epochs": 2,
-                        "score_norm": "normalize",
-                        "adaptive_kl": True,
-                    },
-                },
-                extra,
-            ),
+            config=config(model_dir, path, algo, local_batch, merge_dicts(extra, more)),
         )
+    )
+    for algo in algos:
+        run(algo, f"{out}/{algo}", {})
+        if resume_copy:
+            copy = Path(f"{out}/{algo}-resumed")
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                shutil.copytree(f"{out}/{algo}", copy)
+                shutil.rmtree(copy / "final")
+            _barrier()
+            run(algo, str(copy), {"resume": True, "overwrite": False})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhfkit.runtime import hub
+from rlhfkit.runtime import engines, hub
 from rlhfkit.runtime.errors import RlhfkitError
 
 ADAPTER_FILE = "adapter_config.json"
@@ -235,8 +235,10 @@ def lora_merged(model):
 
     layers = [m for m in peft.modules() if isinstance(m, LoraLayer) and not m.merged]
     bases = [m.get_base_layer() for m in layers]
-    # 8/4-bit bases would be re-quantized (lossy); ZeRO-3 holds only shards (ds_id): sample unmerged
-    if any("bitsandbytes" in type(b).__module__ or hasattr(b.weight, "ds_id") for b in bases):
+    # 8/4-bit bases would be re-quantized (lossy); ZeRO-3 holds only shards (ds_id); FSDP2 (even
+    # unsharded) holds all-gathered copies whose writes FSDP does not track: sample unmerged
+    sharded = bool(engines.fsdp_modules(peft))
+    if sharded or any("bitsandbytes" in type(b).__module__ or hasattr(b.weight, "ds_id") for b in bases):
         yield model
         return
     saved = [(b.weight, b.weight.detach().clone()) for b in bases]

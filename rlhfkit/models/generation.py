@@ -73,7 +73,7 @@ class SamplingConfig:
     merge_lora: bool = True
     """HF backend: sample with the LoRA adapter folded into the base weights (restored bit for bit after;
     the same tokens, ≈ 10% faster here; costs a transient copy of the adapted layers' weights). Skipped
-    for 8/4-bit and ZeRO-3-sharded bases."""
+    for 8/4-bit, ZeRO-3- and FSDP2-sharded bases."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Which distributed engine a run is on (DDP, DeepSpeed ZeRO, FSDP) and the few places the
-supervised Trainer must treat DeepSpeed or FSDP differently. `accelerate launch --config_file
-recipes/accelerate/<engine>.yaml` chooses the engine through environment variables; plain
-`torchrun` or `python` is DDP (or one process).
+training loops (the supervised Trainer, the RL stage) must treat DeepSpeed or FSDP differently.
+`accelerate launch --config_file recipes/accelerate/<engine>.yaml` chooses the engine through
+environment variables; plain `torchrun` or `python` is DDP (or one process).
 
 FSDP on a CPU machine is torch's own FSDP2 (`fully_shard` over gloo), applied here: accelerate 1.15
 runs no FSDP without CUDA (docs/distributed.md). The model is sharded before the optimizer is built,
@@ -34,14 +34,15 @@ def accelerator_kwargs(fsdp_ready: bool = False) -> dict:
     alone turns the run back into MULTI_CPU DDP) and must be told gloo, else accelerate 1.15 finds
     no backend and runs every rank as a lone process of world size 1 (accelerate state.py).
     FSDP on CPUs is MULTI_CPU for accelerate (gloo) and sharded by the caller: only a loop that
-    does it (`fsdp_ready`, the supervised Trainer) may run it; anything else would silently be DDP."""
+    does it (`fsdp_ready`: the supervised Trainer, the RL stage) may run it; anything else would
+    silently be DDP."""
     from accelerate.utils import InitProcessGroupKwargs
 
     gpu = torch.cuda.is_available()
     if engine() == "fsdp" and not gpu and not fsdp_ready:
         raise ConfigError(
-            "FSDP on CPUs (torch FSDP2, recipes/accelerate/fsdp2_cpu.yaml) runs the supervised stages (sft, rm, "
-            "dpo) only, as recipes/accelerate/deepspeed_zero3_cpu.yaml does; run this stage with ddp_cpu.yaml"
+            "FSDP on CPUs (torch FSDP2, recipes/accelerate/fsdp2_cpu.yaml) runs the stages that shard their "
+            "model (sft, rm, dpo, ppo) only; run this one with ddp_cpu.yaml"
         )
     if engine() == "deepspeed":
         return {"cpu": False, "kwargs_handlers": [] if gpu else [InitProcessGroupKwargs(backend="gloo")]}
@@ -164,19 +165,29 @@ def fsdp_on_cpu(world: int) -> bool:
 
 
 def fully_shard_blocks(model) -> None:
-    """FSDP2 in place: every transformer block (the classes the model lists in `_no_split_modules`, as
-    accelerate's TRANSFORMER_BASED_WRAP) and then the root, which takes the rest (embeddings, heads).
+    """FSDP2 in place: every transformer block (the classes a model in it lists in `_no_split_modules`,
+    as accelerate's TRANSFORMER_BASED_WRAP; the RL policy holds the LM one level down) and then the
+    root, which takes the rest (embeddings, heads, a value head).
     Frozen and trainable parameters share a block: FSDP2 shards each parameter on its own, so a LoRA
     on a frozen base needs no ignored_params (FSDP1 with use_orig_params needed uniform groups)."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    # Rank 0's weights everywhere first, as DDP broadcasts them when it wraps a model: each rank keeps
+    # its own slice of what it holds, and the RL stage builds its LoRA after the rank-dependent seed.
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     found = [m for m in model.modules() if type(m).__name__ in blocks]
     if not found:
         raise ConfigError(f"FSDP: {type(model).__name__} names no transformer block class (_no_split_modules)")
     for block in found:
         fully_shard(block)
     fully_shard(model)
+    # FSDP2 makes root whichever module runs forward first; RL sampling runs the LM's blocks without
+    # the root's forward (policy.generate), so the root is settled now (torch _fsdp_state._lazy_init).
+    model._get_fsdp_state()._lazy_init()
 
 
 def fsdp_modules(model) -> list:

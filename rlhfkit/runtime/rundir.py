@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from rlhfkit.runtime.io import OWNER_FILE
+from rlhfkit.runtime.io import OWNER_FILE, atomic_write_text, read_jsonl
 
 STAGE_DIRS = ("data", "feedback", "sft", "rm", "ppo", "dpo", "eval")
 ALGO_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}
@@ -427,6 +427,28 @@ def paired_win_rate(samples: list[dict]) -> tuple[float | None, int]:
     if not pairs:
         return None, 0
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs), len(pairs)
+
+
+def before_after_table(samples_path: Path, out: Path) -> dict:
+    """Seed-003-style table (RL stage): the same eval prompts before and after training, with rewards,
+    written to `out` (markdown); returns the two mean rewards ({} without paired samples)."""
+    rows = read_jsonl(samples_path)
+    before = {r["prompt"]: r for r in rows if r["tag"] == "before"}
+    after = {r["prompt"]: r for r in rows if r["tag"] == "after" and r["prompt"] in before}
+    if not after:
+        return {}
+    lines = ["| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
+    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
+    for q, a in after.items():
+        b = before[q]
+        lines.append(
+            f"| {cell(q)} | {cell(b['response'])} | {b['reward']:.3f} | {cell(a['response'])} | {a['reward']:.3f} |"
+        )
+    mb = sum(before[q]["reward"] for q in after) / len(after)
+    ma = sum(a["reward"] for a in after.values()) / len(after)
+    lines += ["", f"mean reward: before {mb:.4f} → after {ma:.4f} on {len(after)} held-out prompts"]
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return {"eval_reward_before": mb, "eval_reward_after": ma}
 
 
 @dataclass

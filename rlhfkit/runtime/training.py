@@ -144,7 +144,7 @@ class StageRun:
     """What every stage's run shares: accelerator, out_dir rules, config.yaml, metrics.jsonl,
     trackers, and step checkpoints that hold only trainable weights plus the stage's own state."""
 
-    fsdp_ready = False  # shards its model itself under FSDP on CPUs (the Trainer does; the RL loop not yet)
+    fsdp_ready = False  # shards its model itself under FSDP on CPUs (`shard` + `prepare`: Trainer, RLTrainer)
 
     def __init__(self, cfg, stage: str):
         from accelerate import Accelerator
@@ -199,6 +199,21 @@ class StageRun:
             return self._fit()
         finally:
             self.release()
+
+    def shard(self, model) -> None:
+        """FSDP on CPUs: FSDP2 over the model's blocks (engines.fully_shard_blocks), in place. Called
+        before the optimizer is built: it must step the sharded parameters."""
+        if engines.fsdp_on_cpu(self.accelerator.num_processes):
+            engines.fully_shard_blocks(model)
+
+    def prepare(self, model, optimizer):
+        """accelerate's prepare; a FSDP2-sharded model is not handed to it (it would wrap it in DDP) and
+        is left whole until the first step: what a stage runs before it (SFT's eval, DPO's reference
+        log-probs, RL rollouts) may take a different number of forwards on each rank."""
+        if not engines.is_sharded(model):
+            return self.accelerator.prepare(model, optimizer)
+        engines.unshard(model)
+        return model, self.accelerator.prepare(optimizer)
 
     def sum_across(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of `x` over all processes (x itself with one process): the one cross-rank reduction."""
@@ -355,7 +370,7 @@ class Trainer(StageRun):
     save_final(model, dir) -> None.
     """
 
-    fsdp_ready = True  # engines.fully_shard_blocks below
+    fsdp_ready = True  # self.shard / self.prepare below
 
     def __init__(
         self,
@@ -381,8 +396,7 @@ class Trainer(StageRun):
             if self.tc.max_steps > 0
             else max(1, math.ceil(self.tc.epochs * self.plan.steps_per_epoch))
         )
-        if engines.fsdp_on_cpu(acc.num_processes):
-            engines.fully_shard_blocks(model)  # before the optimizer: it must step the sharded parameters
+        self.shard(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RlhfkitError("the model has no trainable parameters")
@@ -393,13 +407,7 @@ class Trainer(StageRun):
         self.scheduler = get_scheduler(self.tc.lr_scheduler, optimizer, self.tc.warmup_steps, self.total_steps)
         if engines.engine() == "deepspeed":
             engines.configure_deepspeed(acc, self.tc.batch_size, self.tc.grad_accum, self.tc.max_grad_norm)
-        if engines.is_sharded(model):  # FSDP2 on CPU: accelerate's prepare would wrap the model in DDP
-            self.model, self.optimizer = model, acc.prepare(optimizer)
-            # Whole until the first step: what a stage runs before fit() (SFT's eval, DPO's reference
-            # log-probs) may take a different number of forwards on each rank.
-            engines.unshard(model)
-        else:
-            self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = self.prepare(model, optimizer)
         self.collate, self.count, self.loss_fn = collate, count, loss
         self.evaluate_fn, self.save_final_fn = evaluate, save_final
         if acc.is_main_process:

@@ -41,6 +41,7 @@ from rlhfkit.runtime import engines
 from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import append_jsonl, atomic_write_text, read_jsonl
+from rlhfkit.runtime.rundir import before_after_table
 from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfig, check_positive
 
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
@@ -226,6 +227,8 @@ class Rollout:
 
 # --------------------------------------------------------------------------- trainer
 class RLTrainer(StageRun):
+    fsdp_ready = True  # self.shard / self.prepare; rl_step unshards for the rollout, update reshards
+
     def __init__(self, cfg: PPOConfig, reward_fn=None, prompts=None, eval_prompts=None):
         check_unbiased(cfg.generation)
         super().__init__(cfg, "ppo")
@@ -249,6 +252,7 @@ class RLTrainer(StageRun):
         self.plan = StepPlan(
             len(self.prompts), cfg.train.batch_size, 1, acc.num_processes, acc.process_index, cfg.train.seed
         )
+        self.shard(model)  # FSDP on CPUs: the policy's blocks, then the root (value head, embeddings)
         params = [q for q in model.parameters() if q.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         from transformers import get_scheduler
@@ -256,7 +260,7 @@ class RLTrainer(StageRun):
         self.scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
         tc = cfg.train  # DeepSpeed: one micro-batch = one PPO mini-batch; ZeRO-3 checks the sampling settings
         engines.configure_deepspeed(acc, p.mini_batch_size, tc.grad_accum, tc.max_grad_norm, cfg.generation)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = self.prepare(model, optimizer)
         self.kl_ctl = (
             rl.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.horizon)
             if p.adaptive_kl
@@ -299,6 +303,8 @@ class RLTrainer(StageRun):
         """The numbered story of the module docstring, over one Rollout."""
         t: dict[str, float] = {}
         t0 = time.perf_counter()
+        # FSDP2: whole weights on every rank for phases 1-3, whose forwards differ in count across ranks
+        engines.unshard(self.model)
         ro = self.rollout(prompt_idx, gen)  # 1
         t["time/generate"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.score(ro, gen)  # 2
@@ -459,6 +465,7 @@ class RLTrainer(StageRun):
         B, R, mb = len(ro.prompts), ro.response_mask.shape[1], p.mini_batch_size
         stats: dict[str, list[float]] = {"skipped_minibatches": [0.0]}
         stop = False
+        engines.reshard(self.model)  # FSDP2: the training forwards all-gather block by block again
         self.model.train()
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
@@ -550,6 +557,7 @@ class RLTrainer(StageRun):
         if not self.eval_prompts:
             return {}
         acc, model = self.accelerator, self.accelerator.unwrap_model(self.model)
+        engines.unshard(model)  # FSDP2: uneven eval shards, so forwards that run no collective
         prompts = self.eval_prompts[acc.process_index :: acc.num_processes]
         queries = self.eval_queries[acc.process_index :: acc.num_processes]
         with torch.random.fork_rng(devices=[]):
@@ -632,7 +640,7 @@ class RLTrainer(StageRun):
             **self.prompt_stats,
         }
         if acc.is_main_process and after:
-            summary.update(self._before_after())
+            summary.update(before_after_table(self.samples_path, self.out / "before_after.md"))
         if cfg.train.report_to:
             acc.end_training()
         return summary
@@ -649,26 +657,6 @@ class RLTrainer(StageRun):
         elif model.critic is not None:  # an RM-style folder, whose config.yaml gives the template it scores with
             model.critic.save(out / "critic")
             save_config(self.cfg, out / "critic" / "config.yaml")
-
-    def _before_after(self) -> dict:
-        """Seed-003-style table: the same eval prompts before and after PPO, with rewards."""
-        rows = read_jsonl(self.samples_path)
-        before = {r["prompt"]: r for r in rows if r["tag"] == "before"}
-        after = {r["prompt"]: r for r in rows if r["tag"] == "after" and r["prompt"] in before}
-        if not after:
-            return {}
-        lines = ["| prompt | before | reward | after | reward |", "|---|---|---|---|---|"]
-        cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:200]  # noqa: E731
-        for q, a in after.items():
-            b = before[q]
-            lines.append(
-                f"| {cell(q)} | {cell(b['response'])} | {b['reward']:.3f} | {cell(a['response'])} | {a['reward']:.3f} |"
-            )
-        mb = sum(before[q]["reward"] for q in after) / len(after)
-        ma = sum(a["reward"] for a in after.values()) / len(after)
-        lines += ["", f"mean reward: before {mb:.4f} → after {ma:.4f} on {len(after)} held-out prompts"]
-        atomic_write_text(self.out / "before_after.md", "\n".join(lines) + "\n")
-        return {"eval_reward_before": mb, "eval_reward_after": ma}
 
 
 def run(cfg: PPOConfig) -> dict:

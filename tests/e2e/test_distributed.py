@@ -19,7 +19,7 @@ TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the Python interpreter")
 
 
-def launch(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(nproc: int, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = (
         [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29500 + os.getpid() % 1000)]
         if nproc > 1
@@ -31,7 +31,7 @@ def launch(nproc: int, *args: str, env: dict | None = None) -> subprocess.Comple
         text=True,
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        timeout=600,
+        timeout=timeout,
     )
     return proc
 
@@ -153,15 +153,20 @@ def test_rl_two_processes_equal_one_with_fed_rollouts(tiny_sft_dir, tmp_path):
     two = launch(2, worker, str(tiny_sft_dir), str(tmp_path / "two"), "4", ",".join(algos))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-3000:], two.stderr[-3000:])
     for algo in algos:
-        a, b = tmp_path / "one" / algo, tmp_path / "two" / algo
-        _assert_close(_weights(a, "adapter_model.safetensors"), _weights(b, "adapter_model.safetensors"))
-        keys = ["score", "kl", "kl_coef", "pg_loss", "approxkl", "clipfrac"]
-        if algo == "ppo":
-            _assert_close(_weights(a, "value_head.safetensors"), _weights(b, "value_head.safetensors"))
-            keys += ["vf_loss", "explained_variance"]
-        else:
-            assert not (a / "final" / "value_head.safetensors").exists()
-        ra = [[r[k] for k in keys] for r in read_jsonl(a / "metrics.jsonl") if "score" in r]
-        rb = [[r[k] for k in keys] for r in read_jsonl(b / "metrics.jsonl") if "score" in r]
-        assert len(ra) == 3 and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
-        assert any(abs(r[3]) > 1e-6 for r in ra), algo  # a real policy loss, not zero advantages everywhere
+        assert_same_rl_run(tmp_path / "one" / algo, tmp_path / "two" / algo, algo)
+
+
+def assert_same_rl_run(a, b, algo: str, tol: float = 1e-5, steps: int = 3) -> None:
+    """Two RL runs (out_dirs a, b) ended with the same final/ weights (adapter, ppo's value head) and logged
+    the same losses and statistics at every step."""
+    _assert_close(_weights(a, "adapter_model.safetensors"), _weights(b, "adapter_model.safetensors"), tol)
+    keys = ["score", "kl", "kl_coef", "pg_loss", "approxkl", "clipfrac"]
+    if algo == "ppo":
+        _assert_close(_weights(a, "value_head.safetensors"), _weights(b, "value_head.safetensors"), tol)
+        keys += ["vf_loss", "explained_variance"]
+    else:
+        assert not (a / "final" / "value_head.safetensors").exists()
+    ra = [[r[k] for k in keys] for r in read_jsonl(a / "metrics.jsonl") if "score" in r]
+    rb = [[r[k] for k in keys] for r in read_jsonl(b / "metrics.jsonl") if "score" in r]
+    assert len(ra) == steps and torch.allclose(torch.tensor(ra), torch.tensor(rb), rtol=1e-4, atol=1e-5), (ra, rb)
+    assert any(abs(r[3]) > 1e-6 for r in ra), algo  # a real policy loss, not zero advantages everywhere
