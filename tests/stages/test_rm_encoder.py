@@ -5,6 +5,7 @@ is a one-line config error at training and a counted cut at scoring."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -100,3 +101,22 @@ def test_encoder_rm_with_top_blocks_only_says_why_the_trunk_is_not_cached(tiny_b
     after = {k.removeprefix("bert."): v for k, v in after.items()}
     assert torch.equal(before["encoder.layer.0.output.dense.weight"], after["encoder.layer.0.output.dense.weight"])
     assert not torch.equal(before["encoder.layer.1.output.dense.weight"], after["encoder.layer.1.output.dense.weight"])
+
+
+def test_rl_stage_scores_its_rollouts_with_an_encoder_rm(tiny_bert_dir, tiny_sft_dir, pair_file, tmp_path):
+    """PPO reads an encoder RM through text (so the policy's and the RM's tokenizers may differ, as
+    SmolLM2 and MiniLM do): its rollouts' scores are the reloaded RM's scores of the decoded texts."""
+    from rlhfkit.rewards.scoring import RewardModelScorer
+    from rlhfkit.stages import ppo
+    from tests.stages.test_ppo import PROMPTS, ppo_cfg
+
+    reward.run(cfg(tiny_bert_dir, pair_file, tmp_path / "rm", "lora.enabled=false", "train.max_steps=10"))
+    rm = tmp_path / "rm" / "final"
+    trainer = ppo.RLTrainer(ppo_cfg(tiny_sft_dir, tmp_path / "ppo", steps=1, reward=str(rm)), prompts=PROMPTS[:8])
+    gen = trainer._generator(0, 0)
+    ro = trainer.rollout(list(range(8)), gen)
+    trainer.score(ro, gen)
+    want = RewardModelScorer(str(rm))(ro.prompts, ro.responses)
+    assert ro.raw_scores.tolist() == pytest.approx(want, abs=1e-5) and torch.tensor(want).std() > 0
+    rec = trainer.rl_step(list(range(8)), trainer._generator(0, 1))
+    assert rec["kl"] == 0.0 and all(map(math.isfinite, (rec["score"], rec["pg_loss"], rec["vf_loss"])))
