@@ -520,7 +520,7 @@ def main() -> int:
     import tempfile
 
     from tests.conftest import build_tiny_model, build_tiny_tokenizer
-    from tests.stages.test_reward import preference_pairs
+    from tests.stages.conftest import preference_pairs
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.stages.test_reward import preference_pairs
+from tests.stages.conftest import preference_pairs
 
 RECIPE = REPO / "recipes" / "tiny.yaml"
 

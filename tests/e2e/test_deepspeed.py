@@ -82,7 +82,7 @@ def test_zero_sft_two_processes_equal_one_and_resume_is_exact(zero, tiny_model_d
 
 
 def test_zero2_rm_two_processes_equal_one(tiny_model_dir, tmp_path):
-    from tests.stages.test_reward import preference_pairs
+    from tests.stages.conftest import preference_pairs
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(120, seed=3)))

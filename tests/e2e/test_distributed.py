@@ -92,7 +92,7 @@ def test_sft_two_processes_equal_one(tiny_model_dir, tiny_corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
-    from tests.stages.test_reward import preference_pairs
+    from tests.stages.conftest import preference_pairs
 
     path = tmp_path_factory.mktemp("ddp_pairs") / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in preference_pairs(120, seed=3)))

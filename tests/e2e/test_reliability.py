@@ -12,7 +12,7 @@ from tests.reliability_probes import PROBES, World
 
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tiny_corpus, tmp_path_factory) -> World:
-    from tests.stages.test_reward import preference_pairs
+    from tests.stages.conftest import preference_pairs
 
     tmp = tmp_path_factory.mktemp("reliability")
     pairs = tmp / "pairs.jsonl"

@@ -21,8 +21,8 @@ from rlhfkit.runtime.config import load_config
 from rlhfkit.runtime.io import read_jsonl
 from rlhfkit.runtime.training import StageRun
 from tests.conftest import REPO, WORDS, cli_env
+from tests.stages.conftest import preference_pairs
 from tests.stages.test_ppo import PROMPTS, good_count, ppo_cfg
-from tests.stages.test_reward import preference_pairs
 
 TEXTS = ["Question: how tea hot?\n\nAnswer: tea tea is good.", "Question: why bread?\n\nAnswer: bread is bad bad."]
 
