@@ -23,10 +23,10 @@ def test_engine_follows_accelerate_launch(monkeypatch, env, expected):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
-def test_fsdp_on_cpu_is_refused_and_deepspeed_gets_gloo(monkeypatch):
+def test_fsdp_on_cpu_is_refused_to_a_loop_that_does_not_shard_and_deepspeed_gets_gloo(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="deepspeed_zero3_cpu.yaml"):
+    with pytest.raises(ConfigError, match=r"shard their model \(sft, rm, dpo, ppo\) only; run this one with ddp_cpu"):
         engines.accelerator_kwargs()
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
