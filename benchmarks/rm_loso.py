@@ -134,9 +134,12 @@ def run_loso(args) -> dict:
     sites = ("ai", "beer", "cardano", "coffee", "matheducators")
     out = Path(args.out)
     t0 = time.time()
+    unknown = sorted(set(args.recipes) - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {unknown}; choose from {sorted(RECIPES)}")
+    recipes = [r for r in RECIPES if r in args.recipes]
     pools = site_pools(args, sites, out)
     trunk_stats = shared_trunk(reward)
-    recipes = [r for r in RECIPES if r in args.recipes]
     folds: dict = {r: {} for r in recipes}
     for left in args.folds:
         rng = random.Random(1)

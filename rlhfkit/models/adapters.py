@@ -163,7 +163,7 @@ def save_model(model, tokenizer, out: Path, model_cfg, lora_cfg, selected_adapte
 
     When training started from an adapter folder that was merged (not continued), the parent is
     folded into the saved adapter (see the module docstring)."""
-    from rlhfkit.models.loading import offline_name, resolve_model_path
+    from rlhfkit.models.loading import resolve_model_path
 
     kwargs = {"selected_adapters": selected_adapters} if selected_adapters else {}
     model.save_pretrained(out, **kwargs)
@@ -174,8 +174,8 @@ def save_model(model, tokenizer, out: Path, model_cfg, lora_cfg, selected_adapte
     if is_adapter_dir(start) and not lora_cfg.continue_adapter:
         fold_adapters(Path(start), Path(out))
     cfg = read_adapter_config(out)
-    offline = offline_name(model_cfg.name) or (
-        is_adapter_dir(start) and offline_name(read_adapter_config(start)["base_model_name_or_path"])
+    offline = hub.offline_name(model_cfg.name) or (
+        is_adapter_dir(start) and hub.offline_name(read_adapter_config(start)["base_model_name_or_path"])
     )
     if offline:
         cfg["base_model_name_or_path"] = hub.OFFLINE_MODELS[offline][0]  # portable, not this machine's cache path

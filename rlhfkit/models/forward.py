@@ -163,6 +163,11 @@ def _score_module(hf_model):
     raise ValueError(f"{type(hf_model).__name__} has no 'score' or 'classifier' head")
 
 
+def is_pooled(model) -> bool:
+    """An encoder RM (BERT family): a [CLS]-pooled `classifier`, no per-token `score` head."""
+    return _score_module(unwrap(model))[0] == "classifier"
+
+
 def score_weight(model) -> torch.Tensor:
     """The (K, H) weight of a reward model's score layer that training updates (peft's trainable copy
     of a modules_to_save head, else the layer's own)."""
@@ -182,9 +187,7 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     DDP/peft wrappers run as usual (bypassing DDP's forward would skip the gradient all-reduce).
     Encoder models with a pooled [CLS] classifier (BERT family): their own pooled logit.
     """
-    hf = unwrap(model)
-    name, _ = _score_module(hf)
-    if name == "classifier":  # encoder: position-independent pooling, padding-safe
+    if is_pooled(model):  # encoder: position-independent pooling, padding-safe
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits if head is None else logits[:, head]
     per_token = token_scores(model, input_ids, attention_mask, head=head)  # (B, T[, K])
@@ -202,9 +205,9 @@ def token_scores(
     position. Hooked from the model's own forward, as sequence_scores (DDP/peft wrappers run as usual).
     """
     hf = unwrap(model)
-    name, layer = _score_module(hf)
-    if name == "classifier":
+    if is_pooled(hf):
         raise ValueError(f"{type(hf).__name__} pools one [CLS] state: it has no per-token scores")
+    _, layer = _score_module(hf)
     captured = {}
     handle = layer.register_forward_hook(lambda module, args, out: captured.__setitem__("scores", out))
     try:

@@ -29,7 +29,7 @@ from rlhfkit.runtime.io import missing_path
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL, DEFAULT_HUB_ID = hub.DEFAULT_MODEL, hub.DEFAULT_HUB_ID  # defined beside the card's base_model
+DEFAULT_MODEL = hub.DEFAULT_MODEL  # defined beside the card's base_model
 
 
 @dataclass
@@ -80,18 +80,6 @@ class LoraConfig:
 def cache_root() -> Path:
     """User cache for converted models: $RLHFKIT_CACHE, else ~/.cache/rlhfkit."""
     return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
-
-
-def offline_name(name: str) -> str | None:
-    """The short name of an offline-fetchable model (runtime/hub.OFFLINE_MODELS) that `name` stands
-    for — the short name itself or its Hub id — else None."""
-    if name in hub.OFFLINE_MODELS:
-        return name
-    return next((short for short, (hub_id, _) in hub.OFFLINE_MODELS.items() if name == hub_id), None)
-
-
-def is_default(name: str) -> bool:
-    return offline_name(name) == DEFAULT_MODEL
 
 
 def _hub_offline() -> bool:
@@ -186,9 +174,10 @@ def _load_gguf(path: Path):
 
 def resolve_model_path(name: str) -> str:
     """Turn a model name into something `from_pretrained` accepts (a folder or a hub id)."""
-    if offline_name(name) and not Path(name).expanduser().exists():  # a folder of that name wins
-        return str(resolve_offline_model(offline_name(name)))
     path = Path(name).expanduser()
+    short = hub.offline_name(name)
+    if short and not path.exists():  # a folder of that name wins
+        return str(resolve_offline_model(short))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise RlhfkitError(f"GGUF file not found: {path}")

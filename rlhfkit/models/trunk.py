@@ -15,7 +15,14 @@ import contextlib
 import torch
 from torch import nn
 
-from rlhfkit.models.forward import last_token_index, position_ids_from_mask, sequence_scores, token_scores, unwrap
+from rlhfkit.models.forward import (
+    is_pooled,
+    last_token_index,
+    position_ids_from_mask,
+    sequence_scores,
+    token_scores,
+    unwrap,
+)
 from rlhfkit.models.loading import layer_list
 
 SELF_CHECK_TOL = 1e-4  # cached vs full forward on real sequences, relative to the score's size
@@ -29,7 +36,7 @@ class FrozenTrunk:
         self.backbone = getattr(hf, hf.base_model_prefix)
         blocks = layer_list(hf)
         self.attr = next((name for name, mod in self.backbone.named_children() if mod is blocks), None)
-        self.pooled = hasattr(hf, "classifier")  # an encoder's [CLS] classifier, not per-token scores
+        self.pooled = is_pooled(hf)  # an encoder's [CLS] classifier, not per-token scores
         self.blocks = blocks
         cut = max(len(blocks) - n_top, 0)
         self.lower, self.top = nn.ModuleList(blocks[:cut]), nn.ModuleList(blocks[cut:])
@@ -40,8 +47,10 @@ class FrozenTrunk:
         the top blocks), or None."""
         from torch.distributed.fsdp import FSDPModule
 
-        if self.pooled or self.attr is None:  # BERT: blocks nested in `encoder`, positions added at embedding
+        if self.pooled:  # BERT: blocks nested in `encoder`, positions added at the embedding
             return "an encoder backbone (the split supports decoder reward models)"
+        if self.attr is None:
+            return "its transformer blocks are not a direct child of the backbone"
         if any(isinstance(b, FSDPModule) for b in self.blocks):  # FSDP2 runs its blocks only inside the root's forward
             return "the blocks are sharded by FSDP"
         below = [self.backbone.get_input_embeddings(), *self.lower]

@@ -58,6 +58,14 @@ def is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name or "")) and not Path(name).exists()
 
 
+def offline_name(name: str) -> str | None:
+    """The short name of an OFFLINE_MODELS model that `name` stands for (the short name itself or its
+    Hub id), else None."""
+    if name in OFFLINE_MODELS:
+        return name
+    return next((short for short, (hub, _) in OFFLINE_MODELS.items() if name == hub), None)
+
+
 def hub_id(name: str) -> str | None:
     """The Hub id a model name stands for (the offline models' short names and cache folders
     included), or None."""

@@ -73,9 +73,7 @@ def test_encoder_rm_learns_and_its_folder_reloads_to_the_in_memory_margins(tiny_
     assert got["margin"] == pytest.approx(summary["eval_margin"], abs=1e-4)
 
 
-def test_encoder_rm_refuses_more_tokens_than_its_positions_and_the_scorer_cuts(
-    tiny_bert_dir, pair_file, tmp_path, capsys
-):
+def test_encoder_rm_refuses_more_tokens_than_its_positions_and_the_scorer_cuts(tiny_bert_dir, pair_file, tmp_path):
     from rlhfkit.rewards.scoring import RewardModelScorer
 
     with pytest.raises(ConfigError, match=f"data.max_length=128 exceeds the {POSITIONS} positions of bert"):
