@@ -22,7 +22,7 @@ from rlhfkit.runtime.config import merge_dicts, parse_overrides
 FLAGS = ("--real-rollouts", "--resume-copy")
 
 
-def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0):
+def fed_generate(policy, tok, queries, lengths, g, device, cache_len=0, share_queries=False):
     """Responses that depend only on the query and which of its k samples this is (groups are whole on
     every rank): the same rollouts whatever the process count."""
     seen: dict[tuple, int] = {}

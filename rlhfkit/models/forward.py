@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 
 import torch
@@ -79,6 +80,7 @@ def forward_logprobs(
     return_logits: bool = False,
     return_hidden: bool = False,
     keep: int = 0,
+    share_queries: bool = False,
 ) -> dict:
     """Log-prob of each next token of a (left- or right-) padded batch.
 
@@ -88,15 +90,23 @@ def forward_logprobs(
     keep=K > 0: only the predictions of the last K tokens — every output (B, K[, ·]) — and the LM head
     runs on those K positions only (HF `logits_to_keep`): PPO's left-padded queries are ~half the
     sequence, so no (B, Q, V) logits are made (memory; docs/benchmarks/ppo.md has the measurement).
+    share_queries (with keep): rows with the same query (GRPO/RLOO's k samples of a prompt) run it once
+    (shared_query_cache); the caller says when, as sharded engines need every rank to make the same calls.
     """
-    extra = {"logits_to_keep": keep + 1} if keep and _accepts_logits_to_keep(type(unwrap(model))) else {}
+    ids, position_ids = input_ids, position_ids_from_mask(attention_mask)
+    P = input_ids.shape[1] - keep - 1 if keep else 0  # the query but its last token
+    cache = shared_query_cache(model, input_ids, attention_mask, P) if share_queries and P > 0 else None
+    if cache is not None:  # the last query token and the response, on the query's copied KV cache
+        ids, position_ids = ids[:, P:], position_ids[:, P:]
+    extra = {"logits_to_keep": keep + 1} if keep and "logits_to_keep" in _forward_params(type(unwrap(model))) else {}
     out = model(
-        input_ids=input_ids,
+        input_ids=ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
+        position_ids=position_ids,
+        use_cache=cache is not None,
         output_hidden_states=return_hidden,
         **extra,
+        **({} if cache is None else {cache_kwarg(model): cache}),
     )
     cut = (lambda x: x[:, -keep:]) if keep else (lambda x: x)  # noqa: E731
     logits = cut(out.logits[:, :-1])
@@ -110,10 +120,51 @@ def forward_logprobs(
 
 
 @functools.cache
-def _accepts_logits_to_keep(model_cls: type) -> bool:
-    import inspect
+def _forward_params(model_cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_cls.forward).parameters)
 
-    return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
+
+def cache_kwarg(model) -> str:
+    """The forward/generate keyword of a KV cache: `cache` from transformers 5.22, `past_key_values` before."""
+    return "cache" if "cache" in _forward_params(type(unwrap(model))) else "past_key_values"
+
+
+def shared_query_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int):
+    """The KV cache of input_ids[:, :length], run once per distinct row and copied to every row.
+
+    input_ids, attention_mask (B, T): left-padded queries, then anything. GRPO/RLOO's k samples of a
+    prompt share their query (56% of the tokens in benchmarks/bench_rl_estimators.py), so its forward
+    runs once; index_select copies the cache and carries the k rows' gradients back to that one forward.
+    Equal to the full forward up to float rounding. None when every row differs, under gradient
+    checkpointing in training (transformers drops the cache there), or when the model filled no cache.
+    """
+    from transformers.cache_utils import Cache
+
+    hf = unwrap(model)
+    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers ≥ 5.22; the old name before
+    if hf.training and (getattr(hf, "is_gradient_checkpointing", False) if checkpointing is None else checkpointing):
+        return None
+    key = torch.cat([input_ids[:, :length], attention_mask[:, :length]], 1)
+    distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(distinct) == len(key):
+        return None
+    rows = torch.arange(len(key), device=key.device)
+    # one row per distinct query: which of its equal rows scatter_ keeps does not matter
+    first = torch.empty(len(distinct), dtype=torch.long, device=key.device).scatter_(0, inverse, rows)
+    mask = attention_mask[first, :length]
+    keep_one = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(type(hf)) else {}  # no (U, P, V) logits
+    out = model(
+        input_ids=input_ids[first, :length],
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=True,
+        **keep_one,
+    )
+    cache = out["cache"] if "cache" in out else out.get("past_key_values")
+    if not isinstance(cache, Cache) or cache.get_seq_length() != length:  # remote code, checkpoint wrappers
+        return None
+    cache.reorder_cache(inverse)
+    return cache
 
 
 def sequence_logprobs(model, batch: dict, average: bool = False) -> torch.Tensor:

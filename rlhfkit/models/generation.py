@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.models.adapters import lora_merged
-from rlhfkit.models.forward import forward_logprobs, unwrap
+from rlhfkit.models.forward import cache_kwarg, forward_logprobs, shared_query_cache, unwrap
 from rlhfkit.runtime.errors import ConfigError
 
 # generation_config keys that change which tokens get sampled (logits processors and warpers):
@@ -173,14 +173,24 @@ def raw_sampling(policy, tok):
 
 
 @torch.no_grad()
-def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: SamplingConfig, device, cache_len: int = 0):
+def generate(
+    policy,
+    tok,
+    queries: list[list[int]],
+    lengths: list[int],
+    g: SamplingConfig,
+    device,
+    cache_len: int = 0,
+    share_queries: bool = False,
+):
     """Sample responses; returns response ids (B, R) right-padded and their mask (B, R).
 
     One generate call per chunk with max_new_tokens = the chunk's largest sampled length; each row
     is then cut to its own length (the first L sampled tokens are distributed as sampling with max L).
     The mask keeps tokens up to and including the first EOS; everything after is masked out.
     `cache_len`: the longest response the caller will ever ask for, so a compiled static cache is sized
-    once for the run (PPO's length sampler), not per call.
+    once for the run (PPO's length sampler), not per call. share_queries: equal queries (k samples of a
+    prompt) are prefilled once (forward.shared_query_cache); not with a compiled static cache.
     """
     if g.backend == "vllm":
         from rlhfkit.models.vllm_engine import engine_for
@@ -199,9 +209,10 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
     with merged, raw_sampling(policy, tok):
         for i in range(0, len(queries), chunk):
             q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
+            q_ids, q_mask = q_ids.to(device), q_mask.to(device)
             out = policy.generate(
-                input_ids=q_ids.to(device),
-                attention_mask=q_mask.to(device),
+                input_ids=q_ids,
+                attention_mask=q_mask,
                 do_sample=True,
                 max_new_tokens=max(lengths[i : i + chunk]),
                 min_new_tokens=g.min_new_tokens or None,
@@ -212,6 +223,7 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
                 eos_token_id=tok.eos_token_id,
                 use_cache=True,
                 **extra,
+                **(prefilled(policy, q_ids, q_mask) if share_queries and not g.compile else {}),
             )
             for row, L in zip(out[:, q_ids.shape[1] :].tolist(), lengths[i : i + chunk]):
                 row = row[:L]
@@ -220,6 +232,13 @@ def generate(policy, tok, queries: list[list[int]], lengths: list[int], g: Sampl
                 responses.append(row)
     policy.train(was_training)
     return right_pad(responses, tok.pad_token_id)
+
+
+def prefilled(policy, q_ids: torch.Tensor, q_mask: torch.Tensor) -> dict:
+    """generate() kwargs that resume from each distinct query's prefill, copied to its rows (k samples of a
+    prompt prefill once); {} when all queries differ. q_ids, q_mask (B, Q) left-padded."""
+    cache = shared_query_cache(policy, q_ids, q_mask, q_ids.shape[1] - 1) if q_ids.shape[1] > 1 else None
+    return {} if cache is None else {cache_kwarg(policy): cache}
 
 
 def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

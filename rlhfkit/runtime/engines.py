@@ -205,6 +205,16 @@ def is_sharded(model) -> bool:
 _UNSHARDED: weakref.WeakSet = weakref.WeakSet()  # FSDP2 models whose blocks are all-gathered for evaluation
 
 
+def gathers_per_forward(model) -> bool:
+    """Weights all-gathered at each forward call (ZeRO-3, FSDP2 outside `unshard`): every rank must make the
+    same calls, and FSDP2 frees a block's gathered weights before a second call's backward ("setStorage:
+    … out of bounds for storage of size 0"), so a module runs once per backward there."""
+    from torch.distributed.fsdp import FullyShardedDataParallel  # FSDP1 (accelerate's FSDP on GPUs) gathers too
+
+    fsdp2 = is_sharded(model) and model not in _UNSHARDED
+    return zero_stage(model) == 3 or fsdp2 or isinstance(model, FullyShardedDataParallel)
+
+
 def unshard(model) -> None:
     """All-gather every block and keep it whole until `reshard`: forwards then run no collective, so
     ranks may run different numbers of them (evaluation shards, DPO's reference pass). Collective."""

@@ -82,11 +82,13 @@ def run(cfg: FeedbackConfig) -> dict:
     flat = [p for p in label_prompts for _ in range(cfg.samples_per_prompt)]
     queries = [fmt.encode_prompt(p) for p in flat]
     texts: list[str] = []
+    share = cfg.samples_per_prompt > 1  # each prompt's prefill runs once for its samples
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for i in range(0, len(queries), cfg.generation.batch_size):
             q = queries[i : i + cfg.generation.batch_size]
-            resp, rmask = generate(model, tok, q, [cfg.generation.max_new_tokens] * len(q), cfg.generation, "cpu")
+            lengths = [cfg.generation.max_new_tokens] * len(q)
+            resp, rmask = generate(model, tok, q, lengths, cfg.generation, "cpu", share_queries=share)
             texts += [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
             print(f"[feedback] sampled {len(texts)}/{len(queries)}", flush=True)
     scores = rater(flat, texts)

@@ -5,6 +5,7 @@ Each iteration is a numbered story over one `Rollout` record (as vwxyzjn's summa
   2 score       the reward source on the decoded text (dynamic sampling re-draws groups with no signal),
                 then baseline, running normalisation, clipping
   3 logprobs    no-grad forwards: policy log-probs, reference log-probs, values (ppo), per-token KL
+                (where the engine allows, a prompt runs once for its k samples: forwards and prefill)
   4 advantages  the estimator: GAE (ppo), leave-one-out (rloo), group-normalised (grpo), whitened
                 returns-to-go (reinforce_pp)
   5 update      epochs of mini-batches: clipped surrogate (+ value loss, or + k3 KL for grpo), guards
@@ -324,7 +325,8 @@ class RLTrainer(StageRun):
         queries = [self.queries[i] for i in idx]
         lengths = self.length_sampler.sample(len(queries), generator=gen).tolist()
         g, policy = cfg.generation, acc.unwrap_model(self.model).policy
-        resp, rmask = generate(policy, self.tok, queries, lengths, g, acc.device, g.response_max)
+        share = self.share_queries()
+        resp, rmask = generate(policy, self.tok, queries, lengths, g, acc.device, g.response_max, share_queries=share)
         ids, texts = self._decode(resp, rmask)
         return Rollout([self.prompts[i] for i in idx], queries, ids, texts)
 
@@ -385,17 +387,23 @@ class RLTrainer(StageRun):
         ro.input_ids = torch.cat([q_ids, resp], 1).to(dev)
         ro.attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
         ro.response_mask = rmask.to(dev)
-        full, deferred = p.kl_estimator == "full", self._old_is_current()
+        full, deferred, share = p.kl_estimator == "full", self._old_is_current(), self.share_queries()
         with eval_mode(model):
-            old = None if deferred else model(ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
+            kw = {"return_logits": full, "keep": R, "share_queries": share}
+            old = None if deferred else model(ro.input_ids, ro.attention_mask, **kw)
             with model.as_reference() as ref_model:
-                ref = forward_logprobs(ref_model, ro.input_ids, ro.attention_mask, return_logits=full, keep=R)
+                ref = forward_logprobs(ref_model, ro.input_ids, ro.attention_mask, **kw)
         ro.ref_logprobs = ref["logprobs"]
         if deferred:  # filled by update()'s own forward, before its first optimizer step
             ro.logprobs = torch.full_like(ro.ref_logprobs, float("nan"))
             return
         ro.logprobs, ro.values = old["logprobs"], old["values"]
         self._token_kl(ro, old.get("logits"), ref.get("logits"))
+
+    def share_queries(self) -> bool:
+        """Run each prompt once for its k samples (forward.shared_query_cache): not where weights are gathered
+        per forward call (ZeRO-3, FSDP2's sharded update), whose ranks must all make the same calls."""
+        return self.k > 1 and not engines.gathers_per_forward(self.model)
 
     def _old_is_current(self) -> bool:
         """The whole batch is one optimizer step (1 epoch): the rollout policy is the one every mini-batch's
@@ -467,6 +475,7 @@ class RLTrainer(StageRun):
         stop = False
         engines.reshard(self.model)  # FSDP2: the training forwards all-gather block by block again
         self.model.train()
+        share = self.share_queries()
         for _ in range(p.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist()
             groups = [order[i : i + mb] for i in range(0, B, mb)]
@@ -475,7 +484,9 @@ class RLTrainer(StageRun):
                 for j, idx in enumerate(accum):
                     sync = contextlib.nullcontext() if j == len(accum) - 1 else acc.no_sync(self.model)
                     with sync:
-                        out = self.model(ro.input_ids[idx], ro.attention_mask[idx], return_logits=True, keep=R)
+                        out = self.model(
+                            ro.input_ids[idx], ro.attention_mask[idx], return_logits=True, keep=R, share_queries=share
+                        )
                         if ro.kl is None:  # deferred old log-probs (logprobs phase): this forward's own
                             ro.logprobs[idx] = out["logprobs"].detach()
                             if ro.advantages is None:  # KL in the reward: this forward holds every row
