@@ -363,6 +363,8 @@ def load_model(
         if not lora.enabled:
             raise RlhfkitError("8-bit/4-bit weights cannot be trained directly: set lora.enabled=true")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if trainable:
+            keep_4bit_differentiable(model)
 
     if adapter is not None:
         model = _apply_adapter(model, adapter, kind, keep=trainable and lora.continue_adapter)
@@ -380,6 +382,17 @@ def load_model(
     if verbose and trainable:
         print(param_report(model))
     return model, tokenizer
+
+
+def keep_4bit_differentiable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on their differentiable path. On CPUs with AVX-512 BF16 (Zen 4,
+    Sapphire Rapids) bitsandbytes ≥ 0.49 repacks a Linear4bit's weights for its fused inference kernel at the
+    first eval-mode no-grad forward (a stage's step-0 eval, a rollout) and uses that kernel from then on, in
+    training too: it has no backward, so no gradient reaches the layers below and a LoRA on q/v learns nothing,
+    silently (bitsandbytes#1804 added the kernel; measured with bitsandbytes 0.50.2, docs/distributed.md)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _apply_adapter(model, adapter: str, kind: str, keep: bool):

@@ -74,6 +74,27 @@ def test_lora_on_quantized_base_learns_and_adapter_off_is_the_base(bits, tiny_mo
 
 
 @needs_bnb
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lora_below_a_quantized_layer_learns_after_an_eval_forward(bits, tiny_model_dir):
+    """A stage's step-0 eval or a rollout runs the 4-bit base in eval mode without grad; on CPUs with AVX-512
+    BF16, bitsandbytes then switches the layer to an inference kernel without backward for good. A LoRA on
+    q/v (below the 4-bit o_proj and MLP) must still get gradients. Fails on such a CPU (AMD EPYC Zen 4) without
+    loading.keep_4bit_differentiable; the flag check holds on every CPU."""
+    cfg = ModelConfig(name=str(tiny_model_dir), **{f"load_in_{bits}bit": True})
+    policy, tok = load_model(cfg, LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]), verbose=False)
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in policy.modules())
+    ids, mask = _batch(tok)
+    policy.eval()
+    with torch.no_grad():
+        forward_logprobs(policy, ids, mask)
+    policy.train()
+    _nll(policy, ids, mask).backward()
+    b_grads = {n: p.grad for n, p in policy.named_parameters() if "lora_B" in n}
+    assert len(b_grads) == 4  # q_proj, v_proj of 2 blocks
+    assert all(g is not None and g.abs().max() > 0 for g in b_grads.values()), b_grads.keys()
+
+
+@needs_bnb
 def test_4bit_trained_adapter_merges_into_full_precision_base(tiny_model_dir, tiny_corpus, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
