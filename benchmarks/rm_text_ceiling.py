@@ -118,8 +118,6 @@ def fit_bt(x, l2: float):
 
 def loso(rows: list[dict], diffs, l2: float) -> tuple[dict, list[float]]:
     """Length-aware metrics per left-out site and pooled, and every pair's out-of-fold margin."""
-    from rlhfkit.algorithms.preference_eval import length_aware_metrics
-
     margins = [0.0] * len(rows)
     folds = {}
     for site in SITES:
@@ -128,12 +126,15 @@ def loso(rows: list[dict], diffs, l2: float) -> tuple[dict, list[float]]:
         w = fit_bt(diffs[train], l2)
         for i, m in zip(held, (diffs[held] @ w).tolist()):
             margins[i] = m
-        folds[site] = metrics(length_aware_metrics, [rows[i] for i in held], [margins[i] for i in held])
-    return {"folds": folds, "pooled": metrics(length_aware_metrics, rows, margins)}, margins
+        folds[site] = metrics([rows[i] for i in held], [margins[i] for i in held])
+    return {"folds": folds, "pooled": metrics(rows, margins)}, margins
 
 
-def metrics(fn, rows: list[dict], margins: list[float]) -> dict:
-    m = fn(margins, [len(r["chosen"]) for r in rows], [len(r["rejected"]) for r in rows])
+def metrics(rows: list[dict], margins: list[float]) -> dict:
+    """rlhfkit's length-aware metrics of out-of-fold margins (lengths in characters of the full text)."""
+    from rlhfkit.algorithms.preference_eval import length_aware_metrics
+
+    m = length_aware_metrics(margins, [len(r["chosen"]) for r in rows], [len(r["rejected"]) for r in rows])
     keep = ("pairs", "accuracy", "longer_wins", "matched_pairs", "matched_accuracy", "length_controlled_accuracy")
     return {k: round(m[k], 4) if isinstance(m[k], float) else m[k] for k in keep}
 
@@ -160,8 +161,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import torch
-
-    from rlhfkit.algorithms.preference_eval import length_aware_metrics
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -192,7 +191,7 @@ def main() -> None:
             if name != "length" and (best is None or res["pooled"]["matched_accuracy"] > best[0]):
                 best = (res["pooled"]["matched_accuracy"], f"{name} (l2={l2:g})", margins)
     earlier = [float(r["rejected_id"] - r["chosen_id"]) for r in rows]  # not text: the post order
-    result["earlier_answer_wins"] = metrics(length_aware_metrics, rows, earlier)
+    result["earlier_answer_wins"] = metrics(rows, earlier)
     result["best_text_set"] = {"name": best[1], "by_score_gap": by_gap(rows, best[2])}
     result["timing_s"] = {"embed": round(embed_s, 1), "total": round(time.time() - t0, 1), "texts": len(keys)}
     Path(args.out).mkdir(parents=True, exist_ok=True)
