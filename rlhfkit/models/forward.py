@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rlhfkit.algorithms.losses import IGNORE_INDEX, sequence_logps
-from rlhfkit.algorithms.rl import last_token_index  # noqa: F401  (re-exported: one definition)
+from rlhfkit.algorithms.rl import (
+    entropy_from_logprobs,
+    last_token_index,  # noqa: F401  (re-exported: one definition)
+)
 
 
 def unwrap(model):
@@ -39,17 +42,20 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, entropy: bool = False):
     """log p(labels) under logits; positions labelled IGNORE_INDEX get 0.
 
-    logits (B, T, V), labels (B, T) -> (B, T). Uses cross_entropy, which never materialises a
-    second (B, T, V) log-softmax tensor — with a 49k vocabulary that is hundreds of MB.
+    logits (B, T, V), labels (B, T) -> (B, T), in fp32 whatever the logits' dtype. entropy=True: also the
+    (detached) entropy (B, T), from the same log-softmax — computing it from the logits again cost a
+    third of the PPO loss head's time (docs/benchmarks/ppo.md, fifth run).
     """
-    B, T, V = logits.shape
-    nll = F.cross_entropy(
-        logits.reshape(B * T, V).float(), labels.reshape(B * T), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -nll.view(B, T)
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V): what cross_entropy would make inside
+    ignored = labels == IGNORE_INDEX
+    picked = logp.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1).masked_fill(ignored, 0.0)
+    if not entropy:
+        return picked
+    with torch.no_grad():
+        return picked, entropy_from_logprobs(logp)
 
 
 def causal_lm_nll_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,14 +85,16 @@ def forward_logprobs(
     *,
     return_logits: bool = False,
     return_hidden: bool = False,
+    return_entropy: bool = False,
     keep: int = 0,
     share_queries: bool = False,
 ) -> dict:
     """Log-prob of each next token of a (left- or right-) padded batch.
 
     input_ids, attention_mask (B, T) -> {"logprobs": (B, T-1)} where logprobs[:, t] = log p(input_ids[:, t+1]
-    | input_ids[:, :t+1]); padded targets get 0. Optional "logits" (B, T-1, V) and "hidden" (B, T-1, H):
-    the last-layer state at the position that *predicts* token t+1 (what a value head reads).
+    | input_ids[:, :t+1]); padded targets get 0. Optional "logits" (B, T-1, V), "entropy" (B, T-1, detached)
+    and "hidden" (B, T-1, H): the last-layer state at the position that *predicts* token t+1 (what a value
+    head reads).
     keep=K > 0: only the predictions of the last K tokens — every output (B, K[, ·]) — and the LM head
     runs on those K positions only (HF `logits_to_keep`): PPO's left-padded queries are ~half the
     sequence, so no (B, Q, V) logits are made (memory; docs/benchmarks/ppo.md has the measurement).
@@ -111,7 +119,11 @@ def forward_logprobs(
     cut = (lambda x: x[:, -keep:]) if keep else (lambda x: x)  # noqa: E731
     logits = cut(out.logits[:, :-1])
     labels = cut(torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX))
-    result = {"logprobs": token_logprobs(logits, labels)}
+    if return_entropy:
+        logprobs, entropy = token_logprobs(logits, labels, entropy=True)
+        result = {"logprobs": logprobs, "entropy": entropy}
+    else:
+        result = {"logprobs": token_logprobs(logits, labels)}
     if return_logits:
         result["logits"] = logits
     if return_hidden:

@@ -39,8 +39,17 @@ class PolicyWithValue(nn.Module):
         self.v_head = ScalarHead(policy.config.get_text_config().hidden_size) if head else None
         self.reference = reference
 
-    def forward(self, input_ids, attention_mask, return_logits=False, keep: int = 0, share_queries: bool = False):
-        """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)];
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        return_logits: bool = False,
+        return_entropy: bool = False,
+        keep: int = 0,
+        share_queries: bool = False,
+    ):
+        """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)] [+ entropy (B, T-1)
+        with return_entropy=True];
         keep=R: those of the last R tokens only (B, R[, V]) — the response, after left-padded queries.
         values is None without a value model. share_queries: see forward_logprobs."""
         head = self.v_head is not None
@@ -52,6 +61,7 @@ class PolicyWithValue(nn.Module):
             return_logits=return_logits,
             keep=keep,
             share_queries=share_queries,
+            return_entropy=return_entropy,
         )
         if head:
             out["values"] = self.v_head(out.pop("hidden"))

@@ -485,7 +485,7 @@ class RLTrainer(StageRun):
                     sync = contextlib.nullcontext() if j == len(accum) - 1 else acc.no_sync(self.model)
                     with sync:
                         out = self.model(
-                            ro.input_ids[idx], ro.attention_mask[idx], return_logits=True, keep=R, share_queries=share
+                            ro.input_ids[idx], ro.attention_mask[idx], return_entropy=True, keep=R, share_queries=share
                         )
                         if ro.kl is None:  # deferred old log-probs (logprobs phase): this forward's own
                             ro.logprobs[idx] = out["logprobs"].detach()
@@ -524,7 +524,7 @@ class RLTrainer(StageRun):
         n_tok = m.sum().float()
         ratio = rl.ratio_stats(out["logprobs"], ro.logprobs[idx], m)
         num, den = local.pop("pg_loss")
-        local = {**local, **ratio, "entropy": rl.masked_mean(rl.entropy_from_logits(out["logits"]), m)}
+        local = {**local, **ratio, "entropy": rl.masked_mean(out["entropy"], m)}
         names = list(local)
         vals = torch.stack([torch.as_tensor(local[k]).detach().float() for k in names] + [n_tok, num, den])
         vals = torch.cat([vals[: len(names)] * n_tok, vals[len(names) :]])

@@ -336,22 +336,23 @@ def test_reward_model_scorer_cuts_inputs_longer_than_it_was_trained_on(sft_adapt
 
 
 # --------------------------------------------------------------------------- raw sampling
-def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_dir):
+def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_dir, monkeypatch):
     """A model shipping repetition_penalty=1.3: rollout tokens must be drawn from the policy itself,
     i.e. the sampler's per-token log-probs equal forward_logprobs; the model's own config does not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhfkit.models import generation
     from rlhfkit.models.generation import FixedLengthSampling, generate, pad_left, response_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_sft_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_sft_dir)
     model.generation_config.repetition_penalty = 1.3
     queries = [tok(f"Question: how {w} tea?\n\nAnswer:")["input_ids"] for w in WORDS[:6]]
-    original, steps = model.generate, []
+    original, steps, drawn_from = model.generate, [], []
 
     def spy(**kw):
         out = original(**kw, output_scores=True, return_dict_in_generate=True)
-        steps.append(torch.stack(out.scores, 1).log_softmax(-1))  # (B, R, V) what the sampler drew from
+        steps.append(torch.stack(out.scores, 1).log_softmax(-1))  # (B, R, V) what HF's sampler drew from
         return out.sequences
 
     def sampler_vs_policy(resp, rmask, logp_sampler):
@@ -359,11 +360,15 @@ def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_
         drawn = logp_sampler[:, : resp.shape[1]].gather(2, resp.unsqueeze(-1)).squeeze(-1)
         return ((drawn - ours) * rmask).abs().max().item()
 
-    model.generate = spy
+    real_draw = generation.inverse_cdf_sample  # rlhfkit's draw: record the scores it draws from
+    monkeypatch.setattr(
+        generation, "inverse_cdf_sample", lambda s: drawn_from.append(s.log_softmax(-1)) or real_draw(s)
+    )
     torch.manual_seed(0)
     resp, rmask = generate(model, tok, queries, [12] * len(queries), FixedLengthSampling(max_new_tokens=12), "cpu")
-    assert sampler_vs_policy(resp, rmask, steps[-1]) <= 1e-4
+    assert sampler_vs_policy(resp, rmask, torch.stack(drawn_from, 1)) <= 1e-4
     assert model.generation_config.repetition_penalty == 1.3  # restored after sampling
+    model.generate = spy
 
     # control: generate() left to the model's own generation_config samples something else
     q_ids, q_mask = pad_left(queries, tok.pad_token_id)

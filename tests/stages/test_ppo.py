@@ -42,16 +42,17 @@ def ppo_cfg(model_dir, out, steps=16, batch_size=16, **over):
 @pytest.fixture(scope="module")
 def toy_run(tiny_sft_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
-    summary = ppo.train(
-        reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:], config=ppo_cfg(tiny_sft_dir, out)
-    )
+    # 24 steps: with 16, 39 of 48 seeds met the 2x bound below (HF's multinomial sampler: 43); with 24, 30 of 32
+    # (the two misses never took off) — the toy's take-off step varies from seed to seed, seed 0 passes both
+    cfg = ppo_cfg(tiny_sft_dir, out, steps=24)
+    summary = ppo.train(reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:], config=cfg)
     return out, summary
 
 
 def test_ppo_learns_toy_reward(toy_run):
     out, summary = toy_run
     recs = [r for r in read_jsonl(out / "metrics.jsonl") if "score" in r]
-    assert len(recs) == 16
+    assert len(recs) == 24
     first, last = [r["score"] for r in recs[:5]], [r["score"] for r in recs[-5:]]
     assert sum(last) / 5 >= 2 * sum(first) / 5, [r["score"] for r in recs]
     for r in recs:
@@ -172,7 +173,8 @@ def test_tokens_after_eos_are_masked(tiny_sft_dir, tmp_path):
     fake = torch.tensor([[7, eos, 9, 9], [5, 6, 7, 8]])
 
     def fake_generate(input_ids, **kw):
-        assert kw["max_new_tokens"] == 4 and kw["top_k"] == 0 and kw["top_p"] == 1.0
+        assert kw["max_new_tokens"] == 4 and not kw["do_sample"]  # the logits processors sample
+        assert [type(x).__name__ for x in kw["logits_processor"]] == ["InverseCdfSampler"]  # no warper
         return torch.cat([input_ids, fake], 1)
 
     model.policy.generate = fake_generate

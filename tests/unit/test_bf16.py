@@ -56,3 +56,18 @@ def test_policy_in_bf16_gives_fp32_logprobs_values_and_kl_zero_at_step_0(tiny_mo
     m = mask[:, 1:].float()
     vf, _ = value_loss(out["values"], out["values"].detach(), torch.zeros_like(m), m, 0.2)
     assert vf.dtype == torch.float32
+
+
+def test_lm_head_reads_a_contiguous_input_when_only_the_response_is_scored(tiny_model_dir):
+    # HF's logits_to_keep hands the head a strided slice; torch's CPU bf16 matmul then copies the whole
+    # (V, H) weight once per row — 20× slower at SmolLM2's shapes (docs/benchmarks/ppo.md, fifth run).
+    model, tok = load_model(ModelConfig(name=str(tiny_model_dir), dtype="bfloat16"), LoraConfig(r=4, dropout=0.0))
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    ids, mask = _batch(tok)
+    keep = 5
+    with torch.no_grad():
+        part = forward_logprobs(model, ids, mask, keep=keep)["logprobs"]
+        full = forward_logprobs(model, ids, mask)["logprobs"]
+    assert seen == [True, True]
+    torch.testing.assert_close(part, full[:, -keep:], atol=0.05, rtol=0)  # bf16 head over other shapes

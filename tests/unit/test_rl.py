@@ -14,7 +14,7 @@ from rlhfkit.algorithms.rl import (
     LengthSampler,
     RunningMoments,
     compute_gae,
-    entropy_from_logits,
+    entropy_from_logprobs,
     explained_variance,
     kl_penalty,
     last_token_index,
@@ -286,8 +286,12 @@ def test_value_loss_worked_numbers_with_clipping():
 
 def test_entropy_and_explained_variance():
     logits = torch.randn(2, 3, 7, dtype=DT)
-    assert torch.allclose(entropy_from_logits(logits), Categorical(logits=logits).entropy(), atol=1e-12)
-    assert entropy_from_logits(torch.zeros(1, 1, 8)).item() == pytest.approx(math.log(8), abs=1e-6)
+    logp = torch.log_softmax(logits, -1)
+    assert torch.allclose(entropy_from_logprobs(logp), Categorical(logits=logits).entropy(), atol=1e-12)
+    assert entropy_from_logprobs(torch.full((1, 1, 8), -math.log(8))).item() == pytest.approx(math.log(8), abs=1e-6)
+    # a token with probability 0 adds 0 (not 0 · -inf = nan): [1/2, 1/2, 0] has entropy log 2
+    half = torch.tensor([[[-math.log(2), -math.log(2), -math.inf]]], dtype=DT)
+    assert entropy_from_logprobs(half).item() == pytest.approx(math.log(2), abs=1e-12)
     mask = torch.tensor([[1, 1, 1, 0]])
     returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]], dtype=DT)
     assert explained_variance(returns.clone(), returns, mask).item() == 1.0

@@ -1,0 +1,61 @@
+"""The rollout sampler (models/generation.sampler): one token per row drawn by inverse CDF from
+softmax(scores), after HF's temperature / top-k / top-p warpers when a run asks for them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhfkit.models.generation import SamplingConfig, inverse_cdf_sample, sampler
+from rlhfkit.runtime.errors import RlhfkitError
+
+PROBS = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+
+
+def _draw(processors, n=32_000, rows=500):
+    scores = PROBS.log().expand(rows, -1)
+    ids = torch.zeros(rows, 1, dtype=torch.long)
+    counts = torch.zeros(len(PROBS))
+    for _ in range(n // rows):
+        out = processors(ids, scores.clone())
+        assert ((out == 0).sum(-1) == 1).all() and ((out == 0) | (out == -math.inf)).all()  # one token per row
+        counts += torch.bincount(out.argmax(-1), minlength=len(PROBS))
+    return counts / counts.sum()
+
+
+def test_draws_follow_the_softmax_and_never_a_zero_probability_token():
+    torch.manual_seed(0)
+    freq = _draw(sampler(SamplingConfig()))
+    # binomial sd at n = 32k is ≤ 0.0028; 0.012 is > 4 sd
+    torch.testing.assert_close(freq, PROBS, atol=0.012, rtol=0)
+    assert freq[-1] == 0
+
+
+def test_top_k_and_temperature_reshape_before_the_draw():
+    torch.manual_seed(0)
+    freq = _draw(sampler(SamplingConfig(top_k=2, temperature=0.5)))
+    # top-2 keeps 0.3 and 0.4; temperature 0.5 squares them: 0.09 : 0.16 → 0.36 / 0.64
+    torch.testing.assert_close(freq, torch.tensor([0, 0, 0.36, 0.64, 0]), atol=0.012, rtol=0)
+
+
+def test_non_finite_logits_stop_the_draw():
+    with pytest.raises(RlhfkitError, match="not finite"):
+        inverse_cdf_sample(torch.tensor([[0.0, float("nan"), 1.0]]))
+
+
+def test_min_new_tokens_is_applied_before_the_draw(tiny_sft_dir):
+    # transformers appends custom processors after its own (MinNewTokensLength among them): were the draw first,
+    # a drawn EOS would be masked to -inf afterwards and the greedy pick would return token 0 instead
+    from rlhfkit.models.generation import generate
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+
+    model, tok = load_model(ModelConfig(name=str(tiny_sft_dir)), LoraConfig(enabled=False), trainable=False)
+    torch.manual_seed(0)
+    q = [tok("how good tea?")["input_ids"]] * 64
+    free, _ = generate(model, tok, q, [24] * 64, SamplingConfig(), "cpu")
+    assert (free == tok.eos_token_id).any(-1).float().mean() > 0.5  # this model ends most answers early
+    resp, rmask = generate(model, tok, q, [24] * 64, SamplingConfig(min_new_tokens=24), "cpu")
+    assert rmask.all() and not (resp == tok.eos_token_id).any()
+    assert (resp == 0).float().mean() < 0.05  # token 0 no likelier than any other
