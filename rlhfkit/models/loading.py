@@ -42,7 +42,9 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) for hub ids."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype. Keep float32 on CPUs without native bf16, where bf16 is emulated and much slower."""
+    """Weight dtype. On a CPU, bfloat16 pays only where matmuls run natively in it (Intel AMX: the PPO step
+    1.5–1.7× faster than float32, with a noisier KL estimate: docs/benchmarks/ppo.md); where it is emulated
+    (AVX2) it is ≥ 6× slower."""
     load_in_8bit: bool = False
     """Load the base weights in 8-bit (bitsandbytes: CUDA, or the CPU with bitsandbytes ≥ 0.48); train a
     LoRA adapter on top."""
