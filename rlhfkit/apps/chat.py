@@ -227,18 +227,8 @@ def stream_reply(
         template = resolve_template(None, tokenizer, template)
     if max_new_tokens < 1:
         raise ChatError("max_new_tokens must be at least 1")
-    hist = normalize_history(history)
-    n_ctx = _context_size(model)
-    # the prompt keeps at least half the context; the reply gets what is left, up to max_new_tokens
-    budget = max(n_ctx // 2, n_ctx - max_new_tokens) if n_ctx else None
-    ids = _encode(tokenizer, template, content_text(message), hist, budget)
-    if not ids:  # an empty message with a bare "{prompt}" template: start from BOS/EOS
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [start if start is not None else 0]
-    if n_ctx:
-        max_new_tokens = max(1, min(max_new_tokens, n_ctx - len(ids)))
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    ids, max_new_tokens = _prompt_ids(model, tokenizer, template, message, history, max_new_tokens)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
 
     stop = threading.Event()
 
@@ -247,19 +237,15 @@ def stream_reply(
             return stop.is_set()
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = dict(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=int(max_new_tokens),
         streamer=streamer,
-        pad_token_id=pad,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         stopping_criteria=StoppingCriteriaList([_StopFlag()]),
+        **_sampling_kwargs(temperature, top_p),
     )
-    if temperature and temperature > 0:
-        kwargs.update(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -288,6 +274,26 @@ def stream_reply(
         worker.join(timeout=60)
         if was_training and not worker.is_alive():
             model.train()
+
+
+def _sampling_kwargs(temperature: float, top_p: float) -> dict:
+    if temperature and temperature > 0:
+        return dict(do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # greedy
+
+
+def _prompt_ids(model, tokenizer, template: Template, message, history, max_new_tokens: int):
+    """The prompt's token ids (history cut from the front to fit) and the reply's token budget."""
+    n_ctx = _context_size(model)
+    # the prompt keeps at least half the context; the reply gets what is left, up to max_new_tokens
+    budget = max(n_ctx // 2, n_ctx - max_new_tokens) if n_ctx else None
+    ids = _encode(tokenizer, template, content_text(message), normalize_history(history), budget)
+    if not ids:  # an empty message with a bare "{prompt}" template: start from BOS/EOS
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start if start is not None else 0]
+    if n_ctx:
+        max_new_tokens = max(1, min(max_new_tokens, n_ctx - len(ids)))
+    return ids, max_new_tokens
 
 
 # --------------------------------------------------------------------------- app

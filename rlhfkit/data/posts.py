@@ -214,27 +214,9 @@ def parse_rows(path: Path, on_row: Callable[[dict], None], display: str | None =
     parser.StartElementHandler = start
     parser.EndElementHandler = end
     try:
-        with _open_bytes(path) as fh:
-            while True:
-                chunk = fh.read1(_CHUNK)  # read1: a truncated gzip loses no data already decompressed
-                if not chunk:
-                    break
-                parser.Parse(chunk, False)
-            parser.Parse(b"", True)
+        _feed(path, parser)
     except expat.ExpatError as exc:
-        msg = expat.ErrorString(exc.code)
-        if msg == "no element found" and state["rows"]:
-            msg = "unexpected end of file (truncated?)"
-        elif msg == "no element found":
-            msg = "no XML content"
-        raise DumpError(
-            f"{name}: malformed XML at line {exc.lineno}, column {exc.offset + 1}: {msg}",
-            name,
-            exc.lineno,
-            exc.offset + 1,
-            state["rows"],
-            fatal=state["root"] is None,
-        ) from None
+        raise _malformed(exc, name, state["rows"], state["root"] is None) from None
     except DumpError:
         raise
     except BaseException as exc:
@@ -253,6 +235,30 @@ def parse_rows(path: Path, on_row: Callable[[dict], None], display: str | None =
     if state["root"] is None:
         raise DumpError(f"{name}: no XML content", name, 1, 1, 0, fatal=True)
     return state["rows"]
+
+
+def _feed(path: Path, parser) -> None:
+    with _open_bytes(path) as fh:
+        while True:
+            chunk = fh.read1(_CHUNK)  # read1: a truncated gzip loses no data already decompressed
+            if not chunk:
+                break
+            parser.Parse(chunk, False)
+        parser.Parse(b"", True)
+
+
+def _malformed(exc: expat.ExpatError, name: str, rows: int, fatal: bool) -> DumpError:
+    msg = expat.ErrorString(exc.code)
+    if msg == "no element found":
+        msg = "unexpected end of file (truncated?)" if rows else "no XML content"
+    return DumpError(
+        f"{name}: malformed XML at line {exc.lineno}, column {exc.offset + 1}: {msg}",
+        name,
+        exc.lineno,
+        exc.offset + 1,
+        rows,
+        fatal=fatal,
+    )
 
 
 def iter_posts(path: str | os.PathLike) -> Iterator[dict]:

@@ -260,7 +260,7 @@ def inverse_cdf_sample(scores: torch.Tensor) -> torch.Tensor:
     cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (B, V)
     total = cdf[:, -1:]
     if not torch.isfinite(total).all():
-        raise RlhfkitError("sampling: the policy's logits are not finite (NaN/inf); lower train.lr or raise the KL β")
+        raise RlhfkitError("sampling: the model's logits are not finite (NaN/inf); its weights are broken")
     u = torch.rand(total.shape, dtype=torch.float64, device=scores.device) * total  # (B, 1) uniform on [0, total)
     token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # first entry with cdf > u
     return torch.full_like(scores, float("-inf")).scatter_(-1, token, 0.0)

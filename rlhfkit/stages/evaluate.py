@@ -75,16 +75,49 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
     save_config(cfg, out / "config.yaml")
     rm_scorer = load_scorer(rm if rm is not None else cfg.rm)
     judge_scorer = load_scorer(judge if judge is not None else cfg.judge) if (judge is not None or cfg.judge) else None
+    models = [_named(s) for s in cfg.models]
+    prompts, samples, per_model = _sample_models(cfg, models, _prompts(cfg))
+    _score_models(cfg, models, prompts, samples, per_model, rm_scorer, judge_scorer)
+
+    base, last = models[0][0], models[-1][0]
+    win = {
+        f"{name}_vs_{base}": {
+            "rm": _win_rate(samples[name]["rm"], samples[base]["rm"]),
+            "judge": _win_rate(samples[name]["judge"], samples[base]["judge"]) if judge_scorer else None,
+        }
+        for name, _ in models[1:]
+    }
+    for name, _ in models:
+        s = samples[name]
+        for p, t, r, j in zip(prompts, s["texts"], s["rm"], s["judge"] or [None] * len(prompts)):
+            append_jsonl(
+                out / "samples.jsonl", {"model": name, "prompt": p, "response": t, "rm_score": r, "judge_score": j}
+            )
+    metrics = {
+        "prompts": len(prompts),
+        "rm_inputs_cut": getattr(rm_scorer, "n_cut", None),  # (prompt, response) texts longer than the RM's max_length
+        "models": {n: {k: v for k, v in m.items() if k != "flags"} for n, m in per_model.items()},
+        "win_rate": win,
+        "detectors": {n: m["flags"] for n, m in per_model.items()},
+        "over_optimisation": over_optimisation(per_model[base], per_model[last]) if len(models) > 1 else None,
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    _print_table(metrics)
+    return metrics
+
+
+def _prompts(cfg: EvalConfig) -> list[str]:
     prompts = (
         read_prompts(cfg.prompts.path, cfg.prompts.split, cfg.prompts.field)
         if cfg.prompts.n_eval == 0
         else load_prompts(cfg.prompts)[1]
     )
-    if cfg.prompts.max_prompts > 0:
-        prompts = prompts[: cfg.prompts.max_prompts]
-    models = [_named(s) for s in cfg.models]
-    ref_name, ref_path = _named(cfg.reference) if cfg.reference else models[0]
+    return prompts[: cfg.prompts.max_prompts] if cfg.prompts.max_prompts > 0 else prompts
 
+
+def _sample_models(cfg: EvalConfig, models: list[tuple[str, str]], prompts: list[str]):
+    """Each model answers every prompt (same seed); returns the prompts all of them kept, the samples
+    (texts, token ids, own log-probs) and per-model metrics so far."""
     per_model, samples = {}, {}
     for name, path in models:
         model, tok = load_model(ModelConfig(name=path), LoraConfig(enabled=False), trainable=False, verbose=False)
@@ -106,7 +139,12 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
         samples[name] = {"texts": texts, "queries": queries, "resp": resp, "rmask": rmask, "logp": logp, "tok": tok}
         per_model[name] = {"perplexity": _perplexity(model, tok, cfg) if cfg.perplexity_data else None, **bounded}
         del model
+    return prompts, samples, per_model
 
+
+def _score_models(cfg: EvalConfig, models, prompts, samples: dict, per_model: dict, rm_scorer, judge_scorer) -> None:
+    """KL to the reference on each model's own samples, RM and judge scores, detectors: into per_model."""
+    _, ref_path = _named(cfg.reference) if cfg.reference else models[0]
     ref, ref_tok = load_model(ModelConfig(name=ref_path), LoraConfig(enabled=False), trainable=False, verbose=False)
     baseline_words = None
     for name, _ in models:
@@ -132,34 +170,6 @@ def run(cfg: EvalConfig, rm=None, judge=None) -> dict:
                 "flags": det["flags"],
             }
         )
-    del ref
-
-    base = models[0][0]
-    win = {}
-    for name, _ in models[1:]:
-        win[f"{name}_vs_{base}"] = {
-            "rm": _win_rate(samples[name]["rm"], samples[base]["rm"]),
-            "judge": _win_rate(samples[name]["judge"], samples[base]["judge"]) if judge_scorer else None,
-        }
-    for name, _ in models:
-        for p, t, r, j in zip(
-            prompts, samples[name]["texts"], samples[name]["rm"], samples[name]["judge"] or [None] * len(prompts)
-        ):
-            append_jsonl(
-                out / "samples.jsonl", {"model": name, "prompt": p, "response": t, "rm_score": r, "judge_score": j}
-            )
-    last = models[-1][0]
-    metrics = {
-        "prompts": len(prompts),
-        "rm_inputs_cut": getattr(rm_scorer, "n_cut", None),  # (prompt, response) texts longer than the RM's max_length
-        "models": {n: {k: v for k, v in m.items() if k != "flags"} for n, m in per_model.items()},
-        "win_rate": win,
-        "detectors": {n: m["flags"] for n, m in per_model.items()},
-        "over_optimisation": over_optimisation(per_model[base], per_model[last]) if len(models) > 1 else None,
-    }
-    atomic_write_json(out / "metrics.json", metrics)
-    _print_table(metrics)
-    return metrics
 
 
 def over_optimisation(first: dict, last: dict) -> dict:

@@ -71,41 +71,14 @@ def run(cfg: FeedbackConfig) -> dict:
     rng.shuffle(order)
     n_eval = min(cfg.n_eval_prompts, len(prompts) // 4)
     eval_idx, rest = order[:n_eval], order[n_eval:]
-    label_idx = rest[: cfg.n_label_prompts]
-    if len(label_idx) < 4:
+    label_prompts = [prompts[i] for i in rest[: cfg.n_label_prompts]]
+    if len(label_prompts) < 4:
         raise RlhfkitError(f"only {len(prompts)} prompts: too few to label and hold out")
     rater = load_scorer(cfg.rater)
-    model, tok = load_model(cfg.model, LoraConfig(enabled=False), trainable=False, verbose=False)
-    fmt = PromptFormat(cfg.template, tok)
-
-    label_prompts = [prompts[i] for i in label_idx]
     flat = [p for p in label_prompts for _ in range(cfg.samples_per_prompt)]
-    queries = [fmt.encode_prompt(p) for p in flat]
-    texts: list[str] = []
-    share = cfg.samples_per_prompt > 1  # each prompt's prefill runs once for its samples
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        for i in range(0, len(queries), cfg.generation.batch_size):
-            q = queries[i : i + cfg.generation.batch_size]
-            lengths = [cfg.generation.max_new_tokens] * len(q)
-            resp, rmask = generate(model, tok, q, lengths, cfg.generation, "cpu", share_queries=share)
-            texts += [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
-            print(f"[feedback] sampled {len(texts)}/{len(queries)}", flush=True)
+    texts = _sample(cfg, flat)
     scores = rater(flat, texts)
-
-    pairs, ties = [], 0
-    k = cfg.samples_per_prompt
-    for j, prompt in enumerate(label_prompts):
-        cands = list(zip(texts[j * k : (j + 1) * k], scores[j * k : (j + 1) * k]))
-        found = []
-        for (a, sa), (b, sb) in itertools.combinations(cands, 2):
-            if abs(sa - sb) <= cfg.min_gap or a == b:
-                ties += 1
-                continue
-            (c, sc), (r, sr) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
-            found.append({"prompt": prompt, "chosen": c, "rejected": r, "chosen_score": sc, "rejected_score": sr})
-        found.sort(key=lambda x: x["chosen_score"] - x["rejected_score"], reverse=True)
-        pairs += found[: cfg.max_pairs_per_prompt]
+    pairs, ties = _pairs(cfg, label_prompts, texts, scores)
     n_rm_eval = max(1, int(round(len(label_prompts) * cfg.rm_eval_fraction)))
     eval_prompt_set = set(label_prompts[:n_rm_eval])  # split by prompt: none in both
     rm_eval = [p for p in pairs if p["prompt"] in eval_prompt_set]
@@ -145,3 +118,40 @@ def run(cfg: FeedbackConfig) -> dict:
         f"mean rater score of the samples {stats['sample_score_mean']:.3f}"
     )
     return stats
+
+
+def _sample(cfg: FeedbackConfig, flat: list[str]) -> list[str]:
+    """The model's answers to `flat` (each label prompt repeated samples_per_prompt times), as text."""
+    model, tok = load_model(cfg.model, LoraConfig(enabled=False), trainable=False, verbose=False)
+    fmt = PromptFormat(cfg.template, tok)
+    queries = [fmt.encode_prompt(p) for p in flat]
+    texts: list[str] = []
+    share = cfg.samples_per_prompt > 1  # each prompt's prefill runs once for its samples
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for i in range(0, len(queries), cfg.generation.batch_size):
+            q = queries[i : i + cfg.generation.batch_size]
+            lengths = [cfg.generation.max_new_tokens] * len(q)
+            resp, rmask = generate(model, tok, q, lengths, cfg.generation, "cpu", share_queries=share)
+            texts += [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(resp, rmask)]
+            print(f"[feedback] sampled {len(texts)}/{len(queries)}", flush=True)
+    return texts
+
+
+def _pairs(cfg: FeedbackConfig, label_prompts: list[str], texts: list[str], scores: list[float]):
+    """Per prompt, every two samples whose rater scores differ by more than min_gap (ties dropped and
+    counted), the widest-gap max_pairs_per_prompt of them kept."""
+    pairs, ties = [], 0
+    k = cfg.samples_per_prompt
+    for j, prompt in enumerate(label_prompts):
+        cands = list(zip(texts[j * k : (j + 1) * k], scores[j * k : (j + 1) * k]))
+        found = []
+        for (a, sa), (b, sb) in itertools.combinations(cands, 2):
+            if abs(sa - sb) <= cfg.min_gap or a == b:
+                ties += 1
+                continue
+            (c, sc), (r, sr) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
+            found.append({"prompt": prompt, "chosen": c, "rejected": r, "chosen_score": sc, "rejected_score": sr})
+        found.sort(key=lambda x: x["chosen_score"] - x["rejected_score"], reverse=True)
+        pairs += found[: cfg.max_pairs_per_prompt]
+    return pairs, ties

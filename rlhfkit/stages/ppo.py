@@ -45,7 +45,8 @@ from rlhfkit.runtime.io import append_jsonl, atomic_write_text, read_jsonl
 from rlhfkit.runtime.rundir import before_after_table
 from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfig, check_positive
 
-GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl", "entropy")
+# not entropy: it skips a row's NaN with its 0 · log 0 terms (rl.entropy_from_logprobs); NaN logits show in pg_loss
+GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl")
 GROUP_ALGOS = ("rloo", "grpo", "reinforce_pp_baseline")
 KL_IN_REWARD = ("rloo", "reinforce_pp", "reinforce_pp_baseline")  # the estimators whose advantages hold β·KL
 

@@ -77,42 +77,12 @@ def run(cfg: SFTConfig) -> dict:
     check_positions(model, cfg.data.seq_len, "data.seq_len")
     fmt = PromptFormat(cfg.template, tok)
 
-    rows = load_rows(dc.path, dc.split)
-    if dc.eval_path:
-        eval_rows = load_rows(dc.eval_path, dc.eval_split)
-    else:
-        order = list(range(len(rows)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, int(round(len(rows) * dc.eval_fraction))) if dc.eval_fraction > 0 else 0
-        if n_eval >= len(rows):
-            raise RlhfkitError(f"only {len(rows)} rows: too few to hold out {dc.eval_fraction:.0%} for eval")
-        eval_rows = [rows[i] for i in order[:n_eval]]
-        rows = [rows[i] for i in order[n_eval:]]
-    if dc.max_samples > 0:
-        rows = rows[: dc.max_samples]
+    rows, eval_rows = _split_rows(cfg)
     train_samples = encode_rows(rows, fmt, dc, completion_only)
     eval_samples = encode_rows(eval_rows, fmt, dc, completion_only) if eval_rows else []
-
     if dc.packing:
         check_packing(model)
-        items = pack(train_samples, dc.seq_len)
-        eval_items = pack(eval_samples, dc.seq_len)
-
-        def collate_items(batch):
-            return collate_packed(batch, tok.pad_token_id)
-
-        print(
-            f"[sft] packed {len(train_samples)} samples ({sum(len(s.input_ids) for s in train_samples):,} tokens) "
-            f"into {len(items)} blocks of {dc.seq_len}"
-        )
-    else:
-        items, eval_items = train_samples, eval_samples
-        n_trunc = sum(len(s.input_ids) > dc.seq_len for s in items)
-        if n_trunc:
-            print(f"[sft] {n_trunc} of {len(items)} samples longer than seq_len={dc.seq_len} are truncated")
-
-        def collate_items(batch):
-            return collate_padded(batch, tok.pad_token_id, dc.seq_len)
+    items, eval_items, collate_items = _items(dc, tok.pad_token_id, train_samples, eval_samples)
 
     def loss(model_, micro):
         total = torch.zeros((), device=next(model_.parameters()).device)
@@ -149,3 +119,35 @@ def run(cfg: SFTConfig) -> dict:
         )
     summary["out_dir"] = str(Path(cfg.out_dir) / "final")
     return summary
+
+
+def _split_rows(cfg: SFTConfig) -> tuple[list, list]:
+    """Training rows and held-out rows: data.eval_path, else a seeded data.eval_fraction of the rows."""
+    dc = cfg.data
+    rows = load_rows(dc.path, dc.split)
+    if dc.eval_path:
+        eval_rows = load_rows(dc.eval_path, dc.eval_split)
+    else:
+        order = list(range(len(rows)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(round(len(rows) * dc.eval_fraction))) if dc.eval_fraction > 0 else 0
+        if n_eval >= len(rows):
+            raise RlhfkitError(f"only {len(rows)} rows: too few to hold out {dc.eval_fraction:.0%} for eval")
+        eval_rows = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in order[n_eval:]]
+    return (rows[: dc.max_samples] if dc.max_samples > 0 else rows), eval_rows
+
+
+def _items(dc, pad_id: int, train_samples: list, eval_samples: list):
+    """Training and eval items (packed blocks or padded samples) and the collate function for them."""
+    if dc.packing:
+        items = pack(train_samples, dc.seq_len)
+        print(
+            f"[sft] packed {len(train_samples)} samples ({sum(len(s.input_ids) for s in train_samples):,} tokens) "
+            f"into {len(items)} blocks of {dc.seq_len}"
+        )
+        return items, pack(eval_samples, dc.seq_len), lambda batch: collate_packed(batch, pad_id)
+    n_trunc = sum(len(s.input_ids) > dc.seq_len for s in train_samples)
+    if n_trunc:
+        print(f"[sft] {n_trunc} of {len(train_samples)} samples longer than seq_len={dc.seq_len} are truncated")
+    return train_samples, eval_samples, lambda batch: collate_padded(batch, pad_id, dc.seq_len)

@@ -368,7 +368,6 @@ def test_rollouts_sample_the_raw_policy_whatever_the_generation_config(tiny_sft_
     resp, rmask = generate(model, tok, queries, [12] * len(queries), FixedLengthSampling(max_new_tokens=12), "cpu")
     assert sampler_vs_policy(resp, rmask, torch.stack(drawn_from, 1)) <= 1e-4
     assert model.generation_config.repetition_penalty == 1.3  # restored after sampling
-    model.generate = spy
 
     # control: generate() left to the model's own generation_config samples something else
     q_ids, q_mask = pad_left(queries, tok.pad_token_id)

@@ -105,7 +105,7 @@ def test_first_step_equals_trl(tiny_model_dir, tmp_path, algo, agg):
     trainer.advantages(ro)
     model = trainer.model
     model.train()
-    out = model(ro.input_ids, ro.attention_mask, return_logits=True, keep=ro.response_mask.shape[1])
+    out = model(ro.input_ids, ro.attention_mask, return_entropy=True, keep=ro.response_mask.shape[1])
     loss, _ = trainer.loss(ro, list(range(8)), out)
     loss.backward()
     ours = _grads(model)

@@ -71,3 +71,22 @@ def test_lm_head_reads_a_contiguous_input_when_only_the_response_is_scored(tiny_
         full = forward_logprobs(model, ids, mask)["logprobs"]
     assert seen == [True, True]
     torch.testing.assert_close(part, full[:, -keep:], atol=0.05, rtol=0)  # bf16 head over other shapes
+
+
+def test_policy_entropy_comes_from_the_same_log_softmax_as_its_logprobs(tiny_model_dir):
+    # PPO's update logs entropy from token_logprobs(entropy=True): it must be the categorical entropy of
+    # every kept position, padded ones included (masked later), with the log-probs unchanged
+    from torch.distributions import Categorical
+
+    from rlhfkit.models.policy import PolicyWithValue
+
+    policy, tok = load_model(ModelConfig(name=str(tiny_model_dir)), LoraConfig(r=4, dropout=0.0))
+    model = PolicyWithValue(policy, "disable_adapter")
+    ids, mask = _batch(tok)  # left-padded rows of different lengths
+    keep = 6
+    with torch.no_grad():
+        out = model(ids, mask, return_logits=True, return_entropy=True, keep=keep)
+        plain = model(ids, mask, keep=keep)
+    assert out["entropy"].shape == out["logprobs"].shape == (ids.shape[0], keep)
+    torch.testing.assert_close(out["entropy"], Categorical(logits=out["logits"].float()).entropy(), atol=1e-5, rtol=0)
+    assert torch.equal(out["logprobs"], plain["logprobs"])

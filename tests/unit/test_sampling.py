@@ -59,3 +59,10 @@ def test_min_new_tokens_is_applied_before_the_draw(tiny_sft_dir):
     resp, rmask = generate(model, tok, q, [24] * 64, SamplingConfig(min_new_tokens=24), "cpu")
     assert rmask.all() and not (resp == tok.eos_token_id).any()
     assert (resp == 0).float().mean() < 0.05  # token 0 no likelier than any other
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    torch.manual_seed(0)
+    freq = _draw(sampler(SamplingConfig(top_p=0.65)))
+    # sorted 0.4, 0.3 reach 0.7 ≥ 0.65: those two, renormalised 4 : 3
+    torch.testing.assert_close(freq, torch.tensor([0, 0, 3 / 7, 4 / 7, 0]), atol=0.012, rtol=0)
