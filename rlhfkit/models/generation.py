@@ -213,7 +213,7 @@ def generate(
             out = policy.generate(
                 input_ids=q_ids,
                 attention_mask=q_mask,
-                do_sample=False,  # the last logits processor samples (inverse_cdf_sampler)
+                do_sample=False,  # the last processor of sampler(g) draws the token; greedy picks it
                 logits_processor=sampler(g),
                 max_new_tokens=max(lengths[i : i + chunk]),
                 min_new_tokens=g.min_new_tokens or None,
