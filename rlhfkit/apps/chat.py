@@ -246,6 +246,13 @@ def stream_reply(
         stopping_criteria=StoppingCriteriaList([_StopFlag()]),
         **_sampling_kwargs(temperature, top_p),
     )
+    yield from _generate_in_thread(model, kwargs, streamer, stop)
+
+
+def _generate_in_thread(model, kwargs: dict, streamer, stop: threading.Event) -> Iterator[str]:
+    """Run model.generate(**kwargs) in a worker thread and yield the growing text it streams out."""
+    import torch
+
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -270,6 +277,7 @@ def stream_reply(
         if errors:
             raise errors[0]
     finally:
+        # closing stream_reply early closes this generator too (yield from): stop the worker and join it
         stop.set()
         worker.join(timeout=60)
         if was_training and not worker.is_alive():
@@ -318,22 +326,7 @@ def build_app(
     title = title or "rlhfkit chat"
     description = description or f"Model: `{name}` · prompt format: {template.describe()}"
 
-    def respond(message, history, max_tokens, temp):
-        last = ""
-        for last in stream_reply(
-            model,
-            tokenizer,
-            content_text(message),
-            history,
-            template=template,
-            max_new_tokens=int(max_tokens),
-            temperature=float(temp),
-            top_p=top_p,
-        ):
-            yield last
-        if not last.strip():  # say so rather than leave an empty bubble
-            yield EMPTY_REPLY
-
+    respond = _responder(model, tokenizer, template, top_p)
     # ChatInterface is itself a Blocks; built outside any other Blocks, its additional inputs land
     # in the accordion under the chat instead of above it.
     app = gr.ChatInterface(
@@ -366,6 +359,28 @@ def build_app(
     return app
 
 
+def _responder(model, tokenizer, template: Template, top_p: float):
+    """The ChatInterface callback: stream_reply with the sliders' settings, never an empty reply."""
+
+    def respond(message, history, max_tokens, temp):
+        last = ""
+        for last in stream_reply(
+            model,
+            tokenizer,
+            content_text(message),
+            history,
+            template=template,
+            max_new_tokens=int(max_tokens),
+            temperature=float(temp),
+            top_p=top_p,
+        ):
+            yield last
+        if not last.strip():  # say so rather than leave an empty bubble
+            yield EMPTY_REPLY
+
+    return respond
+
+
 def load(model_or_run: str, *, dtype: str = "float32", device: str = "auto"):
     """(model, tokenizer, model_dir) for MODEL_OR_RUN, in eval mode on `device`."""
     import torch
@@ -384,7 +399,8 @@ def load(model_or_run: str, *, dtype: str = "float32", device: str = "auto"):
     return model, tokenizer, target
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of `rlhfkit chat`."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="Chat with a model in the browser (Gradio); replies stream as they are generated."
     )
@@ -407,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weight dtype")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--title", default=None, help="page title")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:
@@ -446,10 +467,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: cannot load {args.model!r}: {exc}", file=sys.stderr)
         return 1
     print(f"[chat] {target} · prompt format: {template.describe()}", file=sys.stderr)
+    return _serve(app, args.host, args.port)
+
+
+def _serve(app, host: str, port: int) -> int:
+    """Serve `app` on host:port (never shared) until Ctrl+C; the exit code."""
     try:
         app.launch(
-            server_name=args.host,
-            server_port=args.port,
+            server_name=host,
+            server_port=port,
             share=False,
             inbrowser=False,
             show_error=True,
@@ -459,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[chat] serving on {app.local_url} (Ctrl+C to stop)", file=sys.stderr)
         app.block_thread()
     except OSError as exc:  # port in use, address not available
-        print(f"{PROG}: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass

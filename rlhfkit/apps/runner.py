@@ -129,27 +129,7 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
         if not overwrite and out.is_dir() and contents(out) and marker is None and not written_by_rlhfkit(out):
             # whatever the earlier stages did: a folder rlhfkit did not write is never wiped without --overwrite
             raise RlhfkitError(f"{out} exists but was not written by `rlhfkit run`: move it away or pass --overwrite")
-        if cfg is not None:
-            if hasattr(cfg, "resume"):
-                cfg.resume = resume
-            cfg.overwrite = not resume
-        _write_marker(
-            run_dir, name, {"status": "running", "fingerprint": fp, "upstream": upstream, "started": time.time()}
-        )
-        print(f"[run] {name}: running → {out}")
-        t0 = time.time()
-        summary = module.run(cfg) if cfg is not None else _run_main(module, name, run_dir)
-        _write_marker(
-            run_dir,
-            name,
-            {
-                "status": "done",
-                "fingerprint": fp,
-                "upstream": upstream,
-                "seconds": time.time() - t0,
-                "summary": summary,
-            },
-        )
+        summary = _execute_stage(run_dir, name, module, cfg, fp, upstream, resume)
         summaries[name] = summary
         upstream = fp
         rerun_rest = True  # a stage that ran invalidates the ones after it
@@ -159,6 +139,30 @@ def run_recipe(recipe: dict, overwrite: bool = False) -> dict:
     for name, cfg, summary in pushes:
         _push(run_dir, name, cfg, summary)
     return summaries
+
+
+def _execute_stage(run_dir: Path, name: str, module, cfg, fp: str, upstream: str, resume: bool):
+    """Run one stage between a "running" and a "done" marker, so that the next run sees how it ended."""
+    if cfg is not None:
+        if hasattr(cfg, "resume"):
+            cfg.resume = resume
+        cfg.overwrite = not resume
+    _write_marker(run_dir, name, {"status": "running", "fingerprint": fp, "upstream": upstream, "started": time.time()})
+    print(f"[run] {name}: running → {run_dir / name}")
+    t0 = time.time()
+    summary = module.run(cfg) if cfg is not None else _run_main(module, name, run_dir)
+    _write_marker(
+        run_dir,
+        name,
+        {
+            "status": "done",
+            "fingerprint": fp,
+            "upstream": upstream,
+            "seconds": time.time() - t0,
+            "summary": summary,
+        },
+    )
+    return summary
 
 
 def _push(run_dir: Path, name: str, cfg, summary: dict | None) -> None:

@@ -102,6 +102,29 @@ def fold_adapters(parent: Path, child: Path) -> None:
     r1 = next(iter(pmods.values()))[0].shape[0] if pmods else 0
     r2 = next(iter(cmods.values()))[0].shape[0] if cmods else 0
     s1, s2 = (_scaling(pcfg, r1) if r1 else 0.0), (_scaling(ccfg, r2) if r2 else 0.0)
+    folded = _concat_factors(pmods, cmods, r1, s1, r2, s2)
+    # Non-LoRA tensors (modules_to_save such as an RM score head): the child's win, the parent's carry over.
+    extra = {k: v for k, v in pstate.items() if not k.endswith(LORA_KEYS)}
+    extra.update({k: v for k, v in cstate.items() if not k.endswith(LORA_KEYS)})
+    folded.update(extra)
+    cfg = _folded_config(pcfg, ccfg, sorted(set(pmods) | set(cmods)), r1 + r2)
+    save_file(folded, str(child / WEIGHTS_FILE), metadata={"format": "pt"})
+    (child / ADAPTER_FILE).write_text(json.dumps(cfg, indent=2))
+    lineage = _lineage(parent) + [{"adapter": str(parent), "rank": r1, "scaling": s1}]
+    (child / LINEAGE_FILE).write_text(
+        json.dumps(
+            {
+                "base": pcfg["base_model_name_or_path"],
+                "folded": lineage + [{"adapter": "this stage", "rank": r2, "scaling": s2}],
+                "note": "one LoRA of rank r1+r2 on the base, equal to the chain of adapters merged in order",
+            },
+            indent=2,
+        )
+    )
+
+
+def _concat_factors(pmods: dict, cmods: dict, r1: int, s1: float, r2: int, s2: float) -> dict:
+    """Per module, the [A₁; A₂] and [s₁B₁ | s₂B₂] factors of the folded adapter, in the adapters' dtype."""
     folded: dict[str, torch.Tensor] = {}
     for mod in sorted(set(pmods) | set(cmods)):
         parts_a, parts_b = [], []
@@ -117,17 +140,17 @@ def fold_adapters(parent: Path, child: Path) -> None:
         dtype = (cmods.get(mod) or pmods[mod])[0].dtype
         folded[PEFT_PREFIX + mod + ".lora_A.weight"] = torch.cat(parts_a, 0).to(dtype).contiguous()
         folded[PEFT_PREFIX + mod + ".lora_B.weight"] = torch.cat(parts_b, 1).to(dtype).contiguous()
-    # Non-LoRA tensors (modules_to_save such as an RM score head): the child's win, the parent's carry over.
-    extra = {k: v for k, v in pstate.items() if not k.endswith(LORA_KEYS)}
-    extra.update({k: v for k, v in cstate.items() if not k.endswith(LORA_KEYS)})
-    folded.update(extra)
-    rank = r1 + r2
-    cfg = {
+    return folded
+
+
+def _folded_config(pcfg: dict, ccfg: dict, targets: list[str], rank: int) -> dict:
+    """The child's adapter config rewritten for the folded adapter: rank r₁+r₂, scaling 1, on the parent's base."""
+    return {
         **ccfg,
         "r": rank,
         "lora_alpha": rank,
         "use_rslora": False,
-        "target_modules": sorted(set(pmods) | set(cmods)),
+        "target_modules": targets,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},
@@ -136,19 +159,6 @@ def fold_adapters(parent: Path, child: Path) -> None:
         "modules_to_save": sorted(set(pcfg.get("modules_to_save") or []) | set(ccfg.get("modules_to_save") or []))
         or None,
     }
-    save_file(folded, str(child / WEIGHTS_FILE), metadata={"format": "pt"})
-    (child / ADAPTER_FILE).write_text(json.dumps(cfg, indent=2))
-    lineage = _lineage(parent) + [{"adapter": str(parent), "rank": r1, "scaling": s1}]
-    (child / LINEAGE_FILE).write_text(
-        json.dumps(
-            {
-                "base": pcfg["base_model_name_or_path"],
-                "folded": lineage + [{"adapter": "this stage", "rank": r2, "scaling": s2}],
-                "note": "one LoRA of rank r1+r2 on the base, equal to the chain of adapters merged in order",
-            },
-            indent=2,
-        )
-    )
 
 
 def _lineage(parent: Path) -> list[dict]:

@@ -332,42 +332,14 @@ def load_model(
     An adapter folder is loaded on its base and merged (fresh LoRA on top) unless
     `lora.continue_adapter`. Returns (model, tokenizer); the model is in train mode if `trainable`.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     path = resolve_model_path(cfg.name)
     adapter = path if is_adapter_dir(path) else None
     base_path = resolve_model_path(adapter_base(adapter)) if adapter else path
     tokenizer = load_tokenizer(cfg, path if (Path(path) / "tokenizer_config.json").exists() else base_path)
-    kwargs = dict(
-        revision=cfg.revision,
-        dtype=_dtype(cfg),
-        trust_remote_code=cfg.trust_remote_code,
-        **_quantization_kwargs(cfg),
-    )
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    if kind == "seq_cls":
-        # Score outputs: as the folder records them (a trained multi-head RM), else as asked, else 1.
-        n = len(reward_heads(path)) if (Path(path) / HEADS_FILE).is_file() else (num_labels or 1)
-        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=n, **kwargs)
-        keep_head_fp32(model)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
-        contiguous_head_input(model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-
+    model = _load_base_model(cfg, kind, path, base_path, num_labels, tokenizer.pad_token_id)
     lora = lora or LoraConfig(enabled=False)
     if cfg.load_in_8bit or cfg.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        if not lora.enabled:
-            raise RlhfkitError("8-bit/4-bit weights cannot be trained directly: set lora.enabled=true")
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        if trainable:
-            keep_4bit_differentiable(model)
+        model = _prepare_quantized(model, cfg, lora, trainable)
 
     if adapter is not None:
         model = _apply_adapter(model, adapter, kind, keep=trainable and lora.continue_adapter)
@@ -385,6 +357,45 @@ def load_model(
     if verbose and trainable:
         print(param_report(model))
     return model, tokenizer
+
+
+def _load_base_model(cfg: ModelConfig, kind: str, path: str, base_path: str, num_labels: int | None, pad_id: int):
+    """The base weights at `base_path` as a causal LM or sequence classifier, with pad ids set from the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs = dict(
+        revision=cfg.revision,
+        dtype=_dtype(cfg),
+        trust_remote_code=cfg.trust_remote_code,
+        **_quantization_kwargs(cfg),
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if kind == "seq_cls":
+        # Score outputs: as the folder records them (a trained multi-head RM), else as asked, else 1.
+        n = len(reward_heads(path)) if (Path(path) / HEADS_FILE).is_file() else (num_labels or 1)
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=n, **kwargs)
+        keep_head_fp32(model)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        contiguous_head_input(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = pad_id
+    return model
+
+
+def _prepare_quantized(model, cfg: ModelConfig, lora: LoraConfig, trainable: bool):
+    """Ready an 8-bit/4-bit model for LoRA training (quantized weights themselves cannot be trained)."""
+    from peft import prepare_model_for_kbit_training
+
+    if not lora.enabled:
+        raise RlhfkitError("8-bit/4-bit weights cannot be trained directly: set lora.enabled=true")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if trainable:
+        keep_4bit_differentiable(model)
+    return model
 
 
 def keep_4bit_differentiable(model) -> None:

@@ -78,18 +78,7 @@ def _coerce(value: Any, tp: Any, key: str, renamed: dict[str, str] | None = None
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key, renamed)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(value, tp, key, renamed)
     if origin is Literal:
         if value in get_args(tp):
             return value
@@ -113,6 +102,26 @@ def _coerce(value: Any, tp: Any, key: str, renamed: dict[str, str] | None = None
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, prefix=f"{key}.", renamed=renamed)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str, renamed: dict[str, str] | None) -> Any:
+    """Coerce to the first member of the union `tp` that accepts `value` (None only where allowed)."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key, renamed)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """Coerce to bool, int, float or str, accepting their string spellings; other types pass through."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -330,12 +330,8 @@ def _load_ref_model(cfg: DPOConfig, tok):
     return ref
 
 
-def run(cfg: DPOConfig) -> dict:
-    torch.manual_seed(cfg.train.seed)
-    model, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
-    check_positions(model, cfg.data.max_length, "data.max_length")
-    if cfg.disable_dropout:
-        disable_dropout(model)
+def _encode_data(cfg: DPOConfig, tok) -> tuple[list, list]:
+    """Load and encode the train and held-out pairs; fail when no training pair fits data.max_length."""
     fmt = PromptFormat(cfg.template, tok)
     train_rows, eval_rows = load_pairs(cfg.data)
     pairs = encode_pairs(train_rows, fmt, cfg.data.max_length, "dpo", cfg.data.truncate)
@@ -346,9 +342,12 @@ def run(cfg: DPOConfig) -> dict:
         f"[dpo] {len(pairs)} training pairs, {len(eval_pairs)} held-out pairs; loss {cfg.loss_type}, beta {cfg.beta}"
         + (f", label_smoothing {cfg.label_smoothing}" if cfg.label_smoothing else "")
     )
+    return pairs, eval_pairs
 
-    # Which reference: a separate frozen model, the policy with its fresh adapter disabled, or the
-    # starting policy itself (precomputed before the first update).
+
+def _choose_reference(cfg: DPOConfig, model, tok) -> tuple[Reference, bool]:
+    """The reference (frozen model, adapter-disabled policy, or starting policy) and whether to precompute it."""
+    # Only the starting policy itself cannot be recovered after the first update: always precomputed.
     average = cfg.loss_type == "ipo"
     # load_model keeps (does not merge) an adapter folder whenever lora.continue_adapter, even with lora.enabled=false
     continuing = cfg.lora.continue_adapter and is_adapter_dir(resolve_model_path(cfg.model.name))
@@ -366,7 +365,17 @@ def run(cfg: DPOConfig) -> dict:
         if not precompute:
             print(f"[dpo] {why}: the reference is the starting policy, precomputed before the first update")
         source, precompute = Reference("policy", average), True
+    return source, precompute
 
+
+def run(cfg: DPOConfig) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    model, tok = load_model(cfg.model, cfg.lora, kind="causal_lm")
+    check_positions(model, cfg.data.max_length, "data.max_length")
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    pairs, eval_pairs = _encode_data(cfg, tok)
+    source, precompute = _choose_reference(cfg, model, tok)
     reference = source
     trainer = Trainer(
         cfg,
