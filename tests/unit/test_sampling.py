@@ -66,3 +66,44 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     freq = _draw(sampler(SamplingConfig(top_p=0.65)))
     # sorted 0.4, 0.3 reach 0.7 ≥ 0.65: those two, renormalised 4 : 3
     torch.testing.assert_close(freq, torch.tensor([0, 0, 3 / 7, 4 / 7, 0]), atol=0.012, rtol=0)
+
+
+def test_decode_head_by_vocab_rows_equals_the_linear_head_and_is_restored(tiny_sft_dir, monkeypatch):
+    """The decode-step head (W · hᵀ)ᵀ gives the Linear head's logits (float rounding only) and the same
+    sampled tokens for a seed; training-sized inputs keep Linear; the head's own forward comes back after."""
+    import contextlib
+
+    from rlhfkit.models import generation
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+
+    policy, tok = load_model(ModelConfig(name=str(tiny_sft_dir)), LoraConfig(enabled=True), kind="causal_lm")
+    head = policy.get_base_model().get_output_embeddings()
+    h = torch.randn(8, 1, head.in_features)
+    big = torch.randn(2, generation.DECODE_ROWS, head.in_features)
+    plain, plain_big = head(h), head(big)
+    with generation.head_by_vocab_rows(policy):
+        assert "forward" in vars(head)
+        torch.testing.assert_close(head(h), plain, rtol=1e-5, atol=1e-5)
+        assert torch.equal(head(big), plain_big)  # Linear itself above DECODE_ROWS rows
+    assert "forward" not in vars(head)
+
+    g = generation.FixedLengthSampling(max_new_tokens=12)
+    queries = [tok("a movie about")["input_ids"], tok("the")["input_ids"]] * 4
+    torch.manual_seed(3)
+    with_it = generation.generate(policy, tok, queries, [12] * 8, g, "cpu")  # generate enters the context itself
+    monkeypatch.setattr(generation, "head_by_vocab_rows", lambda *a, **k: contextlib.nullcontext())
+    torch.manual_seed(3)
+    without = generation.generate(policy, tok, queries, [12] * 8, g, "cpu")
+    assert torch.equal(with_it[0], without[0]) and torch.equal(with_it[1], without[1])
+
+
+def test_decode_head_leaves_a_lora_wrapped_head_alone(tiny_sft_dir):
+    """A head that LoRA targets is peft's layer, not a plain Linear: its forward (with the adapter) is kept."""
+    from rlhfkit.models.generation import head_by_vocab_rows
+    from rlhfkit.models.loading import LoraConfig, ModelConfig, load_model
+
+    lora = LoraConfig(enabled=True, target_modules=["lm_head"])
+    policy, _ = load_model(ModelConfig(name=str(tiny_sft_dir)), lora, kind="causal_lm")
+    head = policy.get_base_model().get_output_embeddings()
+    with head_by_vocab_rows(policy):
+        assert "forward" not in vars(head)
