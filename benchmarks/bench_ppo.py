@@ -58,7 +58,20 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # python (--vllm-python; docs/distributed.md builds it); a "-bf16" suffix loads the base weights in bf16 (LoRA
 # and value head stay fp32, in both frameworks): run where the CPU has native bf16 (AMX: measured faster;
 # AVX-512 BF16 without AMX: not measured), else several times slower than fp32.
-FRAMEWORKS = ("rlhfkit", "rlhfkit-compile", "rlhfkit-vllm", "trl", "rlhfkit-bf16", "rlhfkit-compile-bf16", "trl-bf16")
+# rlhfkit keeps freed memory in the process on CPU (train.reuse_memory, glibc malloc); rlhfkit-noreuse turns that
+# off, trl-reuse gives TRL-classic the same through glibc's own variable (GLIBC_TUNABLES, set in its child).
+FRAMEWORKS = (
+    "rlhfkit",
+    "rlhfkit-compile",
+    "rlhfkit-vllm",
+    "trl",
+    "rlhfkit-bf16",
+    "rlhfkit-compile-bf16",
+    "trl-bf16",
+    "rlhfkit-noreuse",
+    "trl-reuse",
+)
+REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"  # = training.reuse_freed_memory
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
 
 
@@ -143,7 +156,13 @@ def worker_rlhfkit(args, work: dict) -> dict:
         overrides={
             "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"),
             "overwrite": True,
-            "train": {"seed": args.seed, "batch_size": args.batch, "lr": LR, "max_steps": len(work["lengths"])},
+            "train": {
+                "seed": args.seed,
+                "batch_size": args.batch,
+                "lr": LR,
+                "max_steps": len(work["lengths"]),
+                "reuse_memory": not args.worker.endswith("-noreuse"),
+            },
             "model": {"dtype": dtype(args.worker)},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
             "template": {"template": "{prompt}{response}"},
@@ -450,6 +469,7 @@ def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(args.threads),
         "MKL_NUM_THREADS": str(args.threads),
+        **({"GLIBC_TUNABLES": REUSE_TUNABLES} if name == "trl-reuse" else {}),
     }
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
@@ -544,7 +564,7 @@ def main() -> int:
             rs = [x for x in results if x["framework"] == name and x["ppo_epochs"] == e and "error" not in x]
             if rs:
                 agg[name] = statistics.median(x["tokens_per_s"] for x in rs)
-        peers = [p for p in ("trl", "trl-bf16") if p in agg]
+        peers = [p for p in ("trl", "trl-bf16", "trl-reuse") if p in agg]
         if peers and len(agg) > len(peers):
             summary[f"ppo_epochs={e}"] = {
                 **{f"{k}_tok_s": v for k, v in agg.items()},

@@ -117,15 +117,17 @@ def forward_logprobs(
         **({} if cache is None else {cache_kwarg(model): cache}),
     )
     cut = (lambda x: x[:, -keep:]) if keep else (lambda x: x)  # noqa: E731
-    logits = cut(out.logits[:, :-1])
-    labels = cut(torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX))
+    labels = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)  # (B, T-1)
+    # The head's output whole, the last position labelled IGNORE, its column dropped after: slicing the
+    # (B, K+1, V) logits first made log_softmax copy them and their gradient a zero-filled (B, K+1, V)
+    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, -out.logits.shape[1] :]
     if return_entropy:
-        logprobs, entropy = token_logprobs(logits, labels, entropy=True)
-        result = {"logprobs": logprobs, "entropy": entropy}
+        logprobs, entropy = token_logprobs(out.logits, labels, entropy=True)
+        result = {"logprobs": cut(logprobs[:, :-1]), "entropy": cut(entropy[:, :-1])}
     else:
-        result = {"logprobs": token_logprobs(logits, labels)}
+        result = {"logprobs": cut(token_logprobs(out.logits, labels)[:, :-1])}
     if return_logits:
-        result["logits"] = logits
+        result["logits"] = cut(out.logits[:, :-1])
     if return_hidden:
         result["hidden"] = cut(out.hidden_states[-1][:, :-1])
     return result

@@ -75,6 +75,10 @@ class TrainConfig:
     """Write a metrics.jsonl record every N steps."""
     report_to: list[str] = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb."""
+    reuse_memory: bool = True
+    """CPU runs (Linux): the process keeps memory it frees for its next tensors (glibc malloc: no mmap, no trim)
+    rather than handing it back to the OS, so the 40+ MB logits of every forward are not page-faulted in
+    anew (zeroing 40 MB: 22 vs 2 ms, 2-core AMD EPYC). The process holds its peak memory until it exits."""
 
     def __post_init__(self):
         check_positive(self, ("lr", "batch_size", "grad_accum", "epochs", "keep_checkpoints", "log_every"))
@@ -83,6 +87,22 @@ class TrainConfig:
         )
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 (from epochs) or ≥ 1, got {self.max_steps}")
+
+
+def reuse_freed_memory() -> bool:
+    """glibc malloc keeps freed memory for reuse: allocations over 32 MB (its largest mmap threshold) are
+    otherwise mmapped and page-faulted in on every use, and the heap top trimmed back to the OS (the
+    caching that jemalloc/tcmalloc give; PyTorch's CPU tuning guide). False where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # glibc only: musl and others have other mallopt semantics
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def check_positive(cfg, names: tuple[str, ...], zero_ok: bool = False) -> None:
@@ -171,6 +191,8 @@ class StageRun:
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), *engine_kwargs["kwargs_handlers"]],
         )
         set_seed(cfg.train.seed, device_specific=True)  # rank-dependent: own dropout masks and rollouts per rank
+        if cfg.train.reuse_memory and self.accelerator.device.type == "cpu":
+            reuse_freed_memory()
         self.metrics_path = self.out / "metrics.jsonl"
         self.step = 0
         self.scheduler = None

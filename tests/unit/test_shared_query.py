@@ -118,3 +118,33 @@ def test_sampling_prefills_each_prompt_once_and_draws_the_same_tokens(policy, me
         (r1, m1), (r0, m0) = runs[True, chunk], runs[False, chunk]
         assert torch.equal(r1, r0) and torch.equal(m1, m0)
     assert runs[True, 0][1].sum() > 6  # real responses, not only EOS
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_logprobs_entropy_and_gradients_equal_the_textbook_shifted_log_softmax(policy, keep):
+    """forward_logprobs log-softmaxes the head's output whole and drops the last position after (no copy of the
+    (B, K+1, V) logits): the log-probs, entropy and LoRA gradients equal log_softmax(logits[:, :-1]) gathered
+    at the next tokens, computed by hand from the model's full logits."""
+    import torch.nn.functional as F
+
+    model, tok = policy
+    model.train()
+    ids, mask, rmask = batch(tok)
+    model.zero_grad()
+    out = forward_logprobs(model, ids, mask, keep=keep, return_entropy=True)
+    (out["logprobs"] * mask[:, 1:][:, -out["logprobs"].shape[1] :]).sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    model.zero_grad()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1], -1)
+    ref = logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]  # (B, T-1), 0 at padded targets
+    entropy = -(logp.exp() * logp).sum(-1)
+    if keep:
+        ref, entropy = ref[:, -keep:], entropy[:, -keep:]
+    (ref * mask[:, 1:][:, -ref.shape[1] :]).sum().backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(out["logprobs"], ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["entropy"], entropy.detach(), rtol=0, atol=1e-4)
+    assert grads.abs().max() > 1e-3
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
