@@ -245,7 +245,8 @@ def head_by_vocab_rows(policy, skip: bool = False):
     except NotImplementedError:  # remote-code models may not say which module is the head
         head = None
     w = getattr(head, "weight", None)
-    if skip or type(head) is not torch.nn.Linear or w.device.type != "cpu" or w.dtype != torch.float32:
+    plain = type(head) is torch.nn.Linear and "forward" not in vars(head)  # accelerate's device hooks set one
+    if skip or not plain or w.device.type != "cpu" or w.dtype != torch.float32:
         yield
         return
 
@@ -261,7 +262,8 @@ def head_by_vocab_rows(policy, skip: bool = False):
     try:
         yield
     finally:
-        del head.forward
+        if vars(head).get("forward") is forward:  # a concurrent call may have restored it already
+            del head.forward
 
 
 def sampler(g: SamplingConfig):

@@ -96,6 +96,13 @@ def test_decode_head_by_vocab_rows_equals_the_linear_head_and_is_restored(tiny_s
     without = generation.generate(policy, tok, queries, [12] * 8, g, "cpu")
     assert torch.equal(with_it[0], without[0]) and torch.equal(with_it[1], without[1])
 
+    hooked = lambda x: torch.nn.functional.linear(x, head.weight, head.bias)  # noqa: E731  (as accelerate's hooks set)
+    head.forward = hooked
+    monkeypatch.undo()
+    with generation.head_by_vocab_rows(policy):
+        assert vars(head)["forward"] is hooked
+    assert vars(head)["forward"] is hooked  # someone else's forward is neither replaced nor removed
+
 
 def test_decode_head_leaves_a_lora_wrapped_head_alone(tiny_sft_dir):
     """A head that LoRA targets is peft's layer, not a plain Linear: its forward (with the adapter) is kept."""
