@@ -31,6 +31,15 @@ def unwrap(model):
     return model
 
 
+def lm_head(model):
+    """The module mapping hidden states to vocabulary logits (get_output_embeddings), or None where a
+    remote-code model does not say which module it is (NotImplementedError)."""
+    try:
+        return model.get_output_embeddings()
+    except NotImplementedError:
+        return None
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """Eval mode (no dropout) inside the block; the previous train/eval mode is restored after it."""

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.models.adapters import lora_merged
-from rlhfkit.models.forward import cache_kwarg, forward_logprobs, shared_query_cache, unwrap
+from rlhfkit.models.forward import cache_kwarg, forward_logprobs, lm_head, shared_query_cache, unwrap
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 
 # generation_config keys that change which tokens get sampled (logits processors and warpers):
@@ -240,10 +240,7 @@ def head_by_vocab_rows(policy, skip: bool = False):
     """Decode steps compute the LM head as (W · hᵀ)ᵀ, W (V, H): torch's CPU gemm for h (8, 576) · Wᵀ runs at
     18 GFLOP/s (28 ms a step, more than the whole MLP) and the transposed product in 11 ms (AMD EPYC, MKL
     2024.2; docs/benchmarks/ppo.md, sixth run). Equal up to float rounding. fp32 plain-Linear heads on CPU only."""
-    try:
-        head = unwrap(policy).get_output_embeddings()
-    except NotImplementedError:  # remote-code models may not say which module is the head
-        head = None
+    head = lm_head(unwrap(policy))
     w = getattr(head, "weight", None)
     plain = type(head) is torch.nn.Linear and "forward" not in vars(head)  # accelerate's device hooks set one
     if skip or not plain or w.device.type != "cpu" or w.dtype != torch.float32:
