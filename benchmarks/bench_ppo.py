@@ -4,6 +4,7 @@
     python benchmarks/bench_ppo.py                       # FRAMEWORKS x ppo_epochs 1 and 4, 2 warm-up + 4 timed steps
     python benchmarks/bench_ppo.py --steps 6 --repeats 2 # more timed steps, alternate the configs twice
     python benchmarks/bench_ppo.py --only rlhfkit:1 --profile   # one config, torch.profiler over one timed step
+    python benchmarks/bench_ppo.py --lockstep            # configs side by side, one step of each in turn
 
 Same for both frameworks (each (framework, ppo_epochs) config in its own child process, all in one
 invocation, alternated rlhfkit/TRL so both see the same background load):
@@ -60,6 +61,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # AVX-512 BF16 without AMX: not measured), else several times slower than fp32.
 # rlhfkit keeps freed memory in the process on CPU (train.reuse_memory, glibc malloc); rlhfkit-noreuse turns that
 # off, trl-reuse gives TRL-classic the same through glibc's own variable (GLIBC_TUNABLES, set in its child).
+# rlhfkit-refwd runs the first mini-batch's forward twice, in phase 3 and in the update, as before rlhfkit shared it.
 FRAMEWORKS = (
     "rlhfkit",
     "rlhfkit-compile",
@@ -70,9 +72,19 @@ FRAMEWORKS = (
     "trl-bf16",
     "rlhfkit-noreuse",
     "trl-reuse",
+    "rlhfkit-refwd",
 )
 REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"  # = training.reuse_freed_memory
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
+STEP_DONE = "== lockstep: step done"  # a --lockstep child's last line of each step
+
+
+def gate(args, done: bool = False) -> None:
+    """--lockstep children: wait for the parent's word before each step, and say when it is done."""
+    if args.lockstep and done:
+        print(STEP_DONE, flush=True)
+    elif args.lockstep:
+        sys.stdin.readline()
 
 
 # --------------------------------------------------------------------------- shared helpers (run in both venvs)
@@ -154,7 +166,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
     cfg = load_config(
         ppo.PPOConfig,
         overrides={
-            "out_dir": str(tmp / f"rlhfkit_e{args.epochs}"),
+            "out_dir": str(tmp / f"{args.worker}_e{args.epochs}"),  # configs side by side (--lockstep)
             "overwrite": True,
             "train": {
                 "seed": args.seed,
@@ -194,6 +206,8 @@ def worker_rlhfkit(args, work: dict) -> dict:
     t_load = time.perf_counter()
     trainer = ppo.RLTrainer(cfg, reward_fn=vader_scores, prompts=["x"], eval_prompts=[])
     t_load = time.perf_counter() - t_load
+    if args.worker == "rlhfkit-refwd":
+        trainer._first_forward_serves_update = lambda: False
     tok = trainer.tok
     model = trainer.accelerator.unwrap_model(trainer.model)
     n_params = unique_param_count(model)
@@ -203,6 +217,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
         trainer.length_sampler = rl.LengthSampler(L, L)
         cfg.generation.min_new_tokens = L if args.force_length else 0
         timed = s >= args.warmup
+        gate(args)
         prof = start_profile(args, s)
         t0 = time.perf_counter()
         trainer.prompts, trainer.queries = prompts, queries
@@ -236,6 +251,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
             f"(gen {rec['time/generate']:.2f} fwd {rec['time/forward']:.2f} upd {rec['time/update']:.2f})",
             flush=True,
         )
+        gate(args, done=True)
     return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
 
 
@@ -291,6 +307,7 @@ def worker_trl(args, work: dict) -> dict:
         }
         if args.force_length:
             gen_kwargs["min_new_tokens"] = L
+        gate(args)
         prof = start_profile(args, s)
         t0 = time.perf_counter()
         q_t = [torch.tensor(q, dtype=torch.long) for q in queries]
@@ -331,6 +348,7 @@ def worker_trl(args, work: dict) -> dict:
             f"(gen {t1 - t0:.2f} fwd {fwd:.2f} upd {opt:.2f})",
             flush=True,
         )
+        gate(args, done=True)
     return {"load_s": t_load, "unique_params": n_params, "steps": steps, **(profile_out if args.profile else {})}
 
 
@@ -428,7 +446,8 @@ def worker_main(args) -> int:
 
 
 # --------------------------------------------------------------------------- parent
-def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
+def child_command(args, name: str, epochs: int, tmp: Path, workload: Path) -> tuple[list[str], dict, Path]:
+    """The worker's command line, environment and result file for one (framework, ppo_epochs) config."""
     py = str(TRL_PY) if name.startswith("trl") else args.vllm_python if name == "rlhfkit-vllm" else sys.executable
     result = tmp / f"result_{name}_e{epochs}_{time.time_ns()}.json"
     cmd = [
@@ -463,6 +482,8 @@ def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
         cmd.append("--no-force-length")
     if args.profile:
         cmd.append("--profile")
+    if args.lockstep:
+        cmd.append("--lockstep")
     env = {
         **os.environ,
         "PYTHONPATH": "" if name.startswith("trl") else str(REPO),
@@ -471,13 +492,47 @@ def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
         "MKL_NUM_THREADS": str(args.threads),
         **({"GLIBC_TUNABLES": REUSE_TUNABLES} if name == "trl-reuse" else {}),
     }
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    if proc.returncode != 0 or not result.exists():
-        return {"framework": name, "ppo_epochs": epochs, "error": f"exit {proc.returncode}"}
+    return cmd, env, result
+
+
+def child_result(name: str, epochs: int, returncode: int, result: Path, t0: float) -> dict:
+    if returncode != 0 or not result.exists():
+        return {"framework": name, "ppo_epochs": epochs, "error": f"exit {returncode}"}
     out = json.loads(result.read_text())
     out["child_wall_s"] = time.perf_counter() - t0
     return out
+
+
+def run_child(args, name: str, epochs: int, tmp: Path, workload: Path) -> dict:
+    cmd, env, result = child_command(args, name, epochs, tmp, workload)
+    t0 = time.perf_counter()
+    return child_result(name, epochs, subprocess.run(cmd, cwd=REPO, env=env).returncode, result, t0)
+
+
+def run_lockstep(args, names: list[str], epochs: int, tmp: Path, workload: Path) -> list[dict]:
+    """All configs of one ppo_epochs loaded at once, their steps taken in turn (step 0 of each, then step 1 of
+    each, ...), only one computing at a time: this machine's speed drifts by ±20% within minutes, and
+    configs run one after the other would each see another speed."""
+    t0, procs = time.perf_counter(), []
+    for name in names:
+        cmd, env, result = child_command(args, name, epochs, tmp, workload)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append((name, proc, result))
+    for _ in range(args.warmup + args.steps):
+        for _, proc, _ in procs:
+            if proc.poll() is not None:
+                continue
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            for line in proc.stdout:
+                if line.strip() == STEP_DONE:
+                    break
+                sys.stdout.write(line)
+    outs = []
+    for name, proc, result in procs:
+        sys.stdout.write(proc.stdout.read())
+        outs.append(child_result(name, epochs, proc.wait(), result, t0))
+    return outs
 
 
 def main() -> int:
@@ -504,6 +559,12 @@ def main() -> int:
     ap.add_argument("--no-force-length", dest="force_length", action="store_false")
     ap.add_argument(
         "--profile", action="store_true", help="torch.profiler (CPU ops) over the first timed step of each config"
+    )
+    ap.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="run each ppo_epochs' configs side by side, one step of each in turn (the machine's speed drift "
+        "then falls on all of them alike); each holds its model in memory meanwhile",
     )
     ap.add_argument("--json-out")
     ap.add_argument(
@@ -547,6 +608,12 @@ def main() -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = []
     for r in range(args.repeats):
+        if args.lockstep:
+            for e in dict.fromkeys(epochs for _, epochs in configs):
+                names = [name for name, epochs in configs if epochs == e]
+                print(f"== lockstep {', '.join(names)} ppo_epochs={e} (repeat {r + 1}/{args.repeats})", flush=True)
+                results += [{**out, "repeat": r} for out in run_lockstep(args, names, e, tmp, workload)]
+            continue
         for name, epochs in configs:
             print(f"== {name} ppo_epochs={epochs} (repeat {r + 1}/{args.repeats})", flush=True)
             out = run_child(args, name, epochs, tmp, workload)
@@ -594,6 +661,7 @@ def main() -> int:
                 "force_length",
                 "repeats",
                 "threads",
+                "lockstep",
             )
         },
         "response_lengths": work["lengths"],

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from rlhfkit.runtime.config import check_positive
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor | None] | None
 
@@ -473,3 +477,70 @@ class LengthSampler:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """`n` lengths as a (n,) long tensor."""
         return torch.randint(self.min_value, self.max_value + 1, (n,), generator=generator)
+
+
+# --------------------------------------------------------------------------- #
+# Hyper-parameters (the RL stage's `ppo:` section)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class PPOHyperConfig:
+    """Policy-gradient and KL hyper-parameters; the estimator-specific ones say which `algo` reads them."""
+
+    init_kl_coef: float = 0.2
+    """β: weight of the per-token KL penalty (initial value when adaptive)."""
+    adaptive_kl: bool = True
+    """Adapt β towards target_kl (Ziegler et al. 2019); false keeps β fixed."""
+    target_kl: float = 6.0
+    """KL (nats per sequence) the adaptive controller aims for."""
+    horizon: int = 10000
+    """Adaptive controller horizon (in rollouts)."""
+    kl_estimator: Literal["kl", "abs", "mse", "full"] = "kl"
+    """Per-token KL estimator for the penalty: k1 'kl', 'abs', 'mse' (k2), or exact 'full' over the vocab."""
+    gamma: float = 1.0
+    """Discount (ppo, reinforce_pp)."""
+    lam: float = 0.95
+    """GAE λ (ppo)."""
+    cliprange: float = 0.2
+    """Policy ratio clip ε (the lower side too when clip_high is set)."""
+    clip_high: float = 0.0
+    """Upper ratio clip ε_high, e.g. 0.28 for DAPO's clip-higher (Yu et al. 2025); 0 = cliprange."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout values (ppo)."""
+    vf_coef: float = 0.1
+    """Value-loss weight (ppo)."""
+    loss_agg: Literal["auto", "token", "sequence", "constant"] = "auto"
+    """How per-token losses make the batch loss: 'token' (mean over all tokens: PPO, DAPO), 'sequence'
+    (mean per response, then over responses: GRPO), 'constant' (sum over tokens / (responses ×
+    generation.response_max): Dr. GRPO). auto = sequence for grpo, token otherwise; rloo has one ratio
+    per response (sequence)."""
+    group_std: bool = True
+    """grpo: divide group advantages by the group's std; false = Dr. GRPO (Liu et al. 2025)."""
+    dynamic_sampling: bool = False
+    """Group estimators: re-draw groups whose k scores are all equal (no learning signal) with other
+    prompts, up to max_refills rounds; groups still equal stay out of the loss (DAPO)."""
+    max_refills: int = 3
+    """Rounds of re-drawing for dynamic_sampling."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts."""
+    mini_batch_size: int = 4
+    """Rollouts per gradient step (per process)."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (across processes)."""
+    reward_baseline: float = 0.0
+    """Subtracted from every score (StackLLaMA used the RM's mean)."""
+    score_norm: Literal["none", "scale", "normalize"] = "none"
+    """Running score statistics: 'scale' divides by the running std, 'normalize' also subtracts the mean."""
+    score_clip: float = 0.0
+    """Clip scores to ±score_clip after scaling (0 = off)."""
+    ratio_threshold: float = 10.0
+    """Skip a mini-batch whose mean probability ratio exceeds this (a stability guard from TRL-classic):
+    it adds no gradient, and an optimizer step whose mini-batches were all skipped is not taken."""
+    early_stop_kl: float = 0.0
+    """Stop the epoch loop early once approx KL of a mini-batch exceeds this (0 = off)."""
+
+    def __post_init__(self):
+        check_positive(self, ("mini_batch_size", "ppo_epochs", "horizon", "cliprange"))
+        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl", "clip_high"), zero_ok=True)
+        check_positive(self, ("max_refills",), zero_ok=True)

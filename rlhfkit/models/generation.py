@@ -316,14 +316,21 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return resp, rmask
 
 
+def query_response(
+    queries: list[list[int]], resp: torch.Tensor, rmask: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded queries + right-padded responses (B, R): ids and attention mask (B, Q+R), so the responses
+    sit at the end of every row (forward_logprobs' keep=R)."""
+    q_ids, q_mask = pad_left(queries, pad_id)
+    return torch.cat([q_ids, resp], 1), torch.cat([q_mask, rmask], 1)
+
+
 @torch.no_grad()
 def response_logprobs(
     model, queries: list[list[int]], resp: torch.Tensor, rmask: torch.Tensor, pad_id: int
 ) -> torch.Tensor:
     """Per-token log-probs (B, R) of sampled responses under `model` (0 on masked positions)."""
     dev = next(model.parameters()).device
-    q_ids, q_mask = pad_left(queries, pad_id)
-    ids = torch.cat([q_ids, resp], 1).to(dev)
-    mask = torch.cat([q_mask, rmask], 1).to(dev)
+    ids, mask = (t.to(dev) for t in query_response(queries, resp, rmask, pad_id))
     logp = forward_logprobs(model, ids, mask, keep=resp.shape[1])["logprobs"]
     return logp * rmask.to(dev)

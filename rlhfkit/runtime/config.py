@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import os
 import re
 import textwrap
@@ -304,3 +305,11 @@ def config_help(cls: type, prefix: str = "", defaults: Any = None) -> str:
         if docs.get(f.name):
             lines.append(textwrap.fill(docs[f.name], width=96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+def check_positive(cfg, names: tuple[str, ...], zero_ok: bool = False) -> None:
+    """ValueError naming the first field of `names` that is not > 0 (≥ 0 with zero_ok), or not finite."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+            raise ValueError(f"{name} must be {'≥' if zero_ok else '>'} 0, got {v}")

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.runtime import checkpoint, engines
-from rlhfkit.runtime.config import read_yaml, save_config, to_dict
+from rlhfkit.runtime.config import check_positive, read_yaml, save_config, to_dict
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import (
     append_jsonl,
@@ -103,14 +103,6 @@ def reuse_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def check_positive(cfg, names: tuple[str, ...], zero_ok: bool = False) -> None:
-    """ValueError naming the first field of `names` that is not > 0 (≥ 0 with zero_ok), or not finite."""
-    for name in names:
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
-            raise ValueError(f"{name} must be {'≥' if zero_ok else '>'} 0, got {v}")
 
 
 @dataclass

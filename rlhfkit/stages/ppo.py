@@ -4,8 +4,9 @@ Each iteration is a numbered story over one `Rollout` record (as vwxyzjn's summa
   1 rollout     sample k responses per prompt from the current policy
   2 score       the reward source on the decoded text (dynamic sampling re-draws groups with no signal),
                 then baseline, running normalisation, clipping
-  3 logprobs    no-grad forwards: policy log-probs, reference log-probs, values (ppo), per-token KL
-                (where the engine allows, a prompt runs once for its k samples: forwards and prefill)
+  3 logprobs    policy log-probs, reference log-probs, values (ppo), per-token KL; no-grad forwards, but the
+                first mini-batch's is the update's own training forward, kept for its backward (exact: no
+                weight has moved yet); where the engine allows, a prompt runs once for its k samples
   4 advantages  the estimator: GAE (ppo), leave-one-out (rloo), group-normalised (grpo), whitened
                 returns-to-go (reinforce_pp)
   5 update      epochs of mini-batches: clipped surrogate (+ value loss, or + k3 KL for grpo), guards
@@ -35,7 +36,14 @@ from rlhfkit.models import policy as policy_model
 from rlhfkit.models.adapters import save_model
 from rlhfkit.models.critic import VALUE_HEAD, critic_source
 from rlhfkit.models.forward import eval_mode, forward_logprobs
-from rlhfkit.models.generation import RolloutSampling, check_unbiased, generate, pad_left, response_logprobs
+from rlhfkit.models.generation import (
+    RolloutSampling,
+    check_unbiased,
+    generate,
+    query_response,
+    response_logprobs,
+    right_pad,
+)
 from rlhfkit.models.loading import LoraConfig, ModelConfig
 from rlhfkit.rewards.scoring import load_scorer
 from rlhfkit.runtime import engines
@@ -43,74 +51,12 @@ from rlhfkit.runtime.config import save_config
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 from rlhfkit.runtime.io import append_jsonl, atomic_write_text, read_jsonl
 from rlhfkit.runtime.rundir import before_after_table
-from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfig, check_positive
+from rlhfkit.runtime.training import StageConfig, StageRun, StepPlan, TrainConfig
 
 # not entropy: it skips a row's NaN with its 0 · log 0 terms (rl.entropy_from_logprobs); NaN logits show in pg_loss
 GUARDED_STATS = ("score", "kl", "pg_loss", "vf_loss", "approxkl")
 GROUP_ALGOS = ("rloo", "grpo", "reinforce_pp_baseline")
 KL_IN_REWARD = ("rloo", "reinforce_pp", "reinforce_pp_baseline")  # the estimators whose advantages hold β·KL
-
-
-@dataclass
-class PPOHyperConfig:
-    """Policy-gradient and KL hyper-parameters; the estimator-specific ones say which `algo` reads them."""
-
-    init_kl_coef: float = 0.2
-    """β: weight of the per-token KL penalty (initial value when adaptive)."""
-    adaptive_kl: bool = True
-    """Adapt β towards target_kl (Ziegler et al. 2019); false keeps β fixed."""
-    target_kl: float = 6.0
-    """KL (nats per sequence) the adaptive controller aims for."""
-    horizon: int = 10000
-    """Adaptive controller horizon (in rollouts)."""
-    kl_estimator: Literal["kl", "abs", "mse", "full"] = "kl"
-    """Per-token KL estimator for the penalty: k1 'kl', 'abs', 'mse' (k2), or exact 'full' over the vocab."""
-    gamma: float = 1.0
-    """Discount (ppo, reinforce_pp)."""
-    lam: float = 0.95
-    """GAE λ (ppo)."""
-    cliprange: float = 0.2
-    """Policy ratio clip ε (the lower side too when clip_high is set)."""
-    clip_high: float = 0.0
-    """Upper ratio clip ε_high, e.g. 0.28 for DAPO's clip-higher (Yu et al. 2025); 0 = cliprange."""
-    cliprange_value: float = 0.2
-    """Value clip around the rollout values (ppo)."""
-    vf_coef: float = 0.1
-    """Value-loss weight (ppo)."""
-    loss_agg: Literal["auto", "token", "sequence", "constant"] = "auto"
-    """How per-token losses make the batch loss: 'token' (mean over all tokens: PPO, DAPO), 'sequence'
-    (mean per response, then over responses: GRPO), 'constant' (sum over tokens / (responses ×
-    generation.response_max): Dr. GRPO). auto = sequence for grpo, token otherwise; rloo has one ratio
-    per response (sequence)."""
-    group_std: bool = True
-    """grpo: divide group advantages by the group's std; false = Dr. GRPO (Liu et al. 2025)."""
-    dynamic_sampling: bool = False
-    """Group estimators: re-draw groups whose k scores are all equal (no learning signal) with other
-    prompts, up to max_refills rounds; groups still equal stay out of the loss (DAPO)."""
-    max_refills: int = 3
-    """Rounds of re-drawing for dynamic_sampling."""
-    ppo_epochs: int = 4
-    """Passes over each batch of rollouts."""
-    mini_batch_size: int = 4
-    """Rollouts per gradient step (per process)."""
-    whiten_advantages: bool = True
-    """Whiten advantages over the batch (across processes)."""
-    reward_baseline: float = 0.0
-    """Subtracted from every score (StackLLaMA used the RM's mean)."""
-    score_norm: Literal["none", "scale", "normalize"] = "none"
-    """Running score statistics: 'scale' divides by the running std, 'normalize' also subtracts the mean."""
-    score_clip: float = 0.0
-    """Clip scores to ±score_clip after scaling (0 = off)."""
-    ratio_threshold: float = 10.0
-    """Skip a mini-batch whose mean probability ratio exceeds this (a stability guard from TRL-classic):
-    it adds no gradient, and an optimizer step whose mini-batches were all skipped is not taken."""
-    early_stop_kl: float = 0.0
-    """Stop the epoch loop early once approx KL of a mini-batch exceeds this (0 = off)."""
-
-    def __post_init__(self):
-        check_positive(self, ("mini_batch_size", "ppo_epochs", "horizon", "cliprange"))
-        check_positive(self, ("init_kl_coef", "vf_coef", "score_clip", "early_stop_kl", "clip_high"), zero_ok=True)
-        check_positive(self, ("max_refills",), zero_ok=True)
 
 
 @dataclass
@@ -144,7 +90,7 @@ class PPOConfig(StageConfig):
     a fresh one with `lora`'s settings, dropout off; saved in final/critic), or an RM folder to start it from."""
     generation: RolloutSampling = field(default_factory=RolloutSampling)
     """Rollout sampling."""
-    ppo: PPOHyperConfig = field(default_factory=PPOHyperConfig)
+    ppo: rl.PPOHyperConfig = field(default_factory=rl.PPOHyperConfig)
     """PPO and KL hyper-parameters."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1.41e-5, lr_scheduler="constant", batch_size=8, max_steps=100, seed=0)
@@ -225,6 +171,21 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B, R) −β·KL_t + score on the last token (ppo, reinforce_pp)
     advantages: torch.Tensor | None = None  # (B, R) per token, or (B,) per response (rloo, grpo)
     returns: torch.Tensor | None = None  # (B, R) value targets (ppo), else None
+    order: list[int] | None = None  # the first epoch's row order, drawn in phase 3 when it runs `first_out`
+    first_out: dict | None = None  # the first mini-batch's training forward (with its graph), run in phase 3
+
+
+def _rows(parts: list[list[int]], outs: list[dict], key: str) -> torch.Tensor | None:
+    """Forward outputs over row subsets `parts` of a batch (n_i, R[, V]) -> the batch's (B, R[, V]), in row order."""
+    got = [o.get(key) for o in outs]
+    if not got or got[0] is None:
+        return None
+    if len(got) == 1:
+        return got[0]
+    cat = torch.cat(got)
+    out = torch.empty_like(cat)
+    out[torch.tensor([i for part in parts for i in part], device=cat.device)] = cat
+    return out
 
 
 # --------------------------------------------------------------------------- trainer
@@ -311,7 +272,7 @@ class RLTrainer(StageRun):
         t["time/generate"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.score(ro, gen)  # 2
         t["time/score"], t0 = time.perf_counter() - t0, time.perf_counter()
-        self.logprobs(ro)  # 3
+        self.logprobs(ro, gen)  # 3
         t["time/forward"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.advantages(ro)  # 4
         t["time/advantages"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -375,31 +336,58 @@ class RLTrainer(StageRun):
         ro.weights = (~flat).repeat_interleave(k).float()
 
     @torch.no_grad()
-    def logprobs(self, ro: Rollout) -> None:
-        """3. Policy, reference (and value) forwards over the response positions only, in eval mode."""
+    def logprobs(self, ro: Rollout, gen: torch.Generator) -> None:
+        """3. Policy, reference (and value) forwards over the response positions only, in eval mode; the first
+        mini-batch's policy forward is the update's own where that is exact (`_first_forward_serves_update`)."""
         p, acc = self.cfg.ppo, self.accelerator
-        model, dev, pad = acc.unwrap_model(self.model), acc.device, self.tok.pad_token_id
-        q_ids, q_mask = pad_left(ro.queries, pad)
-        R = max(len(r) for r in ro.response_ids)
-        resp = torch.full((len(ro.response_ids), R), pad, dtype=torch.long)
-        rmask = torch.zeros_like(resp)
-        for i, r in enumerate(ro.response_ids):
-            resp[i, : len(r)], rmask[i, : len(r)] = torch.tensor(r, dtype=torch.long), 1
-        ro.input_ids = torch.cat([q_ids, resp], 1).to(dev)
-        ro.attention_mask = torch.cat([q_mask, rmask], 1).to(dev)
-        ro.response_mask = rmask.to(dev)
+        model, dev = acc.unwrap_model(self.model), acc.device
+        resp, rmask = right_pad(ro.response_ids, self.tok.pad_token_id)
+        ids, mask = query_response(ro.queries, resp, rmask, self.tok.pad_token_id)
+        ro.input_ids, ro.attention_mask, ro.response_mask = ids.to(dev), mask.to(dev), rmask.to(dev)
+        B, R = rmask.shape
         full, deferred, share = p.kl_estimator == "full", self._old_is_current(), self.share_queries()
+        kw = {"return_logits": full, "keep": R, "share_queries": share}
+        parts, outs = [list(range(B))], []
+        if not deferred and self._first_forward_serves_update():
+            ro.order = torch.randperm(B, generator=gen).tolist()  # what update() would draw first
+            parts = [ro.order[: p.mini_batch_size], ro.order[p.mini_batch_size :]]
+            with torch.enable_grad():
+                first_group = min(self.cfg.train.grad_accum, math.ceil(B / p.mini_batch_size))  # update()'s accum
+                ro.first_out = self._train_forward(ro, parts[0], last=first_group == 1)
+            outs = [{k: v.detach() if torch.is_tensor(v) else v for k, v in ro.first_out.items()}]
+            parts = [part for part in parts if part]
         with eval_mode(model):
-            kw = {"return_logits": full, "keep": R, "share_queries": share}
-            old = None if deferred else model(ro.input_ids, ro.attention_mask, **kw)
-            with model.as_reference() as ref_model:
-                ref = forward_logprobs(ref_model, ro.input_ids, ro.attention_mask, **kw)
-        ro.ref_logprobs = ref["logprobs"]
+            outs += [] if deferred else [model(ro.input_ids[i], ro.attention_mask[i], **kw) for i in parts[len(outs) :]]
+            with model.as_reference() as ref_model:  # row for row the policy's batches: KL at step 0 stays exactly 0
+                refs = [forward_logprobs(ref_model, ro.input_ids[i], ro.attention_mask[i], **kw) for i in parts]
+        ro.ref_logprobs = _rows(parts, refs, "logprobs")
         if deferred:  # filled by update()'s own forward, before its first optimizer step
             ro.logprobs = torch.full_like(ro.ref_logprobs, float("nan"))
             return
-        ro.logprobs, ro.values = old["logprobs"], old["values"]
-        self._token_kl(ro, old.get("logits"), ref.get("logits"))
+        ro.logprobs, ro.values = _rows(parts, outs, "logprobs"), _rows(parts, outs, "values")
+        self._token_kl(ro, _rows(parts, outs, "logits"), _rows(parts, refs, "logits"))
+
+    def _first_forward_serves_update(self) -> bool:
+        """Before any update the first mini-batch's training forward computes exactly the rollout policy's
+        log-probs and values (every dropout is off), so phase 3 runs it once for both, and update()
+        backpropagates it: one forward of a mini-batch less per step. Not under ZeRO / FSDP (weights
+        gathered per call; forward and backward must pair there), nor for the full-distribution KL."""
+        model = self.model
+        plain = engines.engine() == "ddp" and not engines.is_sharded(model) and not engines.gathers_per_forward(model)
+        return plain and self.cfg.ppo.kl_estimator != "full"
+
+    def _train_forward(self, ro: Rollout, idx: list[int], last: bool) -> dict:
+        """One mini-batch's training forward (train mode, with grad); DDP syncs its backward if `last`."""
+        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+        self.model.train()
+        with sync:
+            return self.model(
+                ro.input_ids[idx],
+                ro.attention_mask[idx],
+                return_entropy=True,
+                keep=ro.response_mask.shape[1],
+                share_queries=self.share_queries(),
+            )
 
     def share_queries(self) -> bool:
         """Run each prompt once for its k samples (forward.shared_query_cache): not where weights are gathered
@@ -471,23 +459,20 @@ class RLTrainer(StageRun):
         """5. ppo_epochs passes of shuffled mini-batches, grad_accum of them per optimizer step; guards on
         the ratio (a blown-up mini-batch adds no gradient) and on approx KL (early stop)."""
         cfg, p, acc = self.cfg, self.cfg.ppo, self.accelerator
-        B, R, mb = len(ro.prompts), ro.response_mask.shape[1], p.mini_batch_size
+        B, mb = len(ro.prompts), p.mini_batch_size
         stats: dict[str, list[float]] = {"skipped_minibatches": [0.0]}
         stop = False
         engines.reshard(self.model)  # FSDP2: the training forwards all-gather block by block again
         self.model.train()
-        share = self.share_queries()
-        for _ in range(p.ppo_epochs):
-            order = torch.randperm(B, generator=gen).tolist()
+        for epoch in range(p.ppo_epochs):
+            order = ro.order if epoch == 0 and ro.order else torch.randperm(B, generator=gen).tolist()
             groups = [order[i : i + mb] for i in range(0, B, mb)]
             for g0 in range(0, len(groups), cfg.train.grad_accum):
                 accum, skipped = groups[g0 : g0 + cfg.train.grad_accum], 0
                 for j, idx in enumerate(accum):
                     sync = contextlib.nullcontext() if j == len(accum) - 1 else acc.no_sync(self.model)
                     with sync:
-                        out = self.model(
-                            ro.input_ids[idx], ro.attention_mask[idx], return_entropy=True, keep=R, share_queries=share
-                        )
+                        out, ro.first_out = ro.first_out or self._train_forward(ro, idx, j == len(accum) - 1), None
                         if ro.kl is None:  # deferred old log-probs (logprobs phase): this forward's own
                             ro.logprobs[idx] = out["logprobs"].detach()
                             if ro.advantages is None:  # KL in the reward: this forward holds every row

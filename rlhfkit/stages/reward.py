@@ -29,8 +29,9 @@ from rlhfkit.models.trunk import (
     self_check,
 )
 from rlhfkit.rewards.pair_eval import evaluate_pairs, pair_scores
+from rlhfkit.runtime.config import check_positive
 from rlhfkit.runtime.errors import ConfigError
-from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer, check_positive
+from rlhfkit.runtime.training import StageConfig, TrainConfig, Trainer
 
 __all__ = ["CONFIG", "RewardConfig", "evaluate_pairs", "pair_scores", "run"]  # evaluate_pairs: for scripts
 
