@@ -180,11 +180,12 @@ def _rows(parts: list[list[int]], outs: list[dict], key: str) -> torch.Tensor | 
     got = [o.get(key) for o in outs]
     if not got or got[0] is None:
         return None
-    if len(got) == 1:
-        return got[0]
+    rows = [i for part in parts for i in part]
     cat = torch.cat(got)
+    if rows == list(range(len(rows))):
+        return cat
     out = torch.empty_like(cat)
-    out[torch.tensor([i for part in parts for i in part], device=cat.device)] = cat
+    out[torch.tensor(rows, device=cat.device)] = cat
     return out
 
 
@@ -336,9 +337,10 @@ class RLTrainer(StageRun):
         ro.weights = (~flat).repeat_interleave(k).float()
 
     @torch.no_grad()
-    def logprobs(self, ro: Rollout, gen: torch.Generator) -> None:
-        """3. Policy, reference (and value) forwards over the response positions only, in eval mode; the first
-        mini-batch's policy forward is the update's own where that is exact (`_first_forward_serves_update`)."""
+    def logprobs(self, ro: Rollout, gen: torch.Generator | None = None) -> None:
+        """3. Policy, reference (and value) forwards over the response positions only, in eval mode. Given the
+        step's generator (which draws the update's first row order), the first mini-batch's policy forward is
+        the update's own where that is exact (`_first_forward_serves_update`)."""
         p, acc = self.cfg.ppo, self.accelerator
         model, dev = acc.unwrap_model(self.model), acc.device
         resp, rmask = right_pad(ro.response_ids, self.tok.pad_token_id)
@@ -348,7 +350,7 @@ class RLTrainer(StageRun):
         full, deferred, share = p.kl_estimator == "full", self._old_is_current(), self.share_queries()
         kw = {"return_logits": full, "keep": R, "share_queries": share}
         parts, outs = [list(range(B))], []
-        if not deferred and self._first_forward_serves_update():
+        if gen is not None and not deferred and self._first_forward_serves_update():
             ro.order = torch.randperm(B, generator=gen).tolist()  # what update() would draw first
             parts = [ro.order[: p.mini_batch_size], ro.order[p.mini_batch_size :]]
             with torch.enable_grad():

@@ -127,14 +127,18 @@ def test_kl_is_exactly_zero_at_step_0_existing_adapter(tiny_model_dir, tiny_corp
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_first_minibatch_forward_serves_logprobs_and_update(tiny_sft_dir, tmp_path, monkeypatch, grad_accum):
+@pytest.mark.parametrize("grad_accum,batch_size", [(1, 16), (2, 16), (1, 8)])
+def test_first_minibatch_forward_serves_logprobs_and_update(
+    tiny_sft_dir, tmp_path, monkeypatch, grad_accum, batch_size
+):
     """Phase 3 runs the first mini-batch's training forward and update() backpropagates it: a step then
     sends 8 rows fewer through the policy, its first mini-batch's ratio is exactly 1, and the weights after
-    the step equal those of a step that runs that forward twice."""
+    the step equal those of a step that runs that forward twice (also where that mini-batch is the whole
+    batch, its rows shuffled)."""
     rows, weights, stats = {}, {}, {}
     for reuse in (False, True):
-        cfg = ppo_cfg(tiny_sft_dir, tmp_path / str(reuse), steps=1, train={"grad_accum": grad_accum})
+        train = {"grad_accum": grad_accum}
+        cfg = ppo_cfg(tiny_sft_dir, tmp_path / str(reuse), steps=1, batch_size=batch_size, train=train)
         trainer = ppo.RLTrainer(cfg, reward_fn=good_count, prompts=PROMPTS[:32], eval_prompts=[])
         if not reuse:
             monkeypatch.setattr(trainer, "_first_forward_serves_update", lambda: False)
@@ -149,7 +153,8 @@ def test_first_minibatch_forward_serves_logprobs_and_update(tiny_sft_dir, tmp_pa
         weights[reuse] = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
         assert rec["kl"] == 0.0  # KL at step 0 stays exactly 0
         assert any(not torch.equal(before[n], w) for n, w in weights[reuse].items())  # the step moved the weights
-    assert rows == {False: 16 + 4 * 2 * 8, True: 16 + 4 * 2 * 8 - 8}  # 4 epochs × 2 mini-batches of 8
+    policy_rows = batch_size + 4 * batch_size  # phase 3, then 4 epochs of the batch in mini-batches of 8
+    assert rows == {False: policy_rows, True: policy_rows - 8}
     assert stats[True]["approxkl"][0] == 0.0 and stats[True]["clipfrac"][0] == 0.0
     for n, w in weights[False].items():
         assert torch.allclose(weights[True][n], w, rtol=1e-4, atol=1e-6), n
