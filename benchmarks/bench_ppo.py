@@ -518,21 +518,28 @@ def run_lockstep(args, names: list[str], epochs: int, tmp: Path, workload: Path)
         cmd, env, result = child_command(args, name, epochs, tmp, workload)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append((name, proc, result))
-    for _ in range(args.warmup + args.steps):
+    try:
+        for _ in range(args.warmup + args.steps):
+            for _, proc, _ in procs:
+                try:
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                except OSError:  # it died: its result says so below
+                    continue
+                for line in proc.stdout:
+                    if line.strip() == STEP_DONE:
+                        break
+                    sys.stdout.write(line)
+        outs = []
+        for name, proc, result in procs:
+            proc.stdin.close()
+            sys.stdout.write(proc.stdout.read())
+            outs.append(child_result(name, epochs, proc.wait(), result, t0))
+        return outs
+    finally:
         for _, proc, _ in procs:
-            if proc.poll() is not None:
-                continue
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            for line in proc.stdout:
-                if line.strip() == STEP_DONE:
-                    break
-                sys.stdout.write(line)
-    outs = []
-    for name, proc, result in procs:
-        sys.stdout.write(proc.stdout.read())
-        outs.append(child_result(name, epochs, proc.wait(), result, t0))
-    return outs
+            if proc.poll() is None:
+                proc.kill()
 
 
 def main() -> int:

@@ -277,7 +277,10 @@ class RLTrainer(StageRun):
         t["time/forward"], t0 = time.perf_counter() - t0, time.perf_counter()
         self.advantages(ro)  # 4
         t["time/advantages"], t0 = time.perf_counter() - t0, time.perf_counter()
-        stats = self.update(ro, gen)  # 5
+        try:
+            stats = self.update(ro, gen)  # 5
+        finally:
+            ro.first_out = None  # phase 3's graph, if update() never reached its backward
         t["time/update"] = time.perf_counter() - t0
         return self.log_step(ro, stats, t)  # 6
 
@@ -338,9 +341,9 @@ class RLTrainer(StageRun):
 
     @torch.no_grad()
     def logprobs(self, ro: Rollout, gen: torch.Generator | None = None) -> None:
-        """3. Policy, reference (and value) forwards over the response positions only, in eval mode. Given the
-        step's generator (which draws the update's first row order), the first mini-batch's policy forward is
-        the update's own where that is exact (`_first_forward_serves_update`)."""
+        """3. Policy, reference (and value) forwards over the response positions only, no-grad in eval mode —
+        but given the step's generator (which draws the update's first row order), the first mini-batch's policy
+        forward is the update's own training forward where that is exact (`_first_forward_serves_update`)."""
         p, acc = self.cfg.ppo, self.accelerator
         model, dev = acc.unwrap_model(self.model), acc.device
         resp, rmask = right_pad(ro.response_ids, self.tok.pad_token_id)
@@ -349,19 +352,21 @@ class RLTrainer(StageRun):
         B, R = rmask.shape
         full, deferred, share = p.kl_estimator == "full", self._old_is_current(), self.share_queries()
         kw = {"return_logits": full, "keep": R, "share_queries": share}
-        parts, outs = [list(range(B))], []
+        parts, first = [list(range(B))], None
         if gen is not None and not deferred and self._first_forward_serves_update():
             ro.order = torch.randperm(B, generator=gen).tolist()  # what update() would draw first
-            parts = [ro.order[: p.mini_batch_size], ro.order[p.mini_batch_size :]]
-            with torch.enable_grad():
-                first_group = min(self.cfg.train.grad_accum, math.ceil(B / p.mini_batch_size))  # update()'s accum
-                ro.first_out = self._train_forward(ro, parts[0], last=first_group == 1)
-            outs = [{k: v.detach() if torch.is_tensor(v) else v for k, v in ro.first_out.items()}]
-            parts = [part for part in parts if part]
+            first = ro.order[: p.mini_batch_size]  # run last: its graph then lives through no other forward
+            parts = [part for part in (ro.order[p.mini_batch_size :], first) if part]
+        own = parts[:-1] if first is not None else parts  # the policy forwards run here, in eval mode
         with eval_mode(model):
-            outs += [] if deferred else [model(ro.input_ids[i], ro.attention_mask[i], **kw) for i in parts[len(outs) :]]
+            outs = [] if deferred else [model(ro.input_ids[i], ro.attention_mask[i], **kw) for i in own]
             with model.as_reference() as ref_model:  # row for row the policy's batches: KL at step 0 stays exactly 0
                 refs = [forward_logprobs(ref_model, ro.input_ids[i], ro.attention_mask[i], **kw) for i in parts]
+        if first is not None:
+            with torch.enable_grad():
+                first_group = min(self.cfg.train.grad_accum, math.ceil(B / p.mini_batch_size))  # update()'s accum
+                ro.first_out = self._train_forward(ro, first, last=first_group == 1)
+            outs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in ro.first_out.items()})
         ro.ref_logprobs = _rows(parts, refs, "logprobs")
         if deferred:  # filled by update()'s own forward, before its first optimizer step
             ro.logprobs = torch.full_like(ro.ref_logprobs, float("nan"))
@@ -376,7 +381,9 @@ class RLTrainer(StageRun):
         gathered per call; forward and backward must pair there), nor for the full-distribution KL."""
         model = self.model
         plain = engines.engine() == "ddp" and not engines.is_sharded(model) and not engines.gathers_per_forward(model)
-        return plain and self.cfg.ppo.kl_estimator != "full"
+        # checkpointed training forwards run without the shared query cache the eval forwards use (forward.py)
+        same = not (self.cfg.model.gradient_checkpointing and self.share_queries())
+        return plain and same and self.cfg.ppo.kl_estimator != "full"
 
     def _train_forward(self, ro: Rollout, idx: list[int], last: bool) -> dict:
         """One mini-batch's training forward (train mode, with grad); DDP syncs its backward if `last`."""

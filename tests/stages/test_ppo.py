@@ -147,7 +147,13 @@ def test_first_minibatch_forward_serves_logprobs_and_update(
         seen = []
         policy.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
         out = trainer.update
-        trainer.update = lambda ro, gen, out=out: stats.setdefault(reuse, out(ro, gen))
+
+        def update(ro, gen, out=out, reuse=reuse):
+            stats[reuse] = out(ro, gen)
+            assert ro.first_out is None  # the shared forward's graph was consumed, not kept
+            return stats[reuse]
+
+        trainer.update = update
         rec = trainer.rl_step(trainer.step_prompts(0), trainer._generator(0, 0))
         rows[reuse] = sum(seen)
         weights[reuse] = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
