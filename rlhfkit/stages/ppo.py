@@ -363,9 +363,9 @@ class RLTrainer(StageRun):
             with model.as_reference() as ref_model:  # row for row the policy's batches: KL at step 0 stays exactly 0
                 refs = [forward_logprobs(ref_model, ro.input_ids[i], ro.attention_mask[i], **kw) for i in parts]
         if first is not None:
-            with torch.enable_grad():
-                first_group = min(self.cfg.train.grad_accum, math.ceil(B / p.mini_batch_size))  # update()'s accum
-                ro.first_out = self._train_forward(ro, first, last=first_group == 1)
+            first_group = min(self.cfg.train.grad_accum, math.ceil(B / p.mini_batch_size))  # update()'s accum
+            with torch.enable_grad(), self._grad_sync(last=first_group == 1):
+                ro.first_out = self._train_forward(ro, first)
             outs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in ro.first_out.items()})
         ro.ref_logprobs = _rows(parts, refs, "logprobs")
         if deferred:  # filled by update()'s own forward, before its first optimizer step
@@ -385,18 +385,18 @@ class RLTrainer(StageRun):
         same = not (self.cfg.model.gradient_checkpointing and self.share_queries())
         return plain and same and self.cfg.ppo.kl_estimator != "full"
 
-    def _train_forward(self, ro: Rollout, idx: list[int], last: bool) -> dict:
-        """One mini-batch's training forward (train mode, with grad); DDP syncs its backward if `last`."""
-        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+    def _grad_sync(self, last: bool):
+        """Around a mini-batch's forward and backward: gradients are all-reduced (DDP) for the last of an
+        accumulation group only."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def _train_forward(self, ro: Rollout, idx: list[int]) -> dict:
+        """One mini-batch's training forward (train mode, with grad), inside the caller's `_grad_sync`."""
         self.model.train()
-        with sync:
-            return self.model(
-                ro.input_ids[idx],
-                ro.attention_mask[idx],
-                return_entropy=True,
-                keep=ro.response_mask.shape[1],
-                share_queries=self.share_queries(),
-            )
+        R = ro.response_mask.shape[1]
+        return self.model(
+            ro.input_ids[idx], ro.attention_mask[idx], return_entropy=True, keep=R, share_queries=self.share_queries()
+        )
 
     def share_queries(self) -> bool:
         """Run each prompt once for its k samples (forward.shared_query_cache): not where weights are gathered
@@ -479,9 +479,8 @@ class RLTrainer(StageRun):
             for g0 in range(0, len(groups), cfg.train.grad_accum):
                 accum, skipped = groups[g0 : g0 + cfg.train.grad_accum], 0
                 for j, idx in enumerate(accum):
-                    sync = contextlib.nullcontext() if j == len(accum) - 1 else acc.no_sync(self.model)
-                    with sync:
-                        out, ro.first_out = ro.first_out or self._train_forward(ro, idx, j == len(accum) - 1), None
+                    with self._grad_sync(last=j == len(accum) - 1):
+                        out, ro.first_out = ro.first_out or self._train_forward(ro, idx), None
                         if ro.kl is None:  # deferred old log-probs (logprobs phase): this forward's own
                             ro.logprobs[idx] = out["logprobs"].detach()
                             if ro.advantages is None:  # KL in the reward: this forward holds every row
