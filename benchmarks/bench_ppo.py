@@ -62,6 +62,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # rlhfkit keeps freed memory in the process on CPU (train.reuse_memory, glibc malloc); rlhfkit-noreuse turns that
 # off, trl-reuse gives TRL-classic the same through glibc's own variable (GLIBC_TUNABLES, set in its child).
 # rlhfkit-refwd runs the first mini-batch's forward twice, in phase 3 and in the update, as before rlhfkit shared it.
+# rlhfkit-frozen: generation.freeze_base=true (the decode step compiled with the base weights as constants; its
+# compile falls in the first, warm-up step).
 FRAMEWORKS = (
     "rlhfkit",
     "rlhfkit-compile",
@@ -73,6 +75,7 @@ FRAMEWORKS = (
     "rlhfkit-noreuse",
     "trl-reuse",
     "rlhfkit-refwd",
+    "rlhfkit-frozen",
 )
 REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"  # = training.reuse_freed_memory
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
@@ -186,6 +189,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                 "min_new_tokens": 0,
                 "accept_kl_bias": args.force_length,
                 "compile": args.worker.startswith("rlhfkit-compile"),
+                "freeze_base": args.worker == "rlhfkit-frozen",
                 "backend": "vllm" if args.worker == "rlhfkit-vllm" else "hf",
             },
             "ppo": {

@@ -4,6 +4,8 @@ of what was sampled."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,6 +13,7 @@ import torch
 
 from rlhfkit.models.adapters import lora_merged
 from rlhfkit.models.forward import cache_kwarg, forward_logprobs, lm_head, shared_query_cache, unwrap
+from rlhfkit.runtime import engines
 from rlhfkit.runtime.errors import ConfigError, RlhfkitError
 
 # generation_config keys that change which tokens get sampled (logits processors and warpers):
@@ -65,6 +68,12 @@ class SamplingConfig:
     compile: bool = False
     """Static KV cache + torch.compile of the decode step (on CUDA: CUDA graphs). The one-off compile costs
     more than short runs gain, so it is off by default; docs/benchmarks/ppo.md has the measured trade."""
+    freeze_base: bool = False
+    """compile, and on CPU the weights that do not train (the base under LoRA) compiled in as constants, so
+    inductor packs them once for its own GEMM kernels (freezing + max-autotune); the trainable weights (the
+    adapter: plain Linear layers) stay inputs of the compiled step, read at every call, and are not merged
+    (merge_lora unused). The compile takes minutes, once per run and batch size; docs/benchmarks/ppo.md,
+    eighth run, has the trade. Falls back to compile (said once) on GPUs, sharded or 8/4-bit bases."""
     backend: Literal["hf", "vllm"] = "hf"
     """Who samples: 'hf' (transformers generate on the training model) or 'vllm' (a colocated vLLM engine
     on the same weights, the adapter pushed before each call; pip install 'rlhfkit[vllm]' or
@@ -129,12 +138,13 @@ def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def compile_kwargs(policy, max_len: int) -> dict:
+def compile_kwargs(policy, max_len: int, frozen: bool = False) -> dict:
     """`generate` kwargs for a static KV cache and a compiled decode step (transformers' CompileConfig).
 
     The cache length is rounded up to a multiple of 64 so a run settles on one or two sizes: transformers
     only ever grows it, and recompiles when it does. Off CUDA transformers
     compiles only when asked (`_compile_all_devices`); CUDA gets CUDA graphs (mode reduce-overhead).
+    frozen: for inductor_freezing() around the call, which brings its own cache (frozen_step_cache).
     """
     from transformers import CompileConfig
 
@@ -142,9 +152,9 @@ def compile_kwargs(policy, max_len: int) -> dict:
     max_len = -(-max_len // 64) * 64
     base._previous_max_cache_length = max(getattr(base, "_previous_max_cache_length", -1), max_len)
     cuda = next(policy.parameters()).device.type == "cuda"
-    cc = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if cuda else "default")
+    cc = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if cuda and not frozen else "default")
     cc._compile_all_devices = True
-    return {"cache_implementation": "static", "compile_config": cc}
+    return {"compile_config": cc} if frozen else {"cache_implementation": "static", "compile_config": cc}
 
 
 _SAID: set[int] = set()  # configs already reported (once per model, not once per rollout)
@@ -201,12 +211,14 @@ def generate(
     was_training = policy.training
     policy.eval()
     chunk = g.batch_size or len(queries)
-    extra = {}
-    if g.compile:  # size the cache for the run's longest response (PPO), not this step's
-        extra = compile_kwargs(policy, max(map(len, queries)) + max(max(lengths), cache_len))
+    extra, frozen = {}, g.freeze_base and _can_freeze(policy, device)
+    compiled = g.compile or frozen
+    if compiled:  # size the cache for the run's longest response (PPO), not this step's
+        extra = compile_kwargs(policy, max(map(len, queries)) + max(max(lengths), cache_len), frozen)
     responses = []
-    merged = lora_merged(policy) if g.merge_lora else contextlib.nullcontext()
-    with merged, raw_sampling(policy, tok), head_by_vocab_rows(policy, skip=g.compile):
+    merged = lora_merged(policy) if g.merge_lora and not frozen else contextlib.nullcontext()
+    inputs = inductor_freezing(policy) if frozen else contextlib.nullcontext()
+    with merged, inputs, raw_sampling(policy, tok), head_by_vocab_rows(policy, skip=compiled):
         for i in range(0, len(queries), chunk):
             q_ids, q_mask = pad_left(queries[i : i + chunk], tok.pad_token_id)
             q_ids, q_mask = q_ids.to(device), q_mask.to(device)
@@ -221,7 +233,8 @@ def generate(
                 eos_token_id=tok.eos_token_id,
                 use_cache=True,
                 **extra,
-                **(prefilled(policy, q_ids, q_mask) if share_queries and not g.compile else {}),
+                **(frozen_step_cache(policy, len(q_ids)) if frozen else {}),
+                **(prefilled(policy, q_ids, q_mask) if share_queries and not compiled else {}),
             )
             for row, L in zip(out[:, q_ids.shape[1] :].tolist(), lengths[i : i + chunk]):
                 row = row[:L]
@@ -230,6 +243,94 @@ def generate(
                 responses.append(row)
     policy.train(was_training)
     return right_pad(responses, tok.pad_token_id)
+
+
+def _can_freeze(policy, device) -> bool:
+    reason = freeze_refusal(policy, device)
+    if reason is not None and reason not in _SAID_REFUSALS:
+        print(f"[generate] generation.freeze_base is not used: {reason}; sampling with generation.compile instead")
+        _SAID_REFUSALS.add(reason)
+    return reason is None
+
+
+_SAID_REFUSALS: set[str] = set()
+_LIVE: dict[str, torch.Tensor | None] = {}  # trainable weights as a frozen decode step reads them
+
+
+def freeze_refusal(policy, device) -> str | None:
+    """Why generation.freeze_base cannot apply to `policy` (None: it can)."""
+    hf = unwrap(policy)
+    if torch.device(device).type != "cpu":
+        return "not on CPU (it serves inductor's CPU GEMM kernels; generation.compile works everywhere)"
+    if engines.fsdp_modules(hf) or any(hasattr(p, "ds_id") for p in hf.parameters()):
+        return "the weights are sharded (FSDP / ZeRO-3)"
+    if any("bitsandbytes" in type(m).__module__ for m in hf.modules()):
+        return "8/4-bit base weights"
+    odd = [n for n, m in _trainable_modules(hf) if type(m) is not torch.nn.Linear or "forward" in vars(m)]
+    return f"trainable weights outside plain Linear layers ({odd[0]})" if odd else None
+
+
+def _trainable_modules(hf) -> list:
+    return [(n, m) for n, m in hf.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+@contextlib.contextmanager
+def inductor_freezing(policy):
+    """generate()'s compiled decode step with the weights that do not train compiled in as constants (inductor
+    `freezing`, which dynamo reads when it traces: a global setting, not a torch.compile option), so
+    inductor's CPU GEMM template packs them once (`max_autotune`). Dynamo folds in every tensor a module
+    holds, so the trainable Linear layers (the adapter) read their weights from the module-level `_LIVE`
+    meanwhile (plain tensors sharing the parameters' storage): a global stays an input of the compiled
+    step, and the optimizer's in-place updates are read at every call. Only where freeze_refusal is None; the
+    base must not change after the first call (LoRA training never writes it; lora_merged restores it)."""
+    import torch._inductor.config as inductor
+
+    hf = unwrap(policy)
+    live = _trainable_modules(hf)
+    if "_frozen_caches" not in vars(hf):  # the model's first frozen call: its aliases go with it
+        weakref.finalize(hf, _forget, f"{id(hf)}.")
+    try:
+        for name, m in live:
+            key = f"{id(hf)}.{name}"
+            for attr in ("weight", "bias"):  # the same alias each call (dynamo guards on it: a new one recompiles)
+                p, alias = getattr(m, attr), _LIVE.get(f"{key}.{attr}")
+                if p is None or alias is None or alias.data_ptr() != p.data_ptr() or alias.shape != p.shape:
+                    _LIVE[f"{key}.{attr}"] = None if p is None else p.detach()
+            forward = vars(m).get("_live_forward") or functools.partial(_live_linear, key)
+            m.forward = m._live_forward = forward  # the same function each call: dynamo guards on it too
+        with inductor.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN"):
+            yield policy
+    finally:
+        for _, m in live:
+            vars(m).pop("forward", None)
+
+
+def _forget(prefix: str) -> None:
+    for key in [k for k in _LIVE if k.startswith(prefix)]:
+        del _LIVE[key]
+
+
+def _live_linear(name: str, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, _LIVE[name + ".weight"], _LIVE[name + ".bias"])
+
+
+def frozen_step_cache(policy, batch: int) -> dict:
+    """generate() kwargs with the static KV cache a frozen decode step was compiled on, reset: one per batch
+    size and length, kept on the model. transformers makes a new cache per call, but a frozen graph holds
+    the (static-address) cache tensors it was traced with, without a guard on them: a new cache would be
+    written and read nowhere (garbage from the second call on, measured)."""
+    from transformers import StaticCache
+
+    hf = unwrap(policy)
+    length = hf._previous_max_cache_length  # compile_kwargs: the run's longest, rounded up to 64
+    caches = vars(hf).setdefault("_frozen_caches", {})
+    cache = caches.get((batch, length))
+    if cache is None:
+        cache = caches[(batch, length)] = StaticCache(
+            config=hf.config.get_text_config(decoder=True), max_cache_len=length
+        )
+    cache.reset()
+    return {cache_kwarg(policy): cache}
 
 
 DECODE_ROWS = 64  # at most this many rows per head call: a decode step (batch × 1), not a training forward

@@ -251,6 +251,27 @@ def test_compiled_generation_samples_what_eager_samples(tiny_sft_dir, tmp_path):
     )  # static cache, compiled decode
 
 
+def test_frozen_base_sampling_takes_the_same_ppo_steps(tiny_sft_dir, tmp_path):
+    """generation.freeze_base: the decode step compiled with the base as constants samples what eager sampling
+    samples at every step, so the run's steps match: after each optimizer step (Adam's in-place updates of
+    the adapter) the frozen step must read the new adapter, or step 2 on would sample other tokens."""
+    from safetensors.torch import load_file
+
+    logs, weights = {}, {}
+    for frozen in (False, True):
+        out = tmp_path / f"frozen{frozen}"
+        cfg = ppo_cfg(tiny_sft_dir, out, steps=3, generation={"freeze_base": frozen, "merge_lora": False})
+        ppo.train(reward_fn=good_count, prompts=PROMPTS, eval_prompts=[], config=cfg)
+        logs[frozen] = [r for r in read_jsonl(out / "metrics.jsonl") if "kl" in r]
+        weights[frozen] = load_file(out / "final" / "adapter_model.safetensors")
+    assert len(logs[True]) == 3
+    for a, b in zip(logs[False], logs[True]):
+        assert a["response_length"] == b["response_length"] and a["score"] == b["score"]  # the same tokens
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+    for name, w in weights[False].items():
+        torch.testing.assert_close(weights[True][name], w, rtol=1e-4, atol=1e-5)
+
+
 def test_sampling_with_the_lora_folded_in_draws_the_same_tokens_and_restores_the_base(tiny_sft_dir, tmp_path):
     """generation.merge_lora: the adapter is merged during generate (plain linears), the tokens equal the
     unmerged sampler's under one seed, and afterwards every weight is bit for bit what it was."""
