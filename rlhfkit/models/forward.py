@@ -110,6 +110,10 @@ def forward_logprobs(
     share_queries (with keep): rows with the same query (GRPO/RLOO's k samples of a prompt) run it once
     (shared_query_cache); the caller says when, as sharded engines need every rank to make the same calls.
     """
+    if keep:  # left-pad columns no row uses (a mini-batch cut from a batch padded to its own longest query)
+        first_used = int(attention_mask.any(0).int().argmax())  # outputs are the last K: same without them
+        lead = min(first_used, input_ids.shape[1] - keep - 1)
+        input_ids, attention_mask = input_ids[:, lead:], attention_mask[:, lead:]
     ids, position_ids = input_ids, position_ids_from_mask(attention_mask)
     P = input_ids.shape[1] - keep - 1 if keep else 0  # the query but its last token
     cache = shared_query_cache(model, input_ids, attention_mask, P) if share_queries and P > 0 else None

@@ -73,7 +73,7 @@ class SamplingConfig:
     inductor packs them once for its own GEMM kernels (freezing + max-autotune); the trainable weights (the
     adapter: plain Linear layers) stay inputs of the compiled step, read at every call, and are not merged
     (merge_lora unused). The compile takes minutes, once per run and batch size; docs/benchmarks/ppo.md,
-    eighth run, has the trade. Falls back to compile (said once) on GPUs, sharded or 8/4-bit bases."""
+    eighth run, has the trade. Not used (said once) on GPUs, sharded or 8/4-bit bases: compile decides there."""
     backend: Literal["hf", "vllm"] = "hf"
     """Who samples: 'hf' (transformers generate on the training model) or 'vllm' (a colocated vLLM engine
     on the same weights, the adapter pushed before each call; pip install 'rlhfkit[vllm]' or
@@ -248,7 +248,7 @@ def generate(
 def _can_freeze(policy, device) -> bool:
     reason = freeze_refusal(policy, device)
     if reason is not None and reason not in _SAID_REFUSALS:
-        print(f"[generate] generation.freeze_base is not used: {reason}; sampling with generation.compile instead")
+        print(f"[generate] generation.freeze_base is not used: {reason}; sampling as generation.compile says")
         _SAID_REFUSALS.add(reason)
     return reason is None
 

@@ -148,3 +148,24 @@ def test_logprobs_entropy_and_gradients_equal_the_textbook_shifted_log_softmax(p
     torch.testing.assert_close(out["entropy"], entropy.detach(), rtol=0, atol=1e-4)
     assert grads.abs().max() > 1e-3
     torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_left_pad_columns_no_row_uses_are_dropped(policy):
+    """A mini-batch cut from a batch padded to a longer query carries left-pad columns no row uses: with keep=K
+    the forward drops them (the embedding sees the narrower batch) and returns the same outputs; a K reaching
+    into those columns keeps its K outputs."""
+    model, tok = policy
+    model.eval()
+    ids, mask, rmask = batch(tok)
+    wide_ids = torch.cat([torch.full((len(ids), 6), tok.pad_token_id), ids], 1)
+    wide_mask = torch.cat([torch.zeros((len(ids), 6), dtype=mask.dtype), mask], 1)
+    seen = token_batches(model)
+    with torch.no_grad():
+        narrow = forward_logprobs(model, ids, mask, keep=5, return_hidden=True, return_entropy=True)
+        wide = forward_logprobs(model, wide_ids, wide_mask, keep=5, return_hidden=True, return_entropy=True)
+        deep = forward_logprobs(model, wide_ids, wide_mask, keep=ids.shape[1] + 2)
+    assert seen == [tuple(ids.shape), tuple(ids.shape), (len(ids), ids.shape[1] + 3)]
+    for key in ("logprobs", "entropy", "hidden"):
+        torch.testing.assert_close(wide[key], narrow[key], rtol=0, atol=1e-5)
+    assert deep["logprobs"].shape == (len(ids), ids.shape[1] + 2)
+    torch.testing.assert_close(deep["logprobs"][:, -5:], narrow["logprobs"], rtol=0, atol=1e-5)
