@@ -64,6 +64,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # rlhfkit-refwd runs the first mini-batch's forward twice, in phase 3 and in the update, as before rlhfkit shared it.
 # rlhfkit-frozen: generation.freeze_base=true (the decode step compiled with the base weights as constants; its
 # compile falls in the first, warm-up step).
+# rlhfkit-padded: ppo.padding_free=false (phase 3 and the update run padded rows, as before padding-free forwards);
+# rlhfkit-frozen-padded: both.
 FRAMEWORKS = (
     "rlhfkit",
     "rlhfkit-compile",
@@ -76,6 +78,8 @@ FRAMEWORKS = (
     "trl-reuse",
     "rlhfkit-refwd",
     "rlhfkit-frozen",
+    "rlhfkit-padded",
+    "rlhfkit-frozen-padded",
 )
 REUSE_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"  # = training.reuse_freed_memory
 LR, KL0, TARGET_KL, HORIZON = 1.41e-5, 0.2, 6.0, 10000
@@ -189,7 +193,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                 "min_new_tokens": 0,
                 "accept_kl_bias": args.force_length,
                 "compile": args.worker.startswith("rlhfkit-compile"),
-                "freeze_base": args.worker == "rlhfkit-frozen",
+                "freeze_base": args.worker.startswith("rlhfkit-frozen"),
                 "backend": "vllm" if args.worker == "rlhfkit-vllm" else "hf",
             },
             "ppo": {
@@ -204,6 +208,7 @@ def worker_rlhfkit(args, work: dict) -> dict:
                 "cliprange_value": 0.2,
                 "gamma": 1.0,
                 "lam": 0.95,
+                "padding_free": not args.worker.endswith("-padded"),
             },
         },
     )

@@ -539,6 +539,11 @@ class PPOHyperConfig:
     it adds no gradient, and an optimizer step whose mini-batches were all skipped is not taken."""
     early_stop_kl: float = 0.0
     """Stop the epoch loop early once approx KL of a mini-batch exceeds this (0 = off)."""
+    padding_free: bool = True
+    """Run each forward's rows (phase 3 and the update) as one row of their real tokens, attention per row,
+    instead of padded (models/packed.py): the same numbers up to float rounding, fewer tokens through the
+    model. Where the model does not allow it (flash/flex attention, soft-capping, gradient checkpointing, a
+    failed check on a toy batch) rows run padded, said once."""
 
     def __post_init__(self):
         check_positive(self, ("mini_batch_size", "ppo_epochs", "horizon", "cliprange"))

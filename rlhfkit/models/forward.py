@@ -20,6 +20,7 @@ from rlhfkit.algorithms.rl import (
     entropy_from_logprobs,
     last_token_index,  # noqa: F401  (re-exported: one definition)
 )
+from rlhfkit.models import packed
 
 
 def unwrap(model):
@@ -97,6 +98,7 @@ def forward_logprobs(
     return_entropy: bool = False,
     keep: int = 0,
     share_queries: bool = False,
+    pack: bool = False,
 ) -> dict:
     """Log-prob of each next token of a (left- or right-) padded batch.
 
@@ -109,7 +111,11 @@ def forward_logprobs(
     sequence, so no (B, Q, V) logits are made (memory; docs/benchmarks/ppo.md has the measurement).
     share_queries (with keep): rows with the same query (GRPO/RLOO's k samples of a prompt) run it once
     (shared_query_cache); the caller says when, as sharded engines need every rank to make the same calls.
+    pack (with keep, without share_queries): the rows' real tokens as one padding-free row (models/packed.py)
+    where the model allows it (`padding_free`); the same outputs up to float rounding, 0 where a target is pad.
     """
+    if pack and keep and not share_queries and padding_free(model, attention_mask):
+        return _packed_logprobs(model, input_ids, attention_mask, keep, return_logits, return_hidden, return_entropy)
     if keep:  # left-pad columns no row uses (a mini-batch cut from a batch padded to its own longest query)
         first_used = int(attention_mask.any(0).int().argmax())  # outputs are the last K: same without them
         lead = min(first_used, input_ids.shape[1] - keep - 1)
@@ -144,6 +150,68 @@ def forward_logprobs(
     if return_hidden:
         result["hidden"] = cut(out.hidden_states[-1][:, :-1])
     return result
+
+
+def _packed_logprobs(model, input_ids, attention_mask, keep, return_logits, return_hidden, return_entropy) -> dict:
+    """forward_logprobs(keep=K) on the padding-free row: the LM head runs on the P kept predictions only."""
+    pk = packed.pack(input_ids, attention_mask, keep)
+    with packed.packed_attention_on(unwrap(model)):
+        out = model(
+            input_ids=pk.input_ids,
+            position_ids=pk.position_ids,
+            logits_to_keep=pk.predictors,
+            use_cache=False,
+            output_hidden_states=return_hidden,
+            **{packed.SEGMENTS: pk.segments},
+        )
+    logits = out.logits[0]  # (P, V)
+    if return_entropy:
+        logprobs, entropy = token_logprobs(logits, pk.targets, entropy=True)
+        result = {"logprobs": pk.unpack(logprobs), "entropy": pk.unpack(entropy)}
+    else:
+        result = {"logprobs": pk.unpack(token_logprobs(logits, pk.targets))}
+    if return_logits:
+        result["logits"] = pk.unpack(logits)
+    if return_hidden:
+        result["hidden"] = pk.unpack(out.hidden_states[-1][0, pk.predictors])
+    return result
+
+
+_PACKING_REFUSALS: set[str] = set()
+
+
+def padding_free(model, attention_mask: torch.Tensor) -> bool:
+    """Whether forward_logprobs(pack=True) runs this batch padding-free: it has padding, each row is one run
+    of tokens, and the model's attention can run per row (`packed.refusal`, then checked once per model on a
+    toy batch: padded and packed log-probs agree — no attention across rows). Why not is said once."""
+    mask = attention_mask.bool()
+    if bool(mask.all()) or not packed.contiguous_rows(mask):
+        return False
+    hf = unwrap(model)
+    reason = packed.refusal(hf, _forward_params(type(hf)))
+    if reason is None:
+        if getattr(hf, "_rlhfkit_packing_check", None) is None:
+            hf._rlhfkit_packing_check = _packing_check(model)
+        reason = hf._rlhfkit_packing_check or None
+    if reason is not None and reason not in _PACKING_REFUSALS:
+        print(f"[rl] padding-free forwards are not used: {reason}; rows run padded")
+        _PACKING_REFUSALS.add(reason)
+    return reason is None
+
+
+def _packing_check(model) -> str:
+    """ "" if packed and padded forwards agree on a left-padded toy batch, else why not."""
+    emb = unwrap(model).get_input_embeddings().weight
+    ids = torch.randint(3, emb.shape[0], (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids, mask = ids.to(emb.device), mask.to(emb.device)
+    with torch.no_grad(), eval_mode(model):
+        padded = forward_logprobs(model, ids, mask, keep=4)["logprobs"]
+        rows = _packed_logprobs(model, ids, mask, 4, False, False, False)["logprobs"]
+    err = (padded - rows).abs().max().item()
+    tol = 1e-3 if emb.dtype == torch.float32 else 1e-1
+    return "" if err <= tol else f"packed and padded log-probs differ by {err:.2e} on a toy batch"
 
 
 @functools.cache

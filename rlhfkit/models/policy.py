@@ -47,11 +47,12 @@ class PolicyWithValue(nn.Module):
         return_entropy: bool = False,
         keep: int = 0,
         share_queries: bool = False,
+        pack: bool = False,
     ):
         """input_ids, attention_mask (B, T) -> logprobs, values (B, T-1) [+ logits (B, T-1, V)] [+ entropy (B, T-1)
         with return_entropy=True];
         keep=R: those of the last R tokens only (B, R[, V]) — the response, after left-padded queries.
-        values is None without a value model. share_queries: see forward_logprobs."""
+        values is None without a value model. share_queries, pack: see forward_logprobs."""
         head = self.v_head is not None
         out = forward_logprobs(
             self.policy,
@@ -62,6 +63,7 @@ class PolicyWithValue(nn.Module):
             keep=keep,
             share_queries=share_queries,
             return_entropy=return_entropy,
+            pack=pack,
         )
         if head:
             out["values"] = self.v_head(out.pop("hidden"))

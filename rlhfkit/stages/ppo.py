@@ -351,7 +351,7 @@ class RLTrainer(StageRun):
         ro.input_ids, ro.attention_mask, ro.response_mask = ids.to(dev), mask.to(dev), rmask.to(dev)
         B, R = rmask.shape
         full, deferred, share = p.kl_estimator == "full", self._old_is_current(), self.share_queries()
-        kw = {"return_logits": full, "keep": R, "share_queries": share}
+        kw = {"return_logits": full, "keep": R, "share_queries": share, "pack": p.padding_free}
         parts, first = [list(range(B))], None
         if gen is not None and not deferred and self._first_forward_serves_update():
             ro.order = torch.randperm(B, generator=gen).tolist()  # what update() would draw first
@@ -395,7 +395,12 @@ class RLTrainer(StageRun):
         self.model.train()
         R = ro.response_mask.shape[1]
         return self.model(
-            ro.input_ids[idx], ro.attention_mask[idx], return_entropy=True, keep=R, share_queries=self.share_queries()
+            ro.input_ids[idx],
+            ro.attention_mask[idx],
+            return_entropy=True,
+            keep=R,
+            share_queries=self.share_queries(),
+            pack=self.cfg.ppo.padding_free,
         )
 
     def share_queries(self) -> bool:

@@ -43,8 +43,10 @@ def ppo_cfg(model_dir, out, steps=16, batch_size=16, **over):
 def toy_run(tiny_sft_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo") / "run"
     # 24 steps: with 16, 39 of 48 seeds met the 2x bound below (HF's multinomial sampler: 43); with 24, 30 of 32
-    # (the two misses never took off) — the toy's take-off step varies from seed to seed, seed 0 passes both
-    cfg = ppo_cfg(tiny_sft_dir, out, steps=24)
+    # (the two misses never took off) — the toy's take-off step varies from seed to seed. Seed 0 took off late
+    # with padded rows (mean score 0.29 -> 0.83) and not within 24 steps padding-free (float rounding differs
+    # from step 2 on); seeds 1-8 took off in both (last five 4.8-6.3 padded, 1.6-6.3 padding-free)
+    cfg = ppo_cfg(tiny_sft_dir, out, steps=24, train={"seed": 1})
     summary = ppo.train(reward_fn=good_count, prompts=PROMPTS[:-16], eval_prompts=PROMPTS[-16:], config=cfg)
     return out, summary
 
