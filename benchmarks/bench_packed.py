@@ -92,7 +92,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.ppo_steps:
-        print(json.dumps(ppo_steps(args.ppo_steps), indent=1))
+        import contextlib
+        import sys
+
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's own lines: stdout is the JSON only
+            result = ppo_steps(args.ppo_steps)
+        print(json.dumps(result, indent=1))
         return
 
     from peft import LoraConfig, get_peft_model
