@@ -183,10 +183,9 @@ _PACKING_REFUSALS: set[str] = set()
 def padding_free(model, attention_mask: torch.Tensor) -> bool:
     """Whether forward_logprobs(pack=True) runs this batch padding-free: it has padding, each row is one run
     of tokens, and the model's attention can run per row (`packed.refusal`, then checked once per model on a
-    toy batch: padded and packed log-probs agree — no attention across rows). Why not is said once."""
-    mask = attention_mask.bool()
-    if bool(mask.all()) or not packed.contiguous_rows(mask):
-        return False
+    toy batch: padded and packed log-probs agree — no attention across rows). Why not is said once.
+    The check runs at the first call whatever the batch: under ZeRO-3 / FSDP every rank must make the same
+    forward calls, and ranks' batches differ."""
     hf = unwrap(model)
     reason = packed.refusal(hf, _forward_params(type(hf)))
     if reason is None:
@@ -196,13 +195,16 @@ def padding_free(model, attention_mask: torch.Tensor) -> bool:
     if reason is not None and reason not in _PACKING_REFUSALS:
         print(f"[rl] padding-free forwards are not used: {reason}; rows run padded")
         _PACKING_REFUSALS.add(reason)
-    return reason is None
+    mask = attention_mask.bool()
+    return reason is None and not bool(mask.all()) and packed.contiguous_rows(mask)
 
 
 def _packing_check(model) -> str:
     """ "" if packed and padded forwards agree on a left-padded toy batch, else why not."""
-    emb = unwrap(model).get_input_embeddings().weight
-    ids = torch.randint(3, emb.shape[0], (2, 9), generator=torch.Generator().manual_seed(0))
+    hf = unwrap(model)
+    emb = hf.get_input_embeddings().weight  # its device and dtype (under ZeRO-3 its shape is a placeholder)
+    vocab = hf.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     ids, mask = ids.to(emb.device), mask.to(emb.device)

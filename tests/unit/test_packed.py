@@ -171,3 +171,15 @@ def test_attention_implementations_other_than_sdpa_and_eager_are_refused(policy)
     assert packed.refusal(hf, _forward_params(type(hf))) is None
     hf.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in packed.refusal(hf, _forward_params(type(hf)))
+
+
+def test_the_check_runs_at_the_first_call_even_without_padding(policy):
+    """Under ZeRO-3 / FSDP every rank must make the same forward calls: the once-per-model check cannot wait
+    for a batch with padding, which one rank may get and another not."""
+    model, tok = policy
+    ids, mask, _ = batch(tok)
+    full = mask.bool().all(1)
+    seen = token_batches(model)
+    with torch.no_grad():
+        forward_logprobs(model, ids[full], mask[full], keep=5, pack=True)
+    assert seen == [(2, 9), (1, 14), (int(full.sum()), ids.shape[1])]  # toy batch padded, packed; then padded
