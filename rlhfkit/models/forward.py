@@ -154,7 +154,7 @@ def forward_logprobs(
 
 def _packed_logprobs(model, input_ids, attention_mask, keep, return_logits, return_hidden, return_entropy) -> dict:
     """forward_logprobs(keep=K) on the padding-free row: the LM head runs on the P kept predictions only."""
-    pk = packed.pack(input_ids, attention_mask, keep)
+    pk = packed.pack(input_ids, attention_mask, position_ids_from_mask(attention_mask), keep)
     with packed.packed_attention_on(unwrap(model)):
         out = model(
             input_ids=pk.input_ids,

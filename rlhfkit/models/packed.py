@@ -73,18 +73,17 @@ def contiguous_rows(attention_mask: torch.Tensor) -> bool:
     return bool(((n == 0) | (last - first + 1 == n)).all())
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> Packing:
-    """input_ids, attention_mask (B, T), rows contiguous -> the packed row and the map of the last `keep`
-    predictions (what forward_logprobs(keep=K) returns) into it."""
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, keep: int) -> Packing:
+    """input_ids, attention_mask, position_ids (B, T), rows contiguous -> the packed row and the map of the last
+    `keep` predictions (what forward_logprobs(keep=K) returns) into it."""
     real = attention_mask.bool()
     B, T = real.shape
     index = real.flatten().cumsum(0).view(B, T) - 1  # (B, T) packed position of each real token
     kept = real[:, T - keep :] & real[:, T - keep - 1 : T - 1]  # (B, K)
     rows = real.sum(1)
-    position_ids = (real.cumsum(1) - 1)[real]  # position_ids_from_mask's, without the pads
     return Packing(
         input_ids=input_ids[real][None],
-        position_ids=position_ids[None],
+        position_ids=position_ids[real][None],
         segments=[0, *rows.cumsum(0).tolist()],
         predictors=index[:, T - keep - 1 : T - 1][kept],
         targets=input_ids[:, T - keep :][kept],
